@@ -1,0 +1,292 @@
+//! The relay's configuration: one serde tree with defaults, loaded from TOML,
+//! overridden by `WASMRELAY_*` environment variables and command-line flags
+//! (see `cli`), and validated once at load with errors that name the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything `wasmrelay serve` can be told. Every field has a default, so an
+/// empty file (or none) is a valid configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub heartbeat: HeartbeatConfig,
+    pub admin: AdminConfig,
+    pub spaces: SpacesConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// TCP address for HTTP and WebSocket.
+    pub listen: SocketAddr,
+    /// Where the relay keeps what must survive a restart.
+    pub data_dir: PathBuf,
+    /// How long in-flight requests may take to finish after SIGTERM / Ctrl-C.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest protocol message (WebSocket message, HTTP body) accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Messages a connection's outbound queue holds before further ones are dropped.
+    pub outbound_queue: usize,
+    /// Deadline of a request to a space unless the caller asks for a shorter one.
+    pub request_timeout_ms: u64,
+    /// Requests in flight across the whole relay; past it new ones get `overloaded`.
+    pub max_pending_requests: usize,
+    /// Requests in flight per caller connection.
+    pub max_requests_per_connection: usize,
+    /// Channels one connection may subscribe to.
+    pub max_subscriptions_per_connection: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    /// How often the relay pings a quiet connection.
+    pub interval_ms: u64,
+    /// A connection silent this long (no frame, no pong) is reaped.
+    pub idle_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// When set, `/admin/*` and `/metrics` require `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpacesConfig {
+    /// Spaces known before any instance registers, so they show as "Not connected"
+    /// rather than unknown.
+    pub declared: Vec<String>,
+    /// Whether a service may register under a space that is not declared.
+    pub allow_undeclared: bool,
+    /// Upper bound on distinct spaces, so registrations cannot grow the registry without end.
+    pub max_spaces: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("wasmrelay-data"),
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 1024 * 1024,
+            outbound_queue: 1024,
+            request_timeout_ms: 30_000,
+            max_pending_requests: 10_000,
+            max_requests_per_connection: 256,
+            max_subscriptions_per_connection: 256,
+        }
+    }
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 15_000,
+            idle_timeout_ms: 45_000,
+        }
+    }
+}
+
+impl Default for SpacesConfig {
+    fn default() -> Self {
+        Self {
+            declared: vec!["demo".to_owned()],
+            allow_undeclared: true,
+            max_spaces: 1024,
+        }
+    }
+}
+
+/// A configuration that could not be loaded; the message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl Config {
+    /// Reads a TOML file; fields it leaves out keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks what serde cannot: ranges and relations between fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                field,
+                reason: reason.into(),
+            }
+        }
+        let l = &self.limits;
+        if l.max_message_bytes < 1024 {
+            return Err(invalid("limits.max_message_bytes", "must be at least 1024"));
+        }
+        if l.max_message_bytes > 64 * 1024 * 1024 {
+            return Err(invalid(
+                "limits.max_message_bytes",
+                "must be at most 67108864 (64 MiB); stream larger payloads in chunks",
+            ));
+        }
+        for (field, value) in [
+            ("limits.outbound_queue", l.outbound_queue),
+            ("limits.max_pending_requests", l.max_pending_requests),
+            (
+                "limits.max_requests_per_connection",
+                l.max_requests_per_connection,
+            ),
+            (
+                "limits.max_subscriptions_per_connection",
+                l.max_subscriptions_per_connection,
+            ),
+            ("spaces.max_spaces", self.spaces.max_spaces),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        if l.request_timeout_ms == 0 {
+            return Err(invalid("limits.request_timeout_ms", "must be greater than 0"));
+        }
+        let h = &self.heartbeat;
+        if h.interval_ms < 10 {
+            return Err(invalid("heartbeat.interval_ms", "must be at least 10"));
+        }
+        if h.idle_timeout_ms <= h.interval_ms {
+            return Err(invalid(
+                "heartbeat.idle_timeout_ms",
+                format!(
+                    "must be greater than heartbeat.interval_ms ({}), or every connection is reaped between pings",
+                    h.interval_ms
+                ),
+            ));
+        }
+        if let Some(token) = &self.admin.token
+            && token.trim().is_empty()
+        {
+            return Err(invalid(
+                "admin.token",
+                "must not be empty; leave it out to disable admin authentication",
+            ));
+        }
+        for name in &self.spaces.declared {
+            if let Err(reason) = crate::spaces::validate_space_name(name) {
+                return Err(invalid("spaces.declared", format!("{name:?}: {reason}")));
+            }
+        }
+        if self.spaces.declared.len() > self.spaces.max_spaces {
+            return Err(invalid(
+                "spaces.declared",
+                "declares more spaces than spaces.max_spaces",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat.interval_ms)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat.idle_timeout_ms)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.request_timeout_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.server.shutdown_grace_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config, Config::default());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let config = Config::from_toml("[heartbeat]\ninterval_ms = 1000\n").unwrap();
+        assert_eq!(config.heartbeat.interval_ms, 1000);
+        assert_eq!(config.heartbeat.idle_timeout_ms, 45_000);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = Config::from_toml("[limits]\nmax_mesage_bytes = 5\n").unwrap_err();
+        assert!(err.to_string().contains("max_mesage_bytes"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = Config::from_toml("[server]\nlisten = 8080\n").unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn relations_between_fields_are_checked() {
+        let mut config = Config::default();
+        config.heartbeat.idle_timeout_ms = config.heartbeat.interval_ms;
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("heartbeat.idle_timeout_ms"), "{err}");
+
+        let mut config = Config::default();
+        config.limits.max_message_bytes = 10;
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("limits.max_message_bytes"), "{err}");
+
+        let mut config = Config::default();
+        config.spaces.declared = vec!["has space".into()];
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("spaces.declared"), "{err}");
+    }
+}

@@ -1,0 +1,24 @@
+//! wasmrelay: a WebAssembly-extensible edge relay.
+//!
+//! The library exposes [`run`]: give it a [`Config`], bound [`Listeners`] and a
+//! cancellation token, and it serves until the token is cancelled, then shuts
+//! down gracefully. The `wasmrelay` binary (see [`cli`]) only parses flags,
+//! sets up tracing and calls it; the tests call the same function on port 0.
+//! ARCHITECTURE.md maps the modules.
+
+pub mod admin;
+pub mod bus;
+pub mod channels;
+pub mod cli;
+pub mod config;
+pub mod hooks;
+pub mod metrics;
+pub mod protocol;
+pub mod relay;
+pub mod session;
+pub mod shutdown;
+pub mod spaces;
+pub mod transport;
+
+pub use config::Config;
+pub use relay::{Listeners, Relay, RunError, run};

@@ -1,0 +1,397 @@
+//! The wire protocol, version 1: the logical messages of PROTOCOL.md, their
+//! error codes, and (in `codec`) how they are laid out in text and binary frames.
+//!
+//! One enum, [`Msg`], serves both directions so that clients written in Rust
+//! (the examples, the tests) share the relay's own definitions.
+
+pub mod codec;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub use codec::{DecodeError, Encoding};
+
+/// The protocol version this relay speaks; `hello.v` must equal it.
+pub const VERSION: u32 = 1;
+
+/// One protocol message. `type` names the variant in snake_case.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Msg {
+    /// Client → relay, first message on every connection.
+    Hello {
+        v: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    /// Relay → client, answer to `hello`.
+    Welcome {
+        v: u32,
+        session: String,
+        heartbeat_ms: u64,
+        idle_timeout_ms: u64,
+        max_message_bytes: usize,
+    },
+    /// Either direction: an application-level liveness probe (browsers cannot
+    /// send WebSocket pings). Answered with `pong` carrying the same id.
+    Ping {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
+    Subscribe {
+        channel: String,
+    },
+    /// `seq` is the channel's last sequence number, `presence` its subscriber count.
+    Subscribed {
+        channel: String,
+        seq: u64,
+        presence: u64,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Unsubscribed {
+        channel: String,
+    },
+    Publish {
+        channel: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        #[serde(default, skip_serializing_if = "Data::is_empty")]
+        data: Data,
+    },
+    /// Relay → publisher, when the publish carried an `id`.
+    Ack { id: String, channel: String, seq: u64 },
+    /// Relay → subscriber: one publish, numbered per channel.
+    Message {
+        channel: String,
+        seq: u64,
+        #[serde(default, skip_serializing_if = "Data::is_empty")]
+        data: Data,
+    },
+    /// Relay → subscribers of a channel whenever its subscriber count changes.
+    Presence { channel: String, count: u64 },
+    /// A service instance joins a space.
+    Register { space: String },
+    Registered { space: String, instance: String },
+    /// Caller → relay (with the caller's own `id`), and relay → instance (with the
+    /// relay's `id`, which the instance echoes in `progress` and `response`).
+    Request(Request),
+    /// Instance → relay → the one caller of request `id`.
+    Progress {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        percent: Option<f32>,
+        #[serde(default, skip_serializing_if = "Data::is_empty")]
+        data: Data,
+    },
+    Response(Response),
+    /// Relay → instance: the caller went away or the deadline passed; stop working on `id`.
+    Cancel { id: String, reason: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
+    /// Relay → client: the relay is shutting down; reconnect after `reconnect_ms`.
+    Goaway { reason: String, reconnect_ms: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: String,
+    pub space: String,
+    #[serde(default = "default_method")]
+    pub method: String,
+    #[serde(default = "default_path")]
+    pub path: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub query: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    /// Caller → relay only: a deadline shorter than the relay's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Data::is_empty")]
+    pub data: Data,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub id: String,
+    #[serde(default = "default_status")]
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Data::is_empty")]
+    pub data: Data,
+}
+
+fn default_method() -> String {
+    "POST".to_owned()
+}
+
+fn default_path() -> String {
+    "/".to_owned()
+}
+
+fn default_status() -> u16 {
+    200
+}
+
+impl Msg {
+    /// The `type` string of this message, as on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "hello",
+            Msg::Welcome { .. } => "welcome",
+            Msg::Ping { .. } => "ping",
+            Msg::Pong { .. } => "pong",
+            Msg::Subscribe { .. } => "subscribe",
+            Msg::Subscribed { .. } => "subscribed",
+            Msg::Unsubscribe { .. } => "unsubscribe",
+            Msg::Unsubscribed { .. } => "unsubscribed",
+            Msg::Publish { .. } => "publish",
+            Msg::Ack { .. } => "ack",
+            Msg::Message { .. } => "message",
+            Msg::Presence { .. } => "presence",
+            Msg::Register { .. } => "register",
+            Msg::Registered { .. } => "registered",
+            Msg::Request(_) => "request",
+            Msg::Progress { .. } => "progress",
+            Msg::Response(_) => "response",
+            Msg::Cancel { .. } => "cancel",
+            Msg::Error { .. } => "error",
+            Msg::Goaway { .. } => "goaway",
+        }
+    }
+
+    /// The payload slot of this message type, if it has one.
+    pub fn data_mut(&mut self) -> Option<&mut Data> {
+        match self {
+            Msg::Publish { data, .. }
+            | Msg::Message { data, .. }
+            | Msg::Progress { data, .. }
+            | Msg::Request(Request { data, .. })
+            | Msg::Response(Response { data, .. }) => Some(data),
+            _ => None,
+        }
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>, id: Option<String>) -> Self {
+        Msg::Error {
+            code,
+            message: message.into(),
+            id,
+        }
+    }
+}
+
+/// Every `type` the protocol defines, for telling "unknown type" from "malformed".
+pub const KNOWN_TYPES: &[&str] = &[
+    "hello",
+    "welcome",
+    "ping",
+    "pong",
+    "subscribe",
+    "subscribed",
+    "unsubscribe",
+    "unsubscribed",
+    "publish",
+    "ack",
+    "message",
+    "presence",
+    "register",
+    "registered",
+    "request",
+    "progress",
+    "response",
+    "cancel",
+    "error",
+    "goaway",
+];
+
+/// A message payload: raw bytes. In JSON it is a string when the bytes are
+/// UTF-8 and `{"b64": "..."}` otherwise; in binary frames it is never encoded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Data(pub Bytes);
+
+impl Data {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<&str> for Data {
+    fn from(value: &str) -> Self {
+        Data(Bytes::copy_from_slice(value.as_bytes()))
+    }
+}
+
+impl From<String> for Data {
+    fn from(value: String) -> Self {
+        Data(Bytes::from(value))
+    }
+}
+
+impl From<Bytes> for Data {
+    fn from(value: Bytes) -> Self {
+        Data(value)
+    }
+}
+
+impl From<Vec<u8>> for Data {
+    fn from(value: Vec<u8>) -> Self {
+        Data(Bytes::from(value))
+    }
+}
+
+impl Serialize for Data {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        use serde::ser::SerializeMap as _;
+        match std::str::from_utf8(&self.0) {
+            Ok(text) => serializer.serialize_str(text),
+            Err(_) => {
+                let mut map = serializer.serialize_map(Some(1))?;
+                map.serialize_entry(
+                    "b64",
+                    &base64::engine::general_purpose::STANDARD.encode(&self.0),
+                )?;
+                map.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Data {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use base64::Engine as _;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Wire {
+            Text(String),
+            Base64 { b64: String },
+        }
+        match Wire::deserialize(deserializer)? {
+            Wire::Text(text) => Ok(Data::from(text)),
+            Wire::Base64 { b64 } => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map(Data::from)
+                .map_err(|e| serde::de::Error::custom(format!("data.b64: {e}"))),
+        }
+    }
+}
+
+/// Documented error codes (PROTOCOL.md, "Errors"). Each maps to one HTTP status
+/// for the HTTP ingress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON, or a binary frame's header is malformed.
+    BadFrame,
+    /// The JSON is well formed but a field is missing or has the wrong type.
+    BadMessage,
+    /// `type` names no message this protocol version defines.
+    UnknownType,
+    /// The message is defined but not one a client may send.
+    UnexpectedType,
+    /// The first message was not `hello`, or `hello` came twice.
+    HelloRequired,
+    /// `hello.v` is a version this relay does not speak.
+    UnsupportedVersion,
+    /// A message or body larger than `max_message_bytes`.
+    TooLarge,
+    /// The space was never declared nor registered.
+    UnknownSpace,
+    /// The space exists but no instance is connected.
+    NoInstance,
+    /// A request id already in flight on this connection.
+    DuplicateId,
+    /// A progress or response for a request that is not pending (or not yours).
+    UnknownRequest,
+    /// The instance serving the request disconnected.
+    InstanceLost,
+    /// The request's deadline passed.
+    Timeout,
+    /// A limit was reached (pending requests, subscriptions, queue space).
+    Overloaded,
+    /// The relay is draining for shutdown and takes no new work.
+    ShuttingDown,
+    /// The router or admission hook refused the message.
+    Rejected,
+    /// A name (space, channel) that breaks the naming rules.
+    InvalidName,
+    /// Admin endpoints: missing or wrong bearer token.
+    Unauthorized,
+    /// HTTP: no such endpoint.
+    NotFound,
+    /// Something went wrong inside the relay; the message says what.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::BadMessage => "bad_message",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::UnexpectedType => "unexpected_type",
+            ErrorCode::HelloRequired => "hello_required",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::UnknownSpace => "unknown_space",
+            ErrorCode::NoInstance => "no_instance",
+            ErrorCode::DuplicateId => "duplicate_id",
+            ErrorCode::UnknownRequest => "unknown_request",
+            ErrorCode::InstanceLost => "instance_lost",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Rejected => "rejected",
+            ErrorCode::InvalidName => "invalid_name",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The status the HTTP ingress answers with for this code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadFrame
+            | ErrorCode::BadMessage
+            | ErrorCode::UnknownType
+            | ErrorCode::UnexpectedType
+            | ErrorCode::HelloRequired
+            | ErrorCode::UnsupportedVersion
+            | ErrorCode::InvalidName => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Rejected => 403,
+            ErrorCode::UnknownSpace | ErrorCode::NotFound | ErrorCode::UnknownRequest => 404,
+            ErrorCode::DuplicateId => 409,
+            ErrorCode::TooLarge => 413,
+            ErrorCode::Internal => 500,
+            ErrorCode::InstanceLost => 502,
+            ErrorCode::NoInstance | ErrorCode::Overloaded | ErrorCode::ShuttingDown => 503,
+            ErrorCode::Timeout => 504,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

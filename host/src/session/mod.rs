@@ -1,0 +1,282 @@
+//! A protocol session: the state of one connection that speaks PROTOCOL.md
+//! (greeting, subscriptions, registrations, requests in flight) and what each
+//! inbound message does. Transport-neutral: the WebSocket loop in
+//! `transport::ws` (and the QUIC one, later) decodes frames, hands messages
+//! here, and writes what comes back.
+//!
+//! Dropping a session undoes everything it did, so a connection that ends in
+//! any way leaves nothing behind.
+
+pub mod outbound;
+pub mod table;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+
+pub use outbound::Outbound;
+
+use crate::channels::Subscriber;
+use crate::hooks::{Route, RouteInput};
+use crate::metrics::Metrics;
+use crate::protocol::{ErrorCode, Msg, Request, VERSION};
+use crate::relay::Relay;
+use crate::spaces::{Caller, Instance};
+use table::{ConnInfo, ConnState};
+
+/// Puts `out` on a connection's outbound queue without waiting. A full queue
+/// means a slow consumer: it loses this message (counted) rather than slowing
+/// the sender or anyone else.
+pub fn deliver(conn: &ConnInfo, tx: &mpsc::Sender<Outbound>, out: Outbound, metrics: &Metrics) {
+    if let Err(TrySendError::Full(_)) = tx.try_send(out) {
+        conn.dropped.fetch_add(1, Ordering::Relaxed);
+        metrics.message_dropped();
+    }
+}
+
+/// Channel names: 1–256 bytes, no control characters.
+pub fn validate_channel_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 256 {
+        return Err("channel name must be 1 to 256 bytes");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("channel name must not contain control characters");
+    }
+    Ok(())
+}
+
+pub struct Session {
+    relay: Arc<Relay>,
+    conn: Arc<ConnInfo>,
+    /// This connection's own outbound queue; others deliver to it through clones.
+    tx: mpsc::Sender<Outbound>,
+    greeted: bool,
+    subscriptions: HashSet<String>,
+    instances: Vec<Arc<Instance>>,
+}
+
+impl Session {
+    pub fn new(relay: Arc<Relay>, conn: Arc<ConnInfo>, tx: mpsc::Sender<Outbound>) -> Self {
+        conn.attach_queue(tx.clone());
+        Self {
+            relay,
+            conn,
+            tx,
+            greeted: false,
+            subscriptions: HashSet::new(),
+            instances: Vec::new(),
+        }
+    }
+
+    pub fn greeted(&self) -> bool {
+        self.greeted
+    }
+
+    pub fn conn(&self) -> &Arc<ConnInfo> {
+        &self.conn
+    }
+
+    /// Acts on one inbound message; returns the direct reply, if any.
+    pub fn handle(&mut self, msg: Msg) -> Option<Msg> {
+        if !self.greeted {
+            return match msg {
+                Msg::Hello { v, client, .. } => Some(self.hello(v, client)),
+                other => Some(Msg::error(
+                    ErrorCode::HelloRequired,
+                    format!("the first message must be `hello`, not `{}`", other.kind()),
+                    None,
+                )),
+            };
+        }
+        match msg {
+            Msg::Hello { .. } => Some(Msg::error(
+                ErrorCode::HelloRequired,
+                "`hello` was already received on this connection",
+                None,
+            )),
+            Msg::Ping { id } => Some(Msg::Pong { id }),
+            Msg::Pong { .. } => None,
+            Msg::Subscribe { channel } => Some(self.subscribe(channel)),
+            Msg::Unsubscribe { channel } => Some(self.unsubscribe(channel)),
+            Msg::Publish { channel, id, data } => self.publish(channel, id, data),
+            Msg::Register { space } => Some(self.register(space)),
+            Msg::Request(req) => self.request(req),
+            Msg::Progress { id, percent, data } => {
+                let result = self.relay.spaces.progress(&self.conn, &id, percent, data);
+                result.err().map(|e| Msg::error(e.code, e.message, Some(id)))
+            }
+            Msg::Response(response) => {
+                let id = response.id.clone();
+                let result = self.relay.spaces.respond(&self.conn, response);
+                result.err().map(|e| Msg::error(e.code, e.message, Some(id)))
+            }
+            other => Some(Msg::error(
+                ErrorCode::UnexpectedType,
+                format!("`{}` is sent by the relay, not to it", other.kind()),
+                None,
+            )),
+        }
+    }
+
+    fn hello(&mut self, v: u32, client: Option<String>) -> Msg {
+        if v != VERSION {
+            return Msg::error(
+                ErrorCode::UnsupportedVersion,
+                format!("this relay speaks protocol version {VERSION}, not {v}"),
+                None,
+            );
+        }
+        self.greeted = true;
+        if self.relay.is_draining() {
+            self.conn.set_state(ConnState::Draining);
+        } else {
+            self.conn.set_state(ConnState::Open);
+        }
+        if let Some(client) = client {
+            let client: String = client.chars().take(64).collect();
+            self.conn.update_detail(|d| d.client = Some(client));
+        }
+        let config = &self.relay.config;
+        Msg::Welcome {
+            v: VERSION,
+            session: self.conn.id.to_string(),
+            heartbeat_ms: config.heartbeat.interval_ms,
+            idle_timeout_ms: config.heartbeat.idle_timeout_ms,
+            max_message_bytes: config.limits.max_message_bytes,
+        }
+    }
+
+    fn subscribe(&mut self, channel: String) -> Msg {
+        if let Err(reason) = validate_channel_name(&channel) {
+            return Msg::error(ErrorCode::InvalidName, reason, None);
+        }
+        let limit = self.relay.config.limits.max_subscriptions_per_connection;
+        if !self.subscriptions.contains(&channel) && self.subscriptions.len() >= limit {
+            return Msg::error(
+                ErrorCode::Overloaded,
+                format!("at most {limit} subscriptions per connection"),
+                None,
+            );
+        }
+        let subscriber = Subscriber {
+            conn: self.conn.clone(),
+            tx: self.tx.clone(),
+        };
+        let (seq, presence) = self.relay.channels.subscribe(&channel, subscriber);
+        if self.subscriptions.insert(channel.clone()) {
+            self.conn
+                .update_detail(|d| d.channels.push(channel.clone()));
+        }
+        Msg::Subscribed {
+            channel,
+            seq,
+            presence,
+        }
+    }
+
+    fn unsubscribe(&mut self, channel: String) -> Msg {
+        if self.subscriptions.remove(&channel) {
+            self.relay.channels.unsubscribe(&channel, self.conn.id);
+            self.conn
+                .update_detail(|d| d.channels.retain(|c| *c != channel));
+        }
+        Msg::Unsubscribed { channel }
+    }
+
+    fn publish(
+        &mut self,
+        channel: String,
+        id: Option<String>,
+        data: crate::protocol::Data,
+    ) -> Option<Msg> {
+        if let Err(reason) = validate_channel_name(&channel) {
+            return Some(Msg::error(ErrorCode::InvalidName, reason, id));
+        }
+        let target = match self
+            .relay
+            .router()
+            .route(&RouteInput::Publish { channel: &channel })
+        {
+            Route::Pass => channel,
+            Route::Rewrite { target } => target,
+            Route::Reject { code, reason } => return Some(Msg::error(code, reason, id)),
+        };
+        let seq = self.relay.bus.publish(&target, data);
+        id.map(|id| Msg::Ack {
+            id,
+            channel: target,
+            seq,
+        })
+    }
+
+    fn register(&mut self, space: String) -> Msg {
+        if self.relay.is_draining() {
+            return Msg::error(
+                ErrorCode::ShuttingDown,
+                "the relay is shutting down; register again after reconnecting",
+                None,
+            );
+        }
+        if let Some(existing) = self.instances.iter().find(|i| i.space == space) {
+            return Msg::Registered {
+                space,
+                instance: existing.id.clone(),
+            };
+        }
+        match self.relay.spaces.register(&space, &self.conn, self.tx.clone()) {
+            Ok(instance) => {
+                let id = instance.id.clone();
+                self.instances.push(instance);
+                self.conn.update_detail(|d| d.spaces.push(space.clone()));
+                Msg::Registered {
+                    space,
+                    instance: id,
+                }
+            }
+            Err(e) => Msg::error(e.code, e.message, None),
+        }
+    }
+
+    fn request(&mut self, mut req: Request) -> Option<Msg> {
+        let id = req.id.clone();
+        if self.relay.is_draining() {
+            return Some(Msg::error(
+                ErrorCode::ShuttingDown,
+                "the relay is shutting down and takes no new requests",
+                Some(id),
+            ));
+        }
+        match self.relay.router().route(&RouteInput::Request {
+            space: &req.space,
+            path: &req.path,
+        }) {
+            Route::Pass => {}
+            Route::Rewrite { target } => req.space = target,
+            Route::Reject { code, reason } => return Some(Msg::error(code, reason, Some(id))),
+        }
+        let caller = Caller::Conn {
+            conn: self.conn.clone(),
+            tx: self.tx.clone(),
+            id: id.clone(),
+        };
+        match self.relay.spaces.dispatch(req, caller) {
+            Ok(_) => None,
+            Err(e) => Some(Msg::error(e.code, e.message, Some(id))),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for channel in self.subscriptions.drain() {
+            self.relay.channels.unsubscribe(&channel, self.conn.id);
+        }
+        for instance in self.instances.drain(..) {
+            self.relay.spaces.unregister(&instance);
+        }
+        self.relay.spaces.caller_gone(self.conn.id);
+    }
+}

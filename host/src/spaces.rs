@@ -1,0 +1,535 @@
+//! Spaces: named groups of service instances (apps behind NAT that connected
+//! out and registered), and the request/reply traffic routed to them.
+//!
+//! A request is given a relay-wide id, sent to the instance with the fewest
+//! requests in flight, and remembered as pending until the instance answers,
+//! the instance disconnects (the caller hears `instance_lost` at once), or the
+//! deadline passes (`timeout`, and the instance is told to `cancel`). Progress
+//! and the response go only to the one caller that asked.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{LimitsConfig, SpacesConfig};
+use crate::metrics::Metrics;
+use crate::protocol::{Data, ErrorCode, Msg, Request, Response};
+use crate::session::table::ConnInfo;
+use crate::session::{Outbound, deliver};
+
+/// Space names: 1–64 of `A-Z a-z 0-9 . _ -`, so they are safe in URLs and logs.
+pub fn validate_space_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 64 {
+        return Err("must be 1 to 64 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err("may contain only letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+/// A refusal, with the code the caller gets.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct SpaceError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl SpaceError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// One registered service instance.
+#[derive(Debug)]
+pub struct Instance {
+    pub id: String,
+    pub space: String,
+    conn: Arc<ConnInfo>,
+    tx: mpsc::Sender<Outbound>,
+    in_flight: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Space {
+    declared: bool,
+    instances: RwLock<Vec<Arc<Instance>>>,
+    // Breaks ties between equally loaded instances so they share the work.
+    rotation: AtomicUsize,
+}
+
+impl Space {
+    fn new(declared: bool) -> Self {
+        Self {
+            declared,
+            instances: RwLock::new(Vec::new()),
+            rotation: AtomicUsize::new(0),
+        }
+    }
+
+    fn instance_count(&self) -> usize {
+        self.instances.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn least_loaded(&self) -> Option<Arc<Instance>> {
+        let instances = self.instances.read().unwrap_or_else(|e| e.into_inner());
+        let n = instances.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n)
+            .map(|i| &instances[(start + i) % n])
+            .min_by_key(|inst| inst.in_flight.load(Ordering::Relaxed))
+            .cloned()
+    }
+}
+
+/// Who is waiting for a request's outcome.
+#[derive(Debug)]
+pub enum Caller {
+    /// A protocol connection, which gets `progress`, `response` or `error`
+    /// messages carrying its own request id.
+    Conn {
+        conn: Arc<ConnInfo>,
+        tx: mpsc::Sender<Outbound>,
+        id: String,
+    },
+    /// An HTTP ingress request, which gets only the outcome.
+    Http(oneshot::Sender<Result<Response, SpaceError>>),
+}
+
+#[derive(Debug)]
+struct Pending {
+    caller: Caller,
+    instance: Arc<Instance>,
+    started: Instant,
+    deadline: Instant,
+}
+
+/// A space as `GET /spaces` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SpaceInfo {
+    pub name: String,
+    pub connected: bool,
+    pub instances: usize,
+    pub in_flight: usize,
+    pub declared: bool,
+}
+
+pub struct Spaces {
+    spaces: DashMap<String, Arc<Space>>,
+    pending: DashMap<u64, Pending>,
+    // (caller connection, caller's request id) -> relay id, to refuse duplicates.
+    by_caller: DashMap<(u64, String), u64>,
+    next_request: AtomicU64,
+    next_instance: AtomicU64,
+    allow_undeclared: bool,
+    max_spaces: usize,
+    max_pending: usize,
+    max_per_caller: usize,
+    default_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Spaces {
+    pub fn new(spaces: &SpacesConfig, limits: &LimitsConfig, metrics: Arc<Metrics>) -> Self {
+        let map = DashMap::new();
+        for name in &spaces.declared {
+            map.insert(name.clone(), Arc::new(Space::new(true)));
+        }
+        Self {
+            spaces: map,
+            pending: DashMap::new(),
+            by_caller: DashMap::new(),
+            next_request: AtomicU64::new(0),
+            next_instance: AtomicU64::new(0),
+            allow_undeclared: spaces.allow_undeclared,
+            max_spaces: spaces.max_spaces,
+            max_pending: limits.max_pending_requests,
+            max_per_caller: limits.max_requests_per_connection,
+            default_timeout: Duration::from_millis(limits.request_timeout_ms),
+            metrics,
+        }
+    }
+
+    /// Adds an instance to `space`, creating the space if allowed.
+    pub fn register(
+        &self,
+        space: &str,
+        conn: &Arc<ConnInfo>,
+        tx: mpsc::Sender<Outbound>,
+    ) -> Result<Arc<Instance>, SpaceError> {
+        validate_space_name(space)
+            .map_err(|reason| SpaceError::new(ErrorCode::InvalidName, format!("space name {reason}")))?;
+        let entry = match self.spaces.get(space) {
+            Some(existing) => existing.clone(),
+            None => {
+                if !self.allow_undeclared {
+                    return Err(SpaceError::new(
+                        ErrorCode::UnknownSpace,
+                        format!("space {space:?} is not declared in the relay's configuration"),
+                    ));
+                }
+                if self.spaces.len() >= self.max_spaces && !self.evict_one_empty() {
+                    return Err(SpaceError::new(
+                        ErrorCode::Overloaded,
+                        format!("the relay already holds {} spaces", self.max_spaces),
+                    ));
+                }
+                self.spaces
+                    .entry(space.to_owned())
+                    .or_insert_with(|| Arc::new(Space::new(false)))
+                    .clone()
+            }
+        };
+        let n = self.next_instance.fetch_add(1, Ordering::Relaxed) + 1;
+        let instance = Arc::new(Instance {
+            id: format!("{space}#{n}"),
+            space: space.to_owned(),
+            conn: conn.clone(),
+            tx,
+            in_flight: AtomicUsize::new(0),
+        });
+        entry
+            .instances
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(instance.clone());
+        tracing::info!(space, instance = %instance.id, conn = conn.id, "instance registered");
+        Ok(instance)
+    }
+
+    /// Removes an instance; its pending requests fail with `instance_lost` now.
+    pub fn unregister(&self, instance: &Arc<Instance>) {
+        if let Some(space) = self.spaces.get(&instance.space) {
+            space
+                .instances
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|i| !Arc::ptr_eq(i, instance));
+        }
+        let lost: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|p| Arc::ptr_eq(&p.instance, instance))
+            .map(|p| *p.key())
+            .collect();
+        for id in lost {
+            if let Some((_, pending)) = self.pending.remove(&id) {
+                self.finish(
+                    pending,
+                    Err(SpaceError::new(
+                        ErrorCode::InstanceLost,
+                        format!("the instance serving space {:?} disconnected", instance.space),
+                    )),
+                );
+            }
+        }
+        tracing::info!(space = %instance.space, instance = %instance.id, "instance unregistered");
+    }
+
+    /// Sends a request to the least loaded instance of `req.space`; the outcome
+    /// reaches `caller` later. Returns the relay's id for the request.
+    pub fn dispatch(&self, req: Request, caller: Caller) -> Result<u64, SpaceError> {
+        if self.pending.len() >= self.max_pending {
+            return Err(SpaceError::new(
+                ErrorCode::Overloaded,
+                format!("{} requests already in flight", self.max_pending),
+            ));
+        }
+        let space = self.spaces.get(&req.space).map(|s| s.clone()).ok_or_else(|| {
+            SpaceError::new(ErrorCode::UnknownSpace, format!("no space named {:?}", req.space))
+        })?;
+        let instance = space.least_loaded().ok_or_else(|| {
+            SpaceError::new(
+                ErrorCode::NoInstance,
+                format!("space {:?} has no instance connected", req.space),
+            )
+        })?;
+
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Caller::Conn { conn, id: caller_id, .. } = &caller {
+            self.claim_caller_id(conn, caller_id, id)?;
+        }
+        let timeout = req
+            .timeout_ms
+            .map(Duration::from_millis)
+            .map_or(self.default_timeout, |t| t.min(self.default_timeout));
+        let now = Instant::now();
+        let forwarded = Msg::Request(Request {
+            id: id.to_string(),
+            timeout_ms: Some(timeout.as_millis() as u64),
+            ..req
+        });
+        instance.in_flight.fetch_add(1, Ordering::Relaxed);
+        // Pending before sending, so that even an instantaneous response finds it.
+        self.pending.insert(
+            id,
+            Pending {
+                caller,
+                instance: instance.clone(),
+                started: now,
+                deadline: now + timeout,
+            },
+        );
+        if instance.tx.try_send(Outbound::new(forwarded)).is_err() {
+            let pending = self.pending.remove(&id).map(|(_, p)| p);
+            if let Some(pending) = pending {
+                self.release(&pending);
+                if let Caller::Conn { conn, id: caller_id, .. } = &pending.caller {
+                    self.unclaim(conn, caller_id);
+                }
+            }
+            return Err(SpaceError::new(
+                ErrorCode::Overloaded,
+                format!("instance {} is not keeping up", instance.id),
+            ));
+        }
+        Ok(id)
+    }
+
+    fn claim_caller_id(
+        &self,
+        conn: &Arc<ConnInfo>,
+        caller_id: &str,
+        id: u64,
+    ) -> Result<(), SpaceError> {
+        if caller_id.is_empty() {
+            return Err(SpaceError::new(ErrorCode::BadMessage, "request id must not be empty"));
+        }
+        if conn.requests_in_flight.load(Ordering::Relaxed) >= self.max_per_caller {
+            return Err(SpaceError::new(
+                ErrorCode::Overloaded,
+                format!("{} requests already in flight on this connection", self.max_per_caller),
+            ));
+        }
+        match self.by_caller.entry((conn.id, caller_id.to_owned())) {
+            Entry::Occupied(_) => Err(SpaceError::new(
+                ErrorCode::DuplicateId,
+                format!("request {caller_id:?} is already in flight on this connection"),
+            )),
+            Entry::Vacant(slot) => {
+                slot.insert(id);
+                conn.requests_in_flight.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Forwards an instance's progress report to the request's caller.
+    pub fn progress(
+        &self,
+        from: &ConnInfo,
+        id: &str,
+        percent: Option<f32>,
+        data: Data,
+    ) -> Result<(), SpaceError> {
+        let key = self.own_pending(from, id)?;
+        let Some(pending) = self.pending.get(&key) else {
+            return Err(not_pending(id));
+        };
+        if let Caller::Conn { conn, tx, id: caller_id } = &pending.caller {
+            let msg = Msg::Progress {
+                id: caller_id.clone(),
+                percent,
+                data,
+            };
+            deliver(conn, tx, Outbound::new(msg), &self.metrics);
+        }
+        Ok(())
+    }
+
+    /// Completes a request with the instance's response.
+    pub fn respond(&self, from: &ConnInfo, response: Response) -> Result<(), SpaceError> {
+        let key = self.own_pending(from, &response.id)?;
+        let Some((_, pending)) = self.pending.remove(&key) else {
+            return Err(not_pending(&response.id));
+        };
+        self.finish(pending, Ok(response));
+        Ok(())
+    }
+
+    /// Parses an instance-side id and checks the request is pending on that instance.
+    fn own_pending(&self, from: &ConnInfo, id: &str) -> Result<u64, SpaceError> {
+        let key: u64 = id.parse().map_err(|_| not_pending(id))?;
+        match self.pending.get(&key) {
+            Some(p) if p.instance.conn.id == from.id => Ok(key),
+            _ => Err(not_pending(id)),
+        }
+    }
+
+    /// Fails every pending request whose deadline has passed; the instance is
+    /// told to cancel. Called periodically by the relay.
+    pub fn expire(&self, now: Instant) -> usize {
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|p| p.deadline <= now)
+            .map(|p| *p.key())
+            .collect();
+        let mut count = 0;
+        for id in expired {
+            if let Some((_, pending)) = self.pending.remove(&id) {
+                let waited = pending.deadline.duration_since(pending.started);
+                send_cancel(&pending.instance, id, "deadline passed", &self.metrics);
+                self.finish(
+                    pending,
+                    Err(SpaceError::new(
+                        ErrorCode::Timeout,
+                        format!("no response within {} ms", waited.as_millis()),
+                    )),
+                );
+                count += 1;
+            }
+        }
+        count
+    }
+
+    /// The caller connection went away: forget its requests and tell the
+    /// instances to stop working on them.
+    pub fn caller_gone(&self, conn_id: u64) {
+        let orphaned: Vec<u64> = self
+            .by_caller
+            .iter()
+            .filter(|e| e.key().0 == conn_id)
+            .map(|e| *e.value())
+            .collect();
+        for id in orphaned {
+            if let Some((_, pending)) = self.pending.remove(&id) {
+                send_cancel(&pending.instance, id, "caller disconnected", &self.metrics);
+                self.release(&pending);
+                self.metrics
+                    .request_finished("caller_gone", pending.started.elapsed().as_secs_f64());
+            }
+        }
+        self.by_caller.retain(|key, _| key.0 != conn_id);
+    }
+
+    fn unclaim(&self, conn: &ConnInfo, caller_id: &str) {
+        if self.by_caller.remove(&(conn.id, caller_id.to_owned())).is_some() {
+            conn.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn release(&self, pending: &Pending) {
+        pending.instance.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn finish(&self, pending: Pending, outcome: Result<Response, SpaceError>) {
+        self.release(&pending);
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(e) => e.code.as_str(),
+        };
+        self.metrics
+            .request_finished(label, pending.started.elapsed().as_secs_f64());
+        match pending.caller {
+            Caller::Conn { conn, tx, id } => {
+                self.unclaim(&conn, &id);
+                let msg = match outcome {
+                    Ok(response) => Msg::Response(Response { id, ..response }),
+                    Err(e) => Msg::error(e.code, e.message, Some(id)),
+                };
+                deliver(&conn, &tx, Outbound::new(msg), &self.metrics);
+            }
+            Caller::Http(reply) => {
+                // The HTTP caller may have given up already; nothing to do then.
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn info(&self, name: &str) -> Option<SpaceInfo> {
+        self.spaces.get(name).map(|space| self.describe(name, &space))
+    }
+
+    pub fn list(&self) -> Vec<SpaceInfo> {
+        let mut list: Vec<SpaceInfo> = self
+            .spaces
+            .iter()
+            .map(|entry| self.describe(entry.key(), entry.value()))
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    fn describe(&self, name: &str, space: &Space) -> SpaceInfo {
+        let instances = space.instances.read().unwrap_or_else(|e| e.into_inner());
+        SpaceInfo {
+            name: name.to_owned(),
+            connected: !instances.is_empty(),
+            instances: instances.len(),
+            in_flight: instances
+                .iter()
+                .map(|i| i.in_flight.load(Ordering::Relaxed))
+                .sum(),
+            declared: space.declared,
+        }
+    }
+
+    /// In-flight counts per instance id, for tests and the admin view.
+    pub fn load_by_instance(&self) -> HashMap<String, usize> {
+        self.spaces
+            .iter()
+            .flat_map(|space| {
+                space
+                    .instances
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .map(|i| (i.id.clone(), i.in_flight.load(Ordering::Relaxed)))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Makes room for a new space by forgetting an undeclared one with no instances.
+    fn evict_one_empty(&self) -> bool {
+        let victim = self
+            .spaces
+            .iter()
+            .find(|s| !s.declared && s.instance_count() == 0)
+            .map(|s| s.key().clone());
+        match victim {
+            Some(name) => self
+                .spaces
+                .remove_if(&name, |_, s| s.instance_count() == 0)
+                .is_some(),
+            None => false,
+        }
+    }
+}
+
+fn not_pending(id: &str) -> SpaceError {
+    SpaceError::new(
+        ErrorCode::UnknownRequest,
+        format!("request {id:?} is not pending on this instance"),
+    )
+}
+
+fn send_cancel(instance: &Instance, id: u64, reason: &str, metrics: &Metrics) {
+    let msg = Msg::Cancel {
+        id: id.to_string(),
+        reason: reason.to_owned(),
+    };
+    deliver(&instance.conn, &instance.tx, Outbound::new(msg), metrics);
+}

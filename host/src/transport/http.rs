@@ -1,0 +1,341 @@
+//! The TCP listener and HTTP routing: accepts connections (each gets a row in
+//! the connection table), serves HTTP/1.1 and HTTP/2 with hyper, and sends each
+//! request to its endpoint — the browser page, health, WebSocket upgrade, the
+//! spaces API and ingress, and the admin endpoints.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use super::io::CountingIo;
+use crate::admin;
+use crate::hooks::{Route, RouteInput};
+use crate::protocol::{Data, ErrorCode, Request};
+use crate::relay::Relay;
+use crate::session::table::{ConnGuard, ConnState};
+use crate::spaces::Caller;
+
+pub type Body = Full<Bytes>;
+
+/// The browser page served at `/` (also an example people copy).
+const INDEX_HTML: &str = include_str!("../../../examples/browser/index.html");
+/// Header by which an HTTP caller asks for a deadline shorter than the default.
+pub const TIMEOUT_HEADER: &str = "x-wasmrelay-timeout-ms";
+/// How long an HTTP connection may take to finish once the relay is closing.
+const HTTP_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Accepts connections until the relay starts draining.
+pub async fn accept_loop(relay: Arc<Relay>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = relay.draining().cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(peer);
+        let guard = Arc::new(relay.table.open(peer, local));
+        relay.metrics.connection_accepted();
+        let span = tracing::debug_span!("conn", id = guard.info().id, %peer);
+        relay.tasks.spawn(tracing::Instrument::instrument(
+            serve_connection(relay.clone(), stream, guard),
+            span,
+        ));
+    }
+    tracing::info!("stopped accepting connections");
+}
+
+async fn serve_connection(relay: Arc<Relay>, stream: TcpStream, guard: Arc<ConnGuard>) {
+    let io = TokioIo::new(CountingIo::new(
+        stream,
+        guard.info().clone(),
+        relay.metrics.clone(),
+    ));
+    let service = {
+        let relay = relay.clone();
+        let guard = guard.clone();
+        service_fn(move |req| route(relay.clone(), guard.clone(), req))
+    };
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = relay.closing().cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(HTTP_CLOSE_WAIT, conn).await.unwrap_or(Ok(()))
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+async fn route(
+    relay: Arc<Relay>,
+    guard: Arc<ConnGuard>,
+    req: hyper::Request<Incoming>,
+) -> Result<hyper::Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').splitn(3, '/').collect();
+    if path != "/ws" {
+        guard.info().set_state(ConnState::Open);
+    }
+    let method = req.method().clone();
+    let response = match (&method, segments.as_slice()) {
+        (&Method::GET, [""]) => html(INDEX_HTML),
+        (&Method::GET, ["healthz"]) => health(&relay),
+        (_, ["ws"]) => super::ws::upgrade(relay, guard, req),
+        (&Method::GET, ["spaces"]) => json(StatusCode::OK, &relay.spaces.list()),
+        (&Method::GET, ["spaces", name]) => match relay.spaces.info(name) {
+            Some(info) => json(StatusCode::OK, &info),
+            None => json_error(
+                StatusCode::NOT_FOUND,
+                ErrorCode::UnknownSpace,
+                &format!("no space named {name:?}"),
+            ),
+        },
+        (_, ["spaces", name]) => {
+            let name = (*name).to_owned();
+            ingress(relay, name, "/".to_owned(), req).await
+        }
+        (_, ["spaces", name, rest]) => {
+            let (name, rest) = ((*name).to_owned(), format!("/{rest}"));
+            ingress(relay, name, rest, req).await
+        }
+        (_, ["admin", ..]) | (_, ["metrics"]) => {
+            if let Err(denied) = admin::authorize(&relay, req.headers()) {
+                denied
+            } else {
+                admin::route(&relay, &method, &segments)
+            }
+        }
+        _ => json_error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            &format!("no endpoint {method} {path}"),
+        ),
+    };
+    Ok(response)
+}
+
+fn health(relay: &Relay) -> hyper::Response<Body> {
+    #[derive(Serialize)]
+    struct Health {
+        status: &'static str,
+    }
+    if relay.is_draining() {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &Health { status: "draining" },
+        )
+    } else {
+        json(StatusCode::OK, &Health { status: "ok" })
+    }
+}
+
+/// Relays an HTTP request to an instance of `space` and returns its response.
+async fn ingress(
+    relay: Arc<Relay>,
+    space: String,
+    path: String,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<Body> {
+    if relay.is_draining() {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ShuttingDown,
+            "the relay is shutting down and takes no new requests",
+        );
+    }
+    let space = match relay.router().route(&RouteInput::Request {
+        space: &space,
+        path: &path,
+    }) {
+        Route::Pass => space,
+        Route::Rewrite { target } => target,
+        Route::Reject { code, reason } => {
+            return json_error(status_for(code), code, &reason);
+        }
+    };
+    let timeout_ms = match req.headers().get(TIMEOUT_HEADER).map(parse_timeout) {
+        None => None,
+        Some(Ok(ms)) => Some(ms),
+        Some(Err(())) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadMessage,
+                &format!("{TIMEOUT_HEADER} must be a positive number of milliseconds"),
+            );
+        }
+    };
+    let (parts, body) = req.into_parts();
+    let limit = relay.config.limits.max_message_bytes;
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return json_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::TooLarge,
+                &format!("request body larger than max_message_bytes ({limit})"),
+            );
+        }
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadFrame,
+                &format!("could not read the request body: {e}"),
+            );
+        }
+    };
+    let headers = parts
+        .headers
+        .iter()
+        .filter(|(name, _)| !is_hop_by_hop(name) && *name != header::HOST)
+        .filter_map(|(name, value)| {
+            value
+                .to_str()
+                .ok()
+                .map(|v| (name.as_str().to_owned(), v.to_owned()))
+        })
+        .collect();
+    let request = Request {
+        id: String::new(),
+        space,
+        method: parts.method.as_str().to_owned(),
+        path,
+        query: parts.uri.query().unwrap_or("").to_owned(),
+        headers,
+        timeout_ms,
+        data: Data(body),
+    };
+    let (reply_tx, reply_rx) = oneshot::channel();
+    if let Err(e) = relay.spaces.dispatch(request, Caller::Http(reply_tx)) {
+        return json_error(status_for(e.code), e.code, &e.message);
+    }
+    match reply_rx.await {
+        Ok(Ok(response)) => {
+            let Ok(status) = StatusCode::from_u16(response.status) else {
+                return json_error(
+                    StatusCode::BAD_GATEWAY,
+                    ErrorCode::BadMessage,
+                    &format!("the instance answered with invalid status {}", response.status),
+                );
+            };
+            let mut out = hyper::Response::new(Full::new(response.data.0));
+            *out.status_mut() = status;
+            for (name, value) in &response.headers {
+                let (Ok(name), Ok(value)) = (
+                    header::HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(value),
+                ) else {
+                    continue;
+                };
+                if !is_hop_by_hop(&name) && name != header::CONTENT_LENGTH {
+                    out.headers_mut().append(name, value);
+                }
+            }
+            out
+        }
+        Ok(Err(e)) => json_error(status_for(e.code), e.code, &e.message),
+        Err(_) => json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            "the request was dropped without an outcome",
+        ),
+    }
+}
+
+fn parse_timeout(value: &HeaderValue) -> Result<u64, ()> {
+    value
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .ok_or(())
+}
+
+fn is_hop_by_hop(name: &header::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+pub fn status_for(code: ErrorCode) -> StatusCode {
+    StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+pub fn json(status: StatusCode, value: &impl Serialize) -> hyper::Response<Body> {
+    let body = serde_json::to_vec(value).expect("our JSON types always serialize");
+    let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The JSON error body every HTTP endpoint uses: `{"error":{"code","message"}}`.
+pub fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> hyper::Response<Body> {
+    #[derive(Serialize)]
+    struct Wrapper<'a> {
+        error: Inner<'a>,
+    }
+    #[derive(Serialize)]
+    struct Inner<'a> {
+        code: ErrorCode,
+        message: &'a str,
+    }
+    json(
+        status,
+        &Wrapper {
+            error: Inner { code, message },
+        },
+    )
+}
+
+pub fn text(status: StatusCode, content_type: &'static str, body: String) -> hyper::Response<Body> {
+    let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn html(page: &'static str) -> hyper::Response<Body> {
+    let mut response = hyper::Response::new(Full::new(Bytes::from_static(page.as_bytes())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
+}
