@@ -1,0 +1,18 @@
+//! Example programs for wasmrelay, written to be copied: a protocol client
+//! ([`client`]), a service app that serves a space ([`service_app`]), and a
+//! command-line WebSocket client ([`ws_client`]). The browser page served by
+//! the relay at `/` lives in `examples/browser/index.html`.
+
+pub mod client;
+pub mod service_app;
+pub mod ws_client;
+
+/// Logs to stderr, `info` unless `RUST_LOG` says otherwise.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

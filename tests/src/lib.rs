@@ -1,0 +1,296 @@
+//! Helpers for the end-to-end tests: a real relay on port 0 (in this process,
+//! or as a child process), a raw JSON WebSocket client, child processes that
+//! are killed when dropped, and bounded waiting.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+use tokio_util::sync::CancellationToken;
+use wasmrelay::{Config, Listeners, RunError};
+
+/// How long a test waits for any single expected event before failing.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A configuration for tests: port 0, a private data directory, quick heartbeats.
+pub fn test_config(data_dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.server.data_dir = data_dir.to_owned();
+    config.server.shutdown_grace_ms = 3_000;
+    config
+}
+
+/// A relay running inside the test process, on a port of its own.
+pub struct TestRelay {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    handle: JoinHandle<Result<(), RunError>>,
+    _data_dir: tempfile::TempDir,
+}
+
+impl TestRelay {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a relay whose config `edit` may change first.
+    pub async fn start_with(edit: impl FnOnce(&mut Config)) -> Self {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut config = test_config(data_dir.path());
+        edit(&mut config);
+        let listeners = Listeners {
+            http: TcpListener::bind(config.server.listen)
+                .await
+                .expect("bind port 0"),
+        };
+        let addr = listeners.http.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(wasmrelay::run(config, listeners, shutdown.clone()));
+        Self {
+            addr,
+            shutdown,
+            handle,
+            _data_dir: data_dir,
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Starts the graceful shutdown without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Shuts down and waits (bounded) for `run` to return.
+    pub async fn stop(self) -> Result<(), RunError> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.handle)
+            .await
+            .expect("relay shut down in time")
+            .expect("relay task did not panic")
+    }
+}
+
+/// A WebSocket client that speaks raw JSON, as a client in another language would.
+pub struct WsTester {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl WsTester {
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let (ws, _) = connect_async(url).await.context("websocket connect")?;
+        Ok(Self { ws })
+    }
+
+    /// Connects and completes `hello`/`welcome`.
+    pub async fn greeted(url: &str) -> anyhow::Result<Self> {
+        let mut tester = Self::connect(url).await?;
+        tester
+            .send(json!({"type": "hello", "v": 1, "client": "test"}))
+            .await?;
+        let welcome = tester.recv().await?;
+        if welcome["type"] != "welcome" {
+            bail!("expected welcome, got {welcome}");
+        }
+        Ok(tester)
+    }
+
+    pub async fn send(&mut self, msg: Value) -> anyhow::Result<()> {
+        self.send_text(&msg.to_string()).await
+    }
+
+    pub async fn send_text(&mut self, text: &str) -> anyhow::Result<()> {
+        self.ws.send(Message::Text(text.into())).await?;
+        Ok(())
+    }
+
+    /// The next JSON message, within [`STEP_TIMEOUT`].
+    pub async fn recv(&mut self) -> anyhow::Result<Value> {
+        self.recv_within(STEP_TIMEOUT).await
+    }
+
+    pub async fn recv_within(&mut self, limit: Duration) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .context("timed out waiting for a message")?;
+            match frame {
+                Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text)?),
+                Some(Ok(Message::Binary(_))) => bail!("unexpected binary frame"),
+                Some(Ok(Message::Close(frame))) => bail!("connection closed: {frame:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => bail!("websocket error: {e}"),
+                None => bail!("connection ended"),
+            }
+        }
+    }
+
+    /// Skips messages until one with `type` == `kind` arrives.
+    pub async fn recv_type(&mut self, kind: &str) -> anyhow::Result<Value> {
+        loop {
+            let msg = self.recv().await?;
+            if msg["type"] == kind {
+                return Ok(msg);
+            }
+        }
+    }
+
+    /// Reads until the relay closes; returns its close frame.
+    pub async fn expect_close(&mut self) -> anyhow::Result<Option<CloseFrame>> {
+        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .context("timed out waiting for close")?
+            {
+                Some(Ok(Message::Close(frame))) => return Ok(frame),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => bail!("websocket error before close: {e}"),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Proves the connection is alive: ping, expect the matching pong.
+    pub async fn assert_alive(&mut self) -> anyhow::Result<()> {
+        self.send(json!({"type": "ping", "id": "alive?"})).await?;
+        let pong = self.recv_type("pong").await?;
+        if pong["id"] != "alive?" {
+            bail!("pong for the wrong ping: {pong}");
+        }
+        Ok(())
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing after `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// GETs JSON from the relay.
+pub async fn get_json(url: &str) -> anyhow::Result<Value> {
+    let response = reqwest::get(url).await?;
+    Ok(response.json().await?)
+}
+
+/// A child process killed (SIGKILL) when dropped, so a failing test leaves none behind.
+pub struct ChildProcess {
+    pub child: Child,
+}
+
+impl ChildProcess {
+    pub fn spawn(program: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {program}"))?;
+        Ok(Self { child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the process at once, as a crash or `kill -9` would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("process did not exit within {limit:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+/// A loopback port that was free a moment ago, for child processes that need
+/// to be told their port up front.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Resident memory of process `pid` in bytes, from /proc.
+pub fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Whether an outside program needed by a test is present. Where it is
+/// missing the test is skipped with a note saying what to install — except
+/// under CI (`CI=true`), where a missing program fails the test.
+pub fn require_program(program: &str, install_hint: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if found {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{program} is required under CI=true but was not found: {install_hint}");
+    }
+    eprintln!("SKIPPED: {program} not found; {install_hint}");
+    false
+}

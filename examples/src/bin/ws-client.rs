@@ -1,1 +1,3 @@
-fn main() {}
+fn main() -> std::process::ExitCode {
+    wasmrelay_examples::ws_client::main()
+}

@@ -1,0 +1,155 @@
+//! The example service app: a backend behind NAT that connects *out* to the
+//! relay, registers under a space, and serves requests — each gets progress
+//! events and then a response whose body is the request body upper-cased.
+//! When the relay goes away it reconnects with exponential backoff and jitter.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use clap::Parser;
+use rand::Rng as _;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use wasmrelay::protocol::{Data, Msg, Request, Response};
+
+use crate::client::Client;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "service-app", about = "Example service: registers under a space and upper-cases request bodies")]
+pub struct Options {
+    /// The relay's WebSocket URL.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    pub relay: String,
+    /// The space to register under.
+    #[arg(long, default_value = "demo")]
+    pub space: String,
+    /// Simulated work per request, in milliseconds, spread over the progress steps.
+    #[arg(long, default_value_t = 600)]
+    pub work_ms: u64,
+    /// Progress events before each response.
+    #[arg(long, default_value_t = 3)]
+    pub steps: u32,
+}
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Serves until `stop` is cancelled, reconnecting whenever the relay is lost.
+pub async fn run(options: Options, stop: CancellationToken) {
+    let mut backoff = BACKOFF_START;
+    while !stop.is_cancelled() {
+        match serve_once(&options, &stop).await {
+            Ok(()) => backoff = BACKOFF_START,
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "relay connection lost"),
+        }
+        if stop.is_cancelled() {
+            break;
+        }
+        // Jitter keeps a fleet of instances from reconnecting in lockstep.
+        let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
+        let wait = backoff + Duration::from_millis(jitter);
+        tracing::info!(wait_ms = wait.as_millis() as u64, "reconnecting");
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One connection's life: connect, register, serve until it drops.
+async fn serve_once(options: &Options, stop: &CancellationToken) -> anyhow::Result<()> {
+    let mut client = Client::connect(&options.relay, "service-app").await?;
+    client
+        .send(&Msg::Register {
+            space: options.space.clone(),
+        })
+        .await?;
+    // Workers report through this queue so one slow request never blocks another.
+    let (out_tx, mut out_rx) = mpsc::channel::<Msg>(256);
+    let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let result = loop {
+        tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            Some(msg) = out_rx.recv() => {
+                if let Msg::Response(Response { id, .. }) = &msg {
+                    workers.remove(id);
+                }
+                client.send(&msg).await?;
+            }
+            inbound = client.recv() => match inbound? {
+                None => break Err(anyhow::anyhow!("the relay closed the connection")),
+                Some(Msg::Registered { space, instance }) => {
+                    tracing::info!(%space, %instance, "registered");
+                }
+                Some(Msg::Request(request)) => {
+                    let id = request.id.clone();
+                    let worker = tokio::spawn(work(request, options.clone(), out_tx.clone()));
+                    workers.insert(id, worker);
+                }
+                Some(Msg::Cancel { id, reason }) => {
+                    tracing::info!(%id, %reason, "request cancelled");
+                    if let Some(worker) = workers.remove(&id) {
+                        worker.abort();
+                    }
+                }
+                Some(Msg::Goaway { reason, .. }) => tracing::info!(%reason, "relay going away"),
+                Some(Msg::Error { code, message, .. }) => tracing::warn!(%code, %message, "relay error"),
+                Some(_) => {}
+            },
+        }
+    };
+    for (_, worker) in workers {
+        worker.abort();
+    }
+    result
+}
+
+async fn work(request: Request, options: Options, out: mpsc::Sender<Msg>) {
+    let steps = options.steps.max(1);
+    let pause = Duration::from_millis(options.work_ms / u64::from(steps));
+    for step in 1..=options.steps {
+        tokio::time::sleep(pause).await;
+        let percent = 100.0 * step as f32 / steps as f32;
+        let progress = Msg::Progress {
+            id: request.id.clone(),
+            percent: Some(percent),
+            data: Data::from(format!("step {step} of {steps}")),
+        };
+        if out.send(progress).await.is_err() {
+            return;
+        }
+    }
+    if options.steps == 0 {
+        tokio::time::sleep(pause).await;
+    }
+    let body = match std::str::from_utf8(request.data.as_bytes()) {
+        Ok(text) => Data::from(text.to_uppercase()),
+        Err(_) => Data::from(request.data.as_bytes().to_ascii_uppercase()),
+    };
+    let response = Msg::Response(Response {
+        id: request.id,
+        status: 200,
+        headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
+        data: body,
+    });
+    let _ = out.send(response).await;
+}
+
+/// Entry point of the `service-app` binary.
+pub fn main() -> std::process::ExitCode {
+    let options = Options::parse();
+    crate::init_tracing();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    runtime.block_on(async {
+        let stop = CancellationToken::new();
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            on_signal.cancel();
+        });
+        run(options, stop).await;
+    });
+    std::process::ExitCode::SUCCESS
+}

@@ -1,0 +1,289 @@
+//! The WebSocket protocol against a real relay: greeting, channels, binary
+//! frames, heartbeats, and every kind of bad input — each gets its documented
+//! error or close code, and other clients carry on.
+
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
+use wasmrelay_tests::{TestRelay, WsTester};
+
+#[tokio::test]
+async fn hello_welcome_and_ping() {
+    let relay = TestRelay::start().await;
+    let mut client = WsTester::connect(&relay.ws_url()).await.unwrap();
+    client
+        .send(json!({"type": "hello", "v": 1, "client": "t"}))
+        .await
+        .unwrap();
+    let welcome = client.recv().await.unwrap();
+    assert_eq!(welcome["type"], "welcome");
+    assert_eq!(welcome["v"], 1);
+    assert_eq!(welcome["max_message_bytes"], 1024 * 1024);
+    assert!(welcome["session"].as_str().is_some_and(|s| !s.is_empty()));
+    client.assert_alive().await.unwrap();
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn messages_before_hello_are_refused_but_the_connection_stays() {
+    let relay = TestRelay::start().await;
+    let mut client = WsTester::connect(&relay.ws_url()).await.unwrap();
+    client
+        .send(json!({"type": "subscribe", "channel": "c"}))
+        .await
+        .unwrap();
+    let err = client.recv().await.unwrap();
+    assert_eq!(err["code"], "hello_required", "{err}");
+
+    client.send(json!({"type": "hello", "v": 99})).await.unwrap();
+    let err = client.recv().await.unwrap();
+    assert_eq!(err["code"], "unsupported_version", "{err}");
+
+    client.send(json!({"type": "hello", "v": 1})).await.unwrap();
+    assert_eq!(client.recv().await.unwrap()["type"], "welcome");
+    client.send(json!({"type": "hello", "v": 1})).await.unwrap();
+    assert_eq!(client.recv().await.unwrap()["code"], "hello_required");
+    client.assert_alive().await.unwrap();
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_and_unknown_messages_get_errors_and_nobody_else_notices() {
+    let relay = TestRelay::start().await;
+    let mut bystander = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    bystander
+        .send(json!({"type": "subscribe", "channel": "news"}))
+        .await
+        .unwrap();
+    bystander.recv_type("subscribed").await.unwrap();
+
+    let mut client = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    let cases: [(&str, &str); 6] = [
+        ("{this is not json", "bad_frame"),
+        ("[1, 2, 3]", "bad_frame"),
+        (r#"{"type": "teleport", "id": "t1"}"#, "unknown_type"),
+        (r#"{"no_type": true}"#, "bad_message"),
+        (r#"{"type": "subscribe"}"#, "bad_message"),
+        (r#"{"type": "welcome", "v": 1, "session": "x", "heartbeat_ms": 1, "idle_timeout_ms": 2, "max_message_bytes": 3}"#, "unexpected_type"),
+    ];
+    for (frame, code) in cases {
+        client.send_text(frame).await.unwrap();
+        let err = client.recv().await.unwrap();
+        assert_eq!(err["type"], "error", "{frame}: {err}");
+        assert_eq!(err["code"], code, "{frame}: {err}");
+        assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    // The unknown type's id is echoed so the sender can match the error.
+    client
+        .send_text(r#"{"type": "teleport", "id": "t2"}"#)
+        .await
+        .unwrap();
+    assert_eq!(client.recv().await.unwrap()["id"], "t2");
+    client.assert_alive().await.unwrap();
+
+    // The bystander still gets publishes.
+    client
+        .send(json!({"type": "publish", "channel": "news", "data": "still here"}))
+        .await
+        .unwrap();
+    let msg = bystander.recv_type("message").await.unwrap();
+    assert_eq!(msg["data"], "still here");
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversize_message_closes_with_1009_and_others_carry_on() {
+    let relay = TestRelay::start_with(|c| c.limits.max_message_bytes = 4096).await;
+    let mut bystander = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    let mut client = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    let big = "x".repeat(5000);
+    client
+        .send(json!({"type": "publish", "channel": "c", "data": big}))
+        .await
+        .unwrap();
+    let close = client.expect_close().await.unwrap().expect("a close frame");
+    assert_eq!(close.code, CloseCode::Size);
+    bystander.assert_alive().await.unwrap();
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_text_frame_closes_with_1007() {
+    let relay = TestRelay::start().await;
+    let mut bystander = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    let mut client = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    let mut header = FrameHeader::default();
+    header.opcode = OpCode::Data(Data::Text);
+    let frame = Frame::from_payload(header, bytes::Bytes::from_static(&[0xc3, 0x28, 0xff]));
+    client.ws.send(Message::Frame(frame)).await.unwrap();
+    let close = client.expect_close().await.unwrap().expect("a close frame");
+    assert_eq!(close.code, CloseCode::Invalid);
+    bystander.assert_alive().await.unwrap();
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn publish_subscribe_with_sequence_numbers_and_presence() {
+    let relay = TestRelay::start().await;
+    let mut alice = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    alice
+        .send(json!({"type": "subscribe", "channel": "room"}))
+        .await
+        .unwrap();
+    let subscribed = alice.recv().await.unwrap();
+    assert_eq!(subscribed["type"], "subscribed");
+    assert_eq!(subscribed["presence"], 1);
+    assert_eq!(subscribed["seq"], 0);
+
+    let mut bob = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    bob.send(json!({"type": "subscribe", "channel": "room"}))
+        .await
+        .unwrap();
+    assert_eq!(bob.recv().await.unwrap()["presence"], 2);
+    let presence = alice.recv_type("presence").await.unwrap();
+    assert_eq!(presence["count"], 2);
+
+    for i in 1..=3 {
+        bob.send(json!({"type": "publish", "channel": "room", "id": format!("p{i}"), "data": format!("m{i}")}))
+            .await
+            .unwrap();
+    }
+    for i in 1..=3u64 {
+        let msg = alice.recv_type("message").await.unwrap();
+        assert_eq!(msg["seq"], i);
+        assert_eq!(msg["data"], format!("m{i}"));
+    }
+    // The publisher is a subscriber too; it sees its messages and its acks.
+    let mut acks = 0;
+    let mut seen = 0;
+    while acks < 3 || seen < 3 {
+        let msg = bob.recv().await.unwrap();
+        match msg["type"].as_str() {
+            Some("ack") => {
+                acks += 1;
+                assert_eq!(msg["id"], format!("p{acks}"));
+                assert_eq!(msg["seq"], acks);
+            }
+            Some("message") => seen += 1,
+            _ => panic!("unexpected {msg}"),
+        }
+    }
+
+    bob.send(json!({"type": "unsubscribe", "channel": "room"}))
+        .await
+        .unwrap();
+    assert_eq!(bob.recv_type("unsubscribed").await.unwrap()["channel"], "room");
+    assert_eq!(alice.recv_type("presence").await.unwrap()["count"], 1);
+    drop(alice);
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn binary_frames_carry_raw_payloads_both_ways() {
+    let relay = TestRelay::start().await;
+    let mut text_client = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    text_client
+        .send(json!({"type": "subscribe", "channel": "bin"}))
+        .await
+        .unwrap();
+    text_client.recv_type("subscribed").await.unwrap();
+
+    let mut binary = WsTester::connect(&relay.ws_url()).await.unwrap();
+    let frame = |header: serde_json::Value, payload: &[u8]| {
+        let header = header.to_string();
+        let mut buf = BytesMut::new();
+        buf.put_u32(header.len() as u32);
+        buf.put_slice(header.as_bytes());
+        buf.put_slice(payload);
+        Message::Binary(buf.freeze())
+    };
+    binary
+        .ws
+        .send(frame(json!({"type": "hello", "v": 1}), b""))
+        .await
+        .unwrap();
+    // Replies come in the frame kind hello came in.
+    let Some(Ok(Message::Binary(welcome))) = binary.ws.next().await else {
+        panic!("expected a binary welcome")
+    };
+    let len = u32::from_be_bytes(welcome[..4].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&welcome[4..4 + len]).unwrap();
+    assert_eq!(header["type"], "welcome");
+
+    binary
+        .ws
+        .send(frame(json!({"type": "subscribe", "channel": "bin"}), b""))
+        .await
+        .unwrap();
+    let payload = [0u8, 159, 146, 150, 255];
+    binary
+        .ws
+        .send(frame(json!({"type": "publish", "channel": "bin"}), &payload))
+        .await
+        .unwrap();
+    // The text client gets it as {"b64": ...}; the binary client gets raw bytes.
+    let msg = text_client.recv_type("message").await.unwrap();
+    assert_eq!(msg["data"]["b64"], "AJ+Slv8=");
+    loop {
+        let Some(Ok(Message::Binary(frame))) = binary.ws.next().await else {
+            panic!("expected binary frames")
+        };
+        let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&frame[4..4 + len]).unwrap();
+        if header["type"] == "message" {
+            assert_eq!(&frame[4 + len..], &payload);
+            assert!(header.get("data").is_none(), "payload travels outside the header");
+            break;
+        }
+    }
+
+    // A truncated binary frame is a bad_frame error, not a disconnect.
+    binary
+        .ws
+        .send(Message::Binary(bytes::Bytes::from_static(b"\x00\x00\x01\x00{")))
+        .await
+        .unwrap();
+    loop {
+        let Some(Ok(Message::Binary(frame))) = binary.ws.next().await else {
+            panic!("expected binary frames")
+        };
+        let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&frame[4..4 + len]).unwrap();
+        if header["type"] == "error" {
+            assert_eq!(header["code"], "bad_frame");
+            break;
+        }
+    }
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn silent_connections_are_reaped_and_live_ones_kept() {
+    let relay = TestRelay::start_with(|c| {
+        c.heartbeat.interval_ms = 50;
+        c.heartbeat.idle_timeout_ms = 300;
+    })
+    .await;
+    // This one never reads, so it never answers the relay's pings.
+    let mut silent = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    // This one reads (tungstenite answers pings while reading).
+    let mut live = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    let keep_reading = tokio::spawn(async move {
+        let end = tokio::time::Instant::now() + Duration::from_millis(900);
+        while tokio::time::Instant::now() < end {
+            let _ = tokio::time::timeout(Duration::from_millis(50), live.ws.next()).await;
+        }
+        live
+    });
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let mut live = keep_reading.await.unwrap();
+    live.assert_alive().await.unwrap();
+    let close = silent.expect_close().await.unwrap();
+    assert_eq!(close.map(|c| c.code), Some(CloseCode::Away));
+    relay.stop().await.unwrap();
+}

@@ -1,0 +1,354 @@
+//! Spaces against a real relay: registration, request/progress/response over
+//! WebSocket and HTTP, load spreading, deadlines, lost instances, and the
+//! errors for requests that cannot be served.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use wasmrelay_examples::service_app::{self, Options};
+use wasmrelay_tests::{TestRelay, WsTester, get_json, wait_for};
+
+async fn register(relay: &TestRelay, space: &str) -> WsTester {
+    let mut instance = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    instance
+        .send(json!({"type": "register", "space": space}))
+        .await
+        .unwrap();
+    let registered = instance.recv().await.unwrap();
+    assert_eq!(registered["type"], "registered", "{registered}");
+    instance
+}
+
+fn start_service(relay: &TestRelay, space: &str, work_ms: u64) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let options = Options {
+        relay: relay.ws_url(),
+        space: space.to_owned(),
+        work_ms,
+        steps: 2,
+    };
+    tokio::spawn(service_app::run(options, stop.clone()));
+    stop
+}
+
+async fn wait_connected(relay: &TestRelay, space: &str, instances: u64) {
+    let url = relay.url(&format!("/spaces/{space}"));
+    wait_for("the space to be connected", Duration::from_secs(10), || {
+        let url = url.clone();
+        async move {
+            let info = get_json(&url).await.ok()?;
+            (info["instances"] == instances).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn request_over_websocket_gets_progress_and_its_own_response() {
+    let relay = TestRelay::start().await;
+    let stop = start_service(&relay, "tts", 100);
+    wait_connected(&relay, "tts", 1).await;
+
+    let mut a = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    let mut b = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    // Both use the same request id: ids are per connection.
+    a.send(json!({"type": "request", "id": "1", "space": "tts", "data": "from a"}))
+        .await
+        .unwrap();
+    b.send(json!({"type": "request", "id": "1", "space": "tts", "data": "from b"}))
+        .await
+        .unwrap();
+    for (client, expected) in [(&mut a, "FROM A"), (&mut b, "FROM B")] {
+        let progress = client.recv().await.unwrap();
+        assert_eq!(progress["type"], "progress", "{progress}");
+        assert_eq!(progress["id"], "1");
+        let mut last = client.recv().await.unwrap();
+        while last["type"] == "progress" {
+            last = client.recv().await.unwrap();
+        }
+        assert_eq!(last["type"], "response", "{last}");
+        assert_eq!(last["id"], "1");
+        assert_eq!(last["status"], 200);
+        assert_eq!(last["data"], expected);
+    }
+    stop.cancel();
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn http_ingress_relays_method_path_query_headers_and_body() {
+    let relay = TestRelay::start().await;
+    let mut instance = register(&relay, "echo").await;
+    let url = relay.url("/spaces/echo/some/path?x=1&y=2");
+    let call = tokio::spawn(async move {
+        reqwest::Client::new()
+            .put(url)
+            .header("x-custom", "yes")
+            .body("payload")
+            .send()
+            .await
+            .unwrap()
+    });
+    let req = instance.recv_type("request").await.unwrap();
+    assert_eq!(req["space"], "echo");
+    assert_eq!(req["method"], "PUT");
+    assert_eq!(req["path"], "/some/path");
+    assert_eq!(req["query"], "x=1&y=2");
+    assert_eq!(req["data"], "payload");
+    let headers = req["headers"].as_array().unwrap();
+    assert!(headers.contains(&json!(["x-custom", "yes"])), "{headers:?}");
+    assert!(!headers.iter().any(|h| h[0] == "host"), "host is not forwarded");
+    instance
+        .send(json!({"type": "response", "id": req["id"], "status": 201,
+                     "headers": [["x-answer", "42"]], "data": "made"}))
+        .await
+        .unwrap();
+    let response = call.await.unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["x-answer"], "42");
+    assert_eq!(response.text().await.unwrap(), "made");
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn requests_spread_over_instances_by_least_in_flight() {
+    let relay = TestRelay::start().await;
+    let mut one = register(&relay, "pool").await;
+    let mut two = register(&relay, "pool").await;
+    let mut caller = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    for i in 0..4 {
+        caller
+            .send(json!({"type": "request", "id": format!("r{i}"), "space": "pool", "data": "x"}))
+            .await
+            .unwrap();
+    }
+    // Nobody answers yet, so in-flight counts decide: two each.
+    let mut got: HashMap<&str, Vec<String>> = HashMap::new();
+    for (name, instance) in [("one", &mut one), ("two", &mut two)] {
+        for _ in 0..2 {
+            let req = instance.recv_type("request").await.unwrap();
+            got.entry(name).or_default().push(req["id"].as_str().unwrap().to_owned());
+        }
+    }
+    let info = get_json(&relay.url("/spaces/pool")).await.unwrap();
+    assert_eq!(info["in_flight"], 4);
+    // A fifth goes to whichever answers first.
+    let first = got["one"][0].clone();
+    one.send(json!({"type": "response", "id": first, "data": "ok"}))
+        .await
+        .unwrap();
+    caller.recv_type("response").await.unwrap();
+    caller
+        .send(json!({"type": "request", "id": "r4", "space": "pool"}))
+        .await
+        .unwrap();
+    one.recv_type("request").await.unwrap();
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn unservable_requests_get_their_error_codes() {
+    let relay = TestRelay::start_with(|c| c.spaces.declared = vec!["empty".into()]).await;
+    let mut caller = WsTester::greeted(&relay.ws_url()).await.unwrap();
+
+    caller
+        .send(json!({"type": "request", "id": "a", "space": "nowhere"}))
+        .await
+        .unwrap();
+    let err = caller.recv().await.unwrap();
+    assert_eq!((err["code"].as_str(), err["id"].as_str()), (Some("unknown_space"), Some("a")));
+
+    caller
+        .send(json!({"type": "request", "id": "b", "space": "empty"}))
+        .await
+        .unwrap();
+    let err = caller.recv().await.unwrap();
+    assert_eq!(err["code"], "no_instance");
+
+    // HTTP: the same conditions, at once, as JSON with the mapped status.
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .post(relay.url("/spaces/empty/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "no_instance");
+    let response = reqwest::get(relay.url("/spaces/nowhere/x")).await.unwrap();
+    assert_eq!(response.status(), 404);
+    let response = reqwest::get(relay.url("/spaces/nowhere")).await.unwrap();
+    assert_eq!(response.status(), 404);
+
+    // Duplicate ids on one connection, and responses nobody is waiting for.
+    let mut instance = register(&relay, "empty").await;
+    caller
+        .send(json!({"type": "request", "id": "dup", "space": "empty"}))
+        .await
+        .unwrap();
+    let forwarded = instance.recv_type("request").await.unwrap();
+    caller
+        .send(json!({"type": "request", "id": "dup", "space": "empty"}))
+        .await
+        .unwrap();
+    let err = caller.recv().await.unwrap();
+    assert_eq!((err["code"].as_str(), err["id"].as_str()), (Some("duplicate_id"), Some("dup")));
+
+    instance
+        .send(json!({"type": "response", "id": "999999", "data": "stray"}))
+        .await
+        .unwrap();
+    let err = instance.recv().await.unwrap();
+    assert_eq!(err["code"], "unknown_request");
+    instance
+        .send(json!({"type": "progress", "id": "not-a-number"}))
+        .await
+        .unwrap();
+    assert_eq!(instance.recv().await.unwrap()["code"], "unknown_request");
+    // A caller cannot answer a request it did not receive.
+    caller
+        .send(json!({"type": "response", "id": forwarded["id"], "data": "forged"}))
+        .await
+        .unwrap();
+    assert_eq!(caller.recv().await.unwrap()["code"], "unknown_request");
+
+    // The real answer still gets through; after it, the id is free again.
+    instance
+        .send(json!({"type": "response", "id": forwarded["id"], "data": "real"}))
+        .await
+        .unwrap();
+    let response = caller.recv().await.unwrap();
+    assert_eq!((response["type"].as_str(), response["data"].as_str()), (Some("response"), Some("real")));
+    caller
+        .send(json!({"type": "request", "id": "dup", "space": "empty"}))
+        .await
+        .unwrap();
+    instance.recv_type("request").await.unwrap();
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn deadlines_give_504_and_cancel_the_instance() {
+    let relay = TestRelay::start().await;
+    let mut instance = register(&relay, "slow").await;
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .post(relay.url("/spaces/slow/"))
+        .header("x-wasmrelay-timeout-ms", "300")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "timeout");
+    let req = instance.recv_type("request").await.unwrap();
+    assert_eq!(req["timeout_ms"], 300);
+    let cancel = instance.recv_type("cancel").await.unwrap();
+    assert_eq!(cancel["id"], req["id"]);
+
+    // Over WebSocket: error `timeout` with the caller's id.
+    let mut caller = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    caller
+        .send(json!({"type": "request", "id": "t", "space": "slow", "timeout_ms": 200}))
+        .await
+        .unwrap();
+    let err = caller.recv().await.unwrap();
+    assert_eq!((err["code"].as_str(), err["id"].as_str()), (Some("timeout"), Some("t")));
+    // A late answer is refused: the request is no longer pending.
+    let late = instance.recv_type("request").await.unwrap();
+    instance.recv_type("cancel").await.unwrap();
+    instance
+        .send(json!({"type": "response", "id": late["id"], "data": "late"}))
+        .await
+        .unwrap();
+    assert_eq!(instance.recv().await.unwrap()["code"], "unknown_request");
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn lost_instance_fails_pending_requests_at_once_and_reregistration_heals() {
+    let relay = TestRelay::start().await;
+    let instance = register(&relay, "flaky").await;
+    let mut caller = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    caller
+        .send(json!({"type": "request", "id": "w", "space": "flaky"}))
+        .await
+        .unwrap();
+    let url = relay.url("/spaces/flaky/");
+    let http_call = tokio::spawn(async move { reqwest::Client::new().post(url).send().await.unwrap() });
+    let info_url = relay.url("/spaces/flaky");
+    wait_for("two requests in flight", Duration::from_secs(5), || {
+        let url = info_url.clone();
+        async move {
+            let info = get_json(&url).await.ok()?;
+            (info["in_flight"] == 2).then_some(())
+        }
+    })
+    .await;
+
+    let lost_at = Instant::now();
+    drop(instance);
+    let err = caller.recv().await.unwrap();
+    assert_eq!((err["code"].as_str(), err["id"].as_str()), (Some("instance_lost"), Some("w")));
+    let response = http_call.await.unwrap();
+    assert_eq!(response.status(), 502);
+    assert!(lost_at.elapsed() < Duration::from_secs(1), "failed within a second");
+    let info = get_json(&relay.url("/spaces/flaky")).await.unwrap();
+    assert_eq!(info["connected"], false);
+
+    let mut instance = register(&relay, "flaky").await;
+    caller
+        .send(json!({"type": "request", "id": "w2", "space": "flaky", "data": "again"}))
+        .await
+        .unwrap();
+    let req = instance.recv_type("request").await.unwrap();
+    instance
+        .send(json!({"type": "response", "id": req["id"], "data": "healed"}))
+        .await
+        .unwrap();
+    assert_eq!(caller.recv_type("response").await.unwrap()["data"], "healed");
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn caller_leaving_cancels_its_requests() {
+    let relay = TestRelay::start().await;
+    let mut instance = register(&relay, "work").await;
+    let mut caller = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    caller
+        .send(json!({"type": "request", "id": "bye", "space": "work"}))
+        .await
+        .unwrap();
+    let req = instance.recv_type("request").await.unwrap();
+    drop(caller);
+    let cancel = instance.recv_type("cancel").await.unwrap();
+    assert_eq!(cancel["id"], req["id"]);
+    assert_eq!(cancel["reason"], "caller disconnected");
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn spaces_api_lists_declared_and_registered_spaces() {
+    let relay = TestRelay::start_with(|c| c.spaces.declared = vec!["declared".into()]).await;
+    let _instance = register(&relay, "dynamic").await;
+    let list = get_json(&relay.url("/spaces")).await.unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["name"], "declared");
+    assert_eq!(list[0]["connected"], false);
+    assert_eq!(list[0]["instances"], 0);
+    assert_eq!(list[1]["name"], "dynamic");
+    assert_eq!(list[1]["connected"], true);
+    assert_eq!(list[1]["instances"], 1);
+
+    let mut bad = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    bad.send(json!({"type": "register", "space": "no spaces allowed"}))
+        .await
+        .unwrap();
+    assert_eq!(bad.recv().await.unwrap()["code"], "invalid_name");
+    relay.stop().await.unwrap();
+}
