@@ -16,7 +16,10 @@ use wasmrelay::protocol::{Data, Msg, Request, Response};
 use crate::client::Client;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "service-app", about = "Example service: registers under a space and upper-cases request bodies")]
+#[command(
+    name = "service-app",
+    about = "Example service: registers under a space and upper-cases request bodies"
+)]
 pub struct Options {
     /// The relay's WebSocket URL.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]

@@ -51,7 +51,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 })
                 .await?;
             match client.recv().await? {
-                Some(Msg::Ack { channel, seq, .. }) => writeln!(out, "published to {channel} as #{seq}")?,
+                Some(Msg::Ack { channel, seq, .. }) => {
+                    writeln!(out, "published to {channel} as #{seq}")?
+                }
                 other => bail!("unexpected answer: {other:?}"),
             }
         }
@@ -60,14 +62,20 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             let mut seen = 0;
             while count.is_none_or(|c| seen < c) {
                 match client.recv().await? {
-                    Some(Msg::Subscribed { channel, presence, .. }) => {
-                        writeln!(out, "subscribed to {channel} ({presence} here)")?
-                    }
+                    Some(Msg::Subscribed {
+                        channel, presence, ..
+                    }) => writeln!(out, "subscribed to {channel} ({presence} here)")?,
                     Some(Msg::Message { channel, seq, data }) => {
                         seen += 1;
-                        writeln!(out, "{channel} #{seq}: {}", String::from_utf8_lossy(data.as_bytes()))?;
+                        writeln!(
+                            out,
+                            "{channel} #{seq}: {}",
+                            String::from_utf8_lossy(data.as_bytes())
+                        )?;
                     }
-                    Some(Msg::Presence { channel, count }) => writeln!(out, "{channel}: {count} here")?,
+                    Some(Msg::Presence { channel, count }) => {
+                        writeln!(out, "{channel}: {count} here")?
+                    }
                     Some(Msg::Error { code, message, .. }) => bail!("{code}: {message}"),
                     Some(_) => {}
                     None => bail!("the relay closed the connection"),
@@ -96,7 +104,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                         String::from_utf8_lossy(data.as_bytes())
                     )?,
                     Some(Msg::Response(response)) => {
-                        writeln!(out, "{} {}", response.status, String::from_utf8_lossy(response.data.as_bytes()))?;
+                        writeln!(
+                            out,
+                            "{} {}",
+                            response.status,
+                            String::from_utf8_lossy(response.data.as_bytes())
+                        )?;
                         break;
                     }
                     Some(Msg::Error { code, message, .. }) => bail!("{code}: {message}"),

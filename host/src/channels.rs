@@ -6,16 +6,15 @@
 //! numbers therefore count from 1 again when it is next created.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::protocol::{Data, Msg};
-use crate::session::Outbound;
 use crate::session::table::ConnInfo;
+use crate::session::{Outbound, deliver};
 
 /// A subscriber's delivery handle.
 #[derive(Debug, Clone)]
@@ -24,10 +23,19 @@ pub struct Subscriber {
     pub tx: mpsc::Sender<Outbound>,
 }
 
+/// One channel. Numbering, delivery and presence announcements all happen
+/// under its one lock, so every subscriber sees messages in `seq` order and
+/// presence counts in the order they changed. Delivery never waits (it is a
+/// `try_send`), so the lock is held only for the fan-out itself.
 #[derive(Debug, Default)]
 struct Channel {
-    seq: AtomicU64,
-    subscribers: RwLock<HashMap<u64, Subscriber>>,
+    state: Mutex<ChannelState>,
+}
+
+#[derive(Debug, Default)]
+struct ChannelState {
+    last_seq: u64,
+    subscribers: HashMap<u64, Subscriber>,
 }
 
 pub struct Channels {
@@ -43,43 +51,34 @@ impl Channels {
         }
     }
 
-    /// Adds a subscriber; returns the channel's last sequence number and its new
-    /// presence count. Other subscribers are told the new count.
+    /// Adds a subscriber; returns the channel's last sequence number and its
+    /// presence count. When the count changed, the other subscribers are told.
     pub fn subscribe(&self, channel: &str, subscriber: Subscriber) -> (u64, u64) {
-        let conn_id = subscriber.conn.id;
-        // The entry guard is held only while the subscriber set is edited, which
+        // The map entry guard is held while the subscriber set is edited, which
         // keeps a concurrent last-unsubscribe from removing the channel under us.
         let entry = self.map.entry(channel.to_owned()).or_default();
-        let (seq, count, others) = {
-            let mut subs = entry.subscribers.write().unwrap_or_else(|e| e.into_inner());
-            subs.insert(conn_id, subscriber);
-            let others: Vec<Subscriber> = subs
-                .iter()
-                .filter(|(id, _)| **id != conn_id)
-                .map(|(_, s)| s.clone())
-                .collect();
-            (entry.seq.load(Ordering::Acquire), subs.len() as u64, others)
-        };
-        drop(entry);
-        self.announce(channel, count, &others);
-        (seq, count)
+        let mut state = entry.state.lock().unwrap_or_else(|e| e.into_inner());
+        let conn_id = subscriber.conn.id;
+        let joined = state.subscribers.insert(conn_id, subscriber).is_none();
+        let count = state.subscribers.len() as u64;
+        if joined {
+            self.announce(channel, count, &state, Some(conn_id));
+        }
+        (state.last_seq, count)
     }
 
     /// Removes a subscriber; returns whether it was subscribed.
     pub fn unsubscribe(&self, channel: &str, conn_id: u64) -> bool {
         let mut removed = false;
-        let mut remaining = Vec::new();
-        let mut count = 0;
         self.map.remove_if(channel, |_, ch| {
-            let mut subs = ch.subscribers.write().unwrap_or_else(|e| e.into_inner());
-            removed = subs.remove(&conn_id).is_some();
-            count = subs.len() as u64;
-            remaining = subs.values().cloned().collect();
-            subs.is_empty()
+            let mut state = ch.state.lock().unwrap_or_else(|e| e.into_inner());
+            removed = state.subscribers.remove(&conn_id).is_some();
+            if removed {
+                let count = state.subscribers.len() as u64;
+                self.announce(channel, count, &state, None);
+            }
+            state.subscribers.is_empty()
         });
-        if removed && !remaining.is_empty() {
-            self.announce(channel, count, &remaining);
-        }
         removed
     }
 
@@ -89,18 +88,20 @@ impl Channels {
         let Some(ch) = self.map.get(channel).map(|c| c.clone()) else {
             return 0;
         };
-        let subs = ch.subscribers.read().unwrap_or_else(|e| e.into_inner());
-        // Numbering under the read lock keeps delivery order equal to seq order
-        // for every subscriber, since publishers to one channel serialize on
-        // nothing else.
-        let seq = ch.seq.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut state = ch.state.lock().unwrap_or_else(|e| e.into_inner());
+        // Empty means the channel was removed after we looked it up.
+        if state.subscribers.is_empty() {
+            return 0;
+        }
+        state.last_seq += 1;
+        let seq = state.last_seq;
         let out = Outbound::new(Msg::Message {
             channel: channel.to_owned(),
             seq,
             data,
         });
-        for sub in subs.values() {
-            self.deliver(sub, out.clone());
+        for sub in state.subscribers.values() {
+            deliver(&sub.conn, &sub.tx, out.clone(), &self.metrics);
         }
         seq
     }
@@ -108,7 +109,13 @@ impl Channels {
     pub fn presence(&self, channel: &str) -> u64 {
         self.map
             .get(channel)
-            .map(|c| c.subscribers.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
+            .map(|c| {
+                c.state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .subscribers
+                    .len() as u64
+            })
             .unwrap_or(0)
     }
 
@@ -120,20 +127,23 @@ impl Channels {
         self.map.is_empty()
     }
 
-    fn announce(&self, channel: &str, count: u64, to: &[Subscriber]) {
-        if to.is_empty() {
+    /// Tells the subscribers (but `except` the one who just joined, who gets
+    /// the count in `subscribed`) the channel's new presence count.
+    fn announce(&self, channel: &str, count: u64, state: &ChannelState, except: Option<u64>) {
+        let mut others = state
+            .subscribers
+            .iter()
+            .filter(|(id, _)| Some(**id) != except)
+            .peekable();
+        if others.peek().is_none() {
             return;
         }
         let out = Outbound::new(Msg::Presence {
             channel: channel.to_owned(),
             count,
         });
-        for sub in to {
-            self.deliver(sub, out.clone());
+        for (_, sub) in others {
+            deliver(&sub.conn, &sub.tx, out.clone(), &self.metrics);
         }
-    }
-
-    fn deliver(&self, sub: &Subscriber, out: Outbound) {
-        crate::session::deliver(&sub.conn, &sub.tx, out, &self.metrics);
     }
 }

@@ -21,7 +21,11 @@ use crate::config::Config;
 use crate::relay::{Listeners, run};
 
 #[derive(Debug, Parser)]
-#[command(name = "wasmrelay", version, about = "A WebAssembly-extensible edge relay")]
+#[command(
+    name = "wasmrelay",
+    version,
+    about = "A WebAssembly-extensible edge relay"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -157,9 +161,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let addr = listeners.http.local_addr()?;
-    tracing::info!(
-        "relay up: open http://{addr}/ in a browser; WebSocket at ws://{addr}/ws"
-    );
+    tracing::info!("relay up: open http://{addr}/ in a browser; WebSocket at ws://{addr}/ws");
     let shutdown = CancellationToken::new();
     crate::shutdown::cancel_on_signal(shutdown.clone());
     run(config, listeners, shutdown).await?;
@@ -196,7 +198,10 @@ async fn get_json(url: &str, token: Option<&str>) -> anyhow::Result<serde_json::
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
     if !status.is_success() {
-        bail!("{url} answered {status}: {}", String::from_utf8_lossy(&body));
+        bail!(
+            "{url} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
     }
     serde_json::from_slice(&body).with_context(|| format!("{url} did not return JSON"))
 }
@@ -205,8 +210,19 @@ async fn get_json(url: &str, token: Option<&str>) -> anyhow::Result<serde_json::
 pub fn render_table(connections: &serde_json::Value, stats: &serde_json::Value) -> String {
     use serde_json::Value;
     let header = [
-        "ID", "State", "Transport", "Local", "Peer", "Age", "Recv-B", "Send-B", "Msg-In",
-        "Msg-Out", "Queue", "Drop", "Space/Channels",
+        "ID",
+        "State",
+        "Transport",
+        "Local",
+        "Peer",
+        "Age",
+        "Recv-B",
+        "Send-B",
+        "Msg-In",
+        "Msg-Out",
+        "Queue",
+        "Drop",
+        "Space/Channels",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     let empty = Vec::new();

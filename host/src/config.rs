@@ -51,9 +51,10 @@ pub struct LimitsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct HeartbeatConfig {
-    /// How often the relay pings a quiet connection.
+    /// How often the relay pings each WebSocket connection.
     pub interval_ms: u64,
-    /// A connection silent this long (no frame, no pong) is reaped.
+    /// A connection silent this long (no frame, no pong) is reaped; a WebSocket
+    /// that has not sent `hello` within this time is closed too.
     pub idle_timeout_ms: u64,
 }
 
@@ -188,7 +189,10 @@ impl Config {
             }
         }
         if l.request_timeout_ms == 0 {
-            return Err(invalid("limits.request_timeout_ms", "must be greater than 0"));
+            return Err(invalid(
+                "limits.request_timeout_ms",
+                "must be greater than 0",
+            ));
         }
         let h = &self.heartbeat;
         if h.interval_ms < 10 {
@@ -277,12 +281,18 @@ mod tests {
         let mut config = Config::default();
         config.heartbeat.idle_timeout_ms = config.heartbeat.interval_ms;
         let err = config.validate().unwrap_err();
-        assert!(err.to_string().contains("heartbeat.idle_timeout_ms"), "{err}");
+        assert!(
+            err.to_string().contains("heartbeat.idle_timeout_ms"),
+            "{err}"
+        );
 
         let mut config = Config::default();
         config.limits.max_message_bytes = 10;
         let err = config.validate().unwrap_err();
-        assert!(err.to_string().contains("limits.max_message_bytes"), "{err}");
+        assert!(
+            err.to_string().contains("limits.max_message_bytes"),
+            "{err}"
+        );
 
         let mut config = Config::default();
         config.spaces.declared = vec!["has space".into()];

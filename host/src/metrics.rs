@@ -131,7 +131,9 @@ impl Metrics {
     }
 
     pub fn bytes_in(&self, count: u64) {
-        self.bytes.get_or_create(&[("direction", "in")]).inc_by(count);
+        self.bytes
+            .get_or_create(&[("direction", "in")])
+            .inc_by(count);
         self.totals.bytes_in.fetch_add(count, Ordering::Relaxed);
     }
 

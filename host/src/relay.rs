@@ -150,12 +150,18 @@ pub async fn run(
     }
     let unfinished = relay.spaces.pending_count();
     if unfinished > 0 {
-        tracing::warn!(unfinished, "grace period over with requests still in flight");
+        tracing::warn!(
+            unfinished,
+            "grace period over with requests still in flight"
+        );
     }
 
     relay.closing.cancel();
     relay.tasks.close();
-    if tokio::time::timeout(CLOSE_WAIT, relay.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(CLOSE_WAIT, relay.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             remaining = relay.tasks.len(),
             "connections still closing; exiting anyway"

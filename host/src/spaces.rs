@@ -82,7 +82,10 @@ impl Space {
     }
 
     fn instance_count(&self) -> usize {
-        self.instances.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.instances
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     fn least_loaded(&self) -> Option<Arc<Instance>> {
@@ -174,29 +177,23 @@ impl Spaces {
         conn: &Arc<ConnInfo>,
         tx: mpsc::Sender<Outbound>,
     ) -> Result<Arc<Instance>, SpaceError> {
-        validate_space_name(space)
-            .map_err(|reason| SpaceError::new(ErrorCode::InvalidName, format!("space name {reason}")))?;
-        let entry = match self.spaces.get(space) {
-            Some(existing) => existing.clone(),
-            None => {
-                if !self.allow_undeclared {
-                    return Err(SpaceError::new(
-                        ErrorCode::UnknownSpace,
-                        format!("space {space:?} is not declared in the relay's configuration"),
-                    ));
-                }
-                if self.spaces.len() >= self.max_spaces && !self.evict_one_empty() {
-                    return Err(SpaceError::new(
-                        ErrorCode::Overloaded,
-                        format!("the relay already holds {} spaces", self.max_spaces),
-                    ));
-                }
-                self.spaces
-                    .entry(space.to_owned())
-                    .or_insert_with(|| Arc::new(Space::new(false)))
-                    .clone()
+        validate_space_name(space).map_err(|reason| {
+            SpaceError::new(ErrorCode::InvalidName, format!("space name {reason}"))
+        })?;
+        if !self.spaces.contains_key(space) {
+            if !self.allow_undeclared {
+                return Err(SpaceError::new(
+                    ErrorCode::UnknownSpace,
+                    format!("space {space:?} is not declared in the relay's configuration"),
+                ));
             }
-        };
+            if self.spaces.len() >= self.max_spaces && !self.evict_one_empty() {
+                return Err(SpaceError::new(
+                    ErrorCode::Overloaded,
+                    format!("the relay already holds {} spaces", self.max_spaces),
+                ));
+            }
+        }
         let n = self.next_instance.fetch_add(1, Ordering::Relaxed) + 1;
         let instance = Arc::new(Instance {
             id: format!("{space}#{n}"),
@@ -205,11 +202,18 @@ impl Spaces {
             tx,
             in_flight: AtomicUsize::new(0),
         });
+        // Joined under the map entry, so an eviction cannot remove the space
+        // between our lookup and the join.
+        let entry = self
+            .spaces
+            .entry(space.to_owned())
+            .or_insert_with(|| Arc::new(Space::new(false)));
         entry
             .instances
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .push(instance.clone());
+        drop(entry);
         tracing::info!(space, instance = %instance.id, conn = conn.id, "instance registered");
         Ok(instance)
     }
@@ -235,7 +239,10 @@ impl Spaces {
                     pending,
                     Err(SpaceError::new(
                         ErrorCode::InstanceLost,
-                        format!("the instance serving space {:?} disconnected", instance.space),
+                        format!(
+                            "the instance serving space {:?} disconnected",
+                            instance.space
+                        ),
                     )),
                 );
             }
@@ -252,9 +259,16 @@ impl Spaces {
                 format!("{} requests already in flight", self.max_pending),
             ));
         }
-        let space = self.spaces.get(&req.space).map(|s| s.clone()).ok_or_else(|| {
-            SpaceError::new(ErrorCode::UnknownSpace, format!("no space named {:?}", req.space))
-        })?;
+        let space = self
+            .spaces
+            .get(&req.space)
+            .map(|s| s.clone())
+            .ok_or_else(|| {
+                SpaceError::new(
+                    ErrorCode::UnknownSpace,
+                    format!("no space named {:?}", req.space),
+                )
+            })?;
         let instance = space.least_loaded().ok_or_else(|| {
             SpaceError::new(
                 ErrorCode::NoInstance,
@@ -262,14 +276,25 @@ impl Spaces {
             )
         })?;
 
+        let timeout = match req.timeout_ms {
+            None => self.default_timeout,
+            Some(0) => {
+                return Err(SpaceError::new(
+                    ErrorCode::BadMessage,
+                    "timeout_ms must be a positive number of milliseconds",
+                ));
+            }
+            Some(ms) => Duration::from_millis(ms).min(self.default_timeout),
+        };
         let id = self.next_request.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Caller::Conn { conn, id: caller_id, .. } = &caller {
+        if let Caller::Conn {
+            conn,
+            id: caller_id,
+            ..
+        } = &caller
+        {
             self.claim_caller_id(conn, caller_id, id)?;
         }
-        let timeout = req
-            .timeout_ms
-            .map(Duration::from_millis)
-            .map_or(self.default_timeout, |t| t.min(self.default_timeout));
         let now = Instant::now();
         let forwarded = Msg::Request(Request {
             id: id.to_string(),
@@ -291,7 +316,12 @@ impl Spaces {
             let pending = self.pending.remove(&id).map(|(_, p)| p);
             if let Some(pending) = pending {
                 self.release(&pending);
-                if let Caller::Conn { conn, id: caller_id, .. } = &pending.caller {
+                if let Caller::Conn {
+                    conn,
+                    id: caller_id,
+                    ..
+                } = &pending.caller
+                {
                     self.unclaim(conn, caller_id);
                 }
             }
@@ -310,12 +340,18 @@ impl Spaces {
         id: u64,
     ) -> Result<(), SpaceError> {
         if caller_id.is_empty() {
-            return Err(SpaceError::new(ErrorCode::BadMessage, "request id must not be empty"));
+            return Err(SpaceError::new(
+                ErrorCode::BadMessage,
+                "request id must not be empty",
+            ));
         }
         if conn.requests_in_flight.load(Ordering::Relaxed) >= self.max_per_caller {
             return Err(SpaceError::new(
                 ErrorCode::Overloaded,
-                format!("{} requests already in flight on this connection", self.max_per_caller),
+                format!(
+                    "{} requests already in flight on this connection",
+                    self.max_per_caller
+                ),
             ));
         }
         match self.by_caller.entry((conn.id, caller_id.to_owned())) {
@@ -343,7 +379,12 @@ impl Spaces {
         let Some(pending) = self.pending.get(&key) else {
             return Err(not_pending(id));
         };
-        if let Caller::Conn { conn, tx, id: caller_id } = &pending.caller {
+        if let Caller::Conn {
+            conn,
+            tx,
+            id: caller_id,
+        } = &pending.caller
+        {
             let msg = Msg::Progress {
                 id: caller_id.clone(),
                 percent,
@@ -400,6 +441,17 @@ impl Spaces {
         count
     }
 
+    /// The HTTP caller gave up (disconnected) before the outcome: forget the
+    /// request and tell the instance to stop working on it.
+    pub fn abandon(&self, id: u64) {
+        if let Some((_, pending)) = self.pending.remove(&id) {
+            send_cancel(&pending.instance, id, "caller disconnected", &self.metrics);
+            self.release(&pending);
+            self.metrics
+                .request_finished("caller_gone", pending.started.elapsed().as_secs_f64());
+        }
+    }
+
     /// The caller connection went away: forget its requests and tell the
     /// instances to stop working on them.
     pub fn caller_gone(&self, conn_id: u64) {
@@ -421,7 +473,11 @@ impl Spaces {
     }
 
     fn unclaim(&self, conn: &ConnInfo, caller_id: &str) {
-        if self.by_caller.remove(&(conn.id, caller_id.to_owned())).is_some() {
+        if self
+            .by_caller
+            .remove(&(conn.id, caller_id.to_owned()))
+            .is_some()
+        {
             conn.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -459,7 +515,9 @@ impl Spaces {
     }
 
     pub fn info(&self, name: &str) -> Option<SpaceInfo> {
-        self.spaces.get(name).map(|space| self.describe(name, &space))
+        self.spaces
+            .get(name)
+            .map(|space| self.describe(name, &space))
     }
 
     pub fn list(&self) -> Vec<SpaceInfo> {

@@ -46,8 +46,18 @@ async fn connection_table_shows_each_connection_with_its_figures() {
     assert_eq!(ws_rows.len(), 2, "{table}");
     for row in &ws_rows {
         for field in [
-            "id", "transport", "state", "peer", "local", "age_ms", "bytes_in", "bytes_out",
-            "msgs_in", "msgs_out", "queue_depth", "dropped",
+            "id",
+            "transport",
+            "state",
+            "peer",
+            "local",
+            "age_ms",
+            "bytes_in",
+            "bytes_out",
+            "msgs_in",
+            "msgs_out",
+            "queue_depth",
+            "dropped",
         ] {
             assert!(row.get(field).is_some(), "missing {field} in {row}");
         }
@@ -70,13 +80,18 @@ async fn connection_table_shows_each_connection_with_its_figures() {
     drop(member);
     drop(instance);
     let stats_url = relay.url("/admin/stats");
-    wasmrelay_tests::wait_for("closed connections to leave the table", Duration::from_secs(5), || {
-        let url = stats_url.clone();
-        async move {
-            let stats = get_json(&url).await.ok()?;
-            (stats["connections"]["by_transport"]["ws"] == 0 && stats["channels"] == 0).then_some(())
-        }
-    })
+    wasmrelay_tests::wait_for(
+        "closed connections to leave the table",
+        Duration::from_secs(5),
+        || {
+            let url = stats_url.clone();
+            async move {
+                let stats = get_json(&url).await.ok()?;
+                (stats["connections"]["by_transport"]["ws"] == 0 && stats["channels"] == 0)
+                    .then_some(())
+            }
+        },
+    )
     .await;
     relay.stop().await.unwrap();
 }
@@ -91,7 +106,14 @@ async fn metrics_are_prometheus_text_with_the_documented_series() {
         .unwrap();
     instance.recv_type("registered").await.unwrap();
     let url = relay.url("/spaces/m/");
-    let call = tokio::spawn(async move { reqwest::Client::new().post(url).send().await.unwrap().status() });
+    let call = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
     let req = instance.recv_type("request").await.unwrap();
     instance
         .send(json!({"type": "response", "id": req["id"], "data": "ok"}))
@@ -171,7 +193,10 @@ async fn draining_refuses_new_work_and_finishes_old_work() {
         .await
         .unwrap();
     let err = caller.recv_type("error").await.unwrap();
-    assert_eq!((err["code"].as_str(), err["id"].as_str()), (Some("shutting_down"), Some("new")));
+    assert_eq!(
+        (err["code"].as_str(), err["id"].as_str()),
+        (Some("shutting_down"), Some("new"))
+    );
     // New connections are no longer accepted.
     assert!(
         WsTester::connect(&relay.ws_url()).await.is_err()

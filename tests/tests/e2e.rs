@@ -36,13 +36,17 @@ impl RelayProcess {
             _data_dir: data_dir,
         };
         let health = relay.url("/healthz");
-        wait_for("the relay to answer /healthz", Duration::from_secs(10), || {
-            let health = health.clone();
-            async move {
-                let response = reqwest::get(&health).await.ok()?;
-                (response.status() == 200).then_some(())
-            }
-        })
+        wait_for(
+            "the relay to answer /healthz",
+            Duration::from_secs(10),
+            || {
+                let health = health.clone();
+                async move {
+                    let response = reqwest::get(&health).await.ok()?;
+                    (response.status() == 200).then_some(())
+                }
+            },
+        )
         .await;
         relay
     }
@@ -61,7 +65,14 @@ impl RelayProcess {
         ChildProcess::spawn(
             SERVICE,
             &[
-                "--relay", &relay, "--space", space, "--work-ms", &work_ms, "--steps", "2",
+                "--relay",
+                &relay,
+                "--space",
+                space,
+                "--work-ms",
+                &work_ms,
+                "--steps",
+                "2",
             ],
         )
         .unwrap()
@@ -220,14 +231,32 @@ async fn conns_prints_the_connection_table() {
     .await
     .unwrap();
     let table = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{table}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{table}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let header = table.lines().next().unwrap();
-    for column in ["State", "Transport", "Local", "Peer", "Age", "Recv-B", "Send-B", "Queue"] {
+    for column in [
+        "State",
+        "Transport",
+        "Local",
+        "Peer",
+        "Age",
+        "Recv-B",
+        "Send-B",
+        "Queue",
+    ] {
         assert!(header.contains(column), "missing {column}: {header}");
     }
     assert!(table.contains("space:demo"), "{table}");
     assert!(table.contains("#lobby"), "{table}");
-    assert!(table.lines().any(|l| l.contains(" open ") && l.contains(" ws ")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(" open ") && l.contains(" ws ")),
+        "{table}"
+    );
     assert!(table.contains("Total:"), "{table}");
 
     // Without the token the admin endpoints refuse, and so does the command.
@@ -276,7 +305,11 @@ async fn sigterm_drains_and_exits_zero() {
 async fn invalid_config_is_refused_with_the_field_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[heartbeat]\ninterval_ms = 5000\nidle_timeout_ms = 1000\n").unwrap();
+    std::fs::write(
+        &path,
+        "[heartbeat]\ninterval_ms = 5000\nidle_timeout_ms = 1000\n",
+    )
+    .unwrap();
     let output = std::process::Command::new(RELAY)
         .args(["serve", "--config", path.to_str().unwrap()])
         .output()

@@ -35,7 +35,13 @@ async fn ten_thousand_connections_leave_nothing_behind() {
     let listen = format!("127.0.0.1:{port}");
     let relay = ChildProcess::spawn(
         RELAY,
-        &["serve", "--listen", &listen, "--data-dir", data_dir.path().to_str().unwrap()],
+        &[
+            "serve",
+            "--listen",
+            &listen,
+            "--data-dir",
+            data_dir.path().to_str().unwrap(),
+        ],
     )
     .unwrap();
     let stats_url = format!("http://{listen}/admin/stats");
@@ -50,16 +56,32 @@ async fn ten_thousand_connections_leave_nothing_behind() {
     wait_for("the relay to start", Duration::from_secs(10), no_ws_left).await;
 
     cycles(&ws_url, WARM_UP).await;
-    wait_for("warm-up connections to close", Duration::from_secs(10), no_ws_left).await;
+    wait_for(
+        "warm-up connections to close",
+        Duration::from_secs(10),
+        no_ws_left,
+    )
+    .await;
     let baseline = rss_of(relay.pid()).expect("relay RSS");
 
     cycles(&ws_url, CYCLES - WARM_UP).await;
-    let stats = wait_for("every connection to leave the table", Duration::from_secs(10), no_ws_left).await;
+    let stats = wait_for(
+        "every connection to leave the table",
+        Duration::from_secs(10),
+        no_ws_left,
+    )
+    .await;
     let after = rss_of(relay.pid()).expect("relay RSS");
 
     // Only the stats request's own HTTP connection may remain.
-    assert!(stats["connections"]["total"].as_u64().unwrap() <= 1, "{stats}");
-    assert!(stats["connections"]["accepted_total"].as_u64().unwrap() >= CYCLES as u64, "{stats}");
+    assert!(
+        stats["connections"]["total"].as_u64().unwrap() <= 1,
+        "{stats}"
+    );
+    assert!(
+        stats["connections"]["accepted_total"].as_u64().unwrap() >= CYCLES as u64,
+        "{stats}"
+    );
     assert_eq!(stats["channels"], 0);
     assert_eq!(stats["requests"]["pending"], 0);
     let growth = after.saturating_sub(baseline);
@@ -69,5 +91,8 @@ async fn ten_thousand_connections_leave_nothing_behind() {
         after / 1024,
         growth / 1024
     );
-    assert!(growth < ALLOWED_GROWTH, "relay memory grew by {growth} bytes");
+    assert!(
+        growth < ALLOWED_GROWTH,
+        "relay memory grew by {growth} bytes"
+    );
 }

@@ -40,7 +40,10 @@ async fn messages_before_hello_are_refused_but_the_connection_stays() {
     let err = client.recv().await.unwrap();
     assert_eq!(err["code"], "hello_required", "{err}");
 
-    client.send(json!({"type": "hello", "v": 99})).await.unwrap();
+    client
+        .send(json!({"type": "hello", "v": 99}))
+        .await
+        .unwrap();
     let err = client.recv().await.unwrap();
     assert_eq!(err["code"], "unsupported_version", "{err}");
 
@@ -69,7 +72,10 @@ async fn malformed_and_unknown_messages_get_errors_and_nobody_else_notices() {
         (r#"{"type": "teleport", "id": "t1"}"#, "unknown_type"),
         (r#"{"no_type": true}"#, "bad_message"),
         (r#"{"type": "subscribe"}"#, "bad_message"),
-        (r#"{"type": "welcome", "v": 1, "session": "x", "heartbeat_ms": 1, "idle_timeout_ms": 2, "max_message_bytes": 3}"#, "unexpected_type"),
+        (
+            r#"{"type": "welcome", "v": 1, "session": "x", "heartbeat_ms": 1, "idle_timeout_ms": 2, "max_message_bytes": 3}"#,
+            "unexpected_type",
+        ),
     ];
     for (frame, code) in cases {
         client.send_text(frame).await.unwrap();
@@ -117,8 +123,10 @@ async fn invalid_utf8_in_a_text_frame_closes_with_1007() {
     let relay = TestRelay::start().await;
     let mut bystander = WsTester::greeted(&relay.ws_url()).await.unwrap();
     let mut client = WsTester::greeted(&relay.ws_url()).await.unwrap();
-    let mut header = FrameHeader::default();
-    header.opcode = OpCode::Data(Data::Text);
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Text),
+        ..FrameHeader::default()
+    };
     let frame = Frame::from_payload(header, bytes::Bytes::from_static(&[0xc3, 0x28, 0xff]));
     client.ws.send(Message::Frame(frame)).await.unwrap();
     let close = client.expect_close().await.unwrap().expect("a close frame");
@@ -177,7 +185,10 @@ async fn publish_subscribe_with_sequence_numbers_and_presence() {
     bob.send(json!({"type": "unsubscribe", "channel": "room"}))
         .await
         .unwrap();
-    assert_eq!(bob.recv_type("unsubscribed").await.unwrap()["channel"], "room");
+    assert_eq!(
+        bob.recv_type("unsubscribed").await.unwrap()["channel"],
+        "room"
+    );
     assert_eq!(alice.recv_type("presence").await.unwrap()["count"], 1);
     drop(alice);
     relay.stop().await.unwrap();
@@ -223,7 +234,10 @@ async fn binary_frames_carry_raw_payloads_both_ways() {
     let payload = [0u8, 159, 146, 150, 255];
     binary
         .ws
-        .send(frame(json!({"type": "publish", "channel": "bin"}), &payload))
+        .send(frame(
+            json!({"type": "publish", "channel": "bin"}),
+            &payload,
+        ))
         .await
         .unwrap();
     // The text client gets it as {"b64": ...}; the binary client gets raw bytes.
@@ -237,7 +251,10 @@ async fn binary_frames_carry_raw_payloads_both_ways() {
         let header: serde_json::Value = serde_json::from_slice(&frame[4..4 + len]).unwrap();
         if header["type"] == "message" {
             assert_eq!(&frame[4 + len..], &payload);
-            assert!(header.get("data").is_none(), "payload travels outside the header");
+            assert!(
+                header.get("data").is_none(),
+                "payload travels outside the header"
+            );
             break;
         }
     }
@@ -245,7 +262,9 @@ async fn binary_frames_carry_raw_payloads_both_ways() {
     // A truncated binary frame is a bad_frame error, not a disconnect.
     binary
         .ws
-        .send(Message::Binary(bytes::Bytes::from_static(b"\x00\x00\x01\x00{")))
+        .send(Message::Binary(bytes::Bytes::from_static(
+            b"\x00\x00\x01\x00{",
+        )))
         .await
         .unwrap();
     loop {
@@ -285,5 +304,64 @@ async fn silent_connections_are_reaped_and_live_ones_kept() {
     live.assert_alive().await.unwrap();
     let close = silent.expect_close().await.unwrap();
     assert_eq!(close.map(|c| c.code), Some(CloseCode::Away));
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_connection_that_never_says_hello_is_closed_with_1008() {
+    let relay = TestRelay::start_with(|c| {
+        c.heartbeat.interval_ms = 50;
+        c.heartbeat.idle_timeout_ms = 200;
+    })
+    .await;
+    let mut mute = WsTester::connect(&relay.ws_url()).await.unwrap();
+    // Reading answers the relay's pings, so only the missing hello can close it.
+    let close = mute.expect_close().await.unwrap().expect("close frame");
+    assert_eq!(close.code, CloseCode::Policy);
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_publishers_are_delivered_in_sequence_order() {
+    const PER_PUBLISHER: u64 = 300;
+    // Room for every message, so a subscriber slowed by a busy test machine
+    // is not mistaken for a slow consumer (whose messages are dropped).
+    let relay = TestRelay::start_with(|c| c.limits.outbound_queue = 4096).await;
+    let mut subscriber = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    subscriber
+        .send(json!({"type": "subscribe", "channel": "race"}))
+        .await
+        .unwrap();
+    subscriber.recv_type("subscribed").await.unwrap();
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        let url = relay.ws_url();
+        publishers.push(tokio::spawn(async move {
+            let mut publisher = WsTester::greeted(&url).await.unwrap();
+            for i in 0..PER_PUBLISHER {
+                publisher
+                    .send(json!({"type": "publish", "channel": "race", "data": format!("{p}-{i}")}))
+                    .await
+                    .unwrap();
+            }
+            publisher.assert_alive().await.unwrap();
+        }));
+    }
+    let mut last_from = [None::<u64>; 4];
+    for expected_seq in 1..=4 * PER_PUBLISHER {
+        let msg = subscriber.recv_type("message").await.unwrap();
+        assert_eq!(msg["seq"], expected_seq, "gap or reordering: {msg}");
+        // Each publisher's own messages keep their order too.
+        let (p, i) = msg["data"].as_str().unwrap().split_once('-').unwrap();
+        let (p, i): (usize, u64) = (p.parse().unwrap(), i.parse().unwrap());
+        assert!(
+            last_from[p].is_none_or(|last| i == last + 1),
+            "publisher {p} out of order"
+        );
+        last_from[p] = Some(i);
+    }
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
     relay.stop().await.unwrap();
 }

@@ -99,7 +99,10 @@ async fn http_ingress_relays_method_path_query_headers_and_body() {
     assert_eq!(req["data"], "payload");
     let headers = req["headers"].as_array().unwrap();
     assert!(headers.contains(&json!(["x-custom", "yes"])), "{headers:?}");
-    assert!(!headers.iter().any(|h| h[0] == "host"), "host is not forwarded");
+    assert!(
+        !headers.iter().any(|h| h[0] == "host"),
+        "host is not forwarded"
+    );
     instance
         .send(json!({"type": "response", "id": req["id"], "status": 201,
                      "headers": [["x-answer", "42"]], "data": "made"}))
@@ -129,7 +132,9 @@ async fn requests_spread_over_instances_by_least_in_flight() {
     for (name, instance) in [("one", &mut one), ("two", &mut two)] {
         for _ in 0..2 {
             let req = instance.recv_type("request").await.unwrap();
-            got.entry(name).or_default().push(req["id"].as_str().unwrap().to_owned());
+            got.entry(name)
+                .or_default()
+                .push(req["id"].as_str().unwrap().to_owned());
         }
     }
     let info = get_json(&relay.url("/spaces/pool")).await.unwrap();
@@ -158,7 +163,10 @@ async fn unservable_requests_get_their_error_codes() {
         .await
         .unwrap();
     let err = caller.recv().await.unwrap();
-    assert_eq!((err["code"].as_str(), err["id"].as_str()), (Some("unknown_space"), Some("a")));
+    assert_eq!(
+        (err["code"].as_str(), err["id"].as_str()),
+        (Some("unknown_space"), Some("a"))
+    );
 
     caller
         .send(json!({"type": "request", "id": "b", "space": "empty"}))
@@ -195,7 +203,10 @@ async fn unservable_requests_get_their_error_codes() {
         .await
         .unwrap();
     let err = caller.recv().await.unwrap();
-    assert_eq!((err["code"].as_str(), err["id"].as_str()), (Some("duplicate_id"), Some("dup")));
+    assert_eq!(
+        (err["code"].as_str(), err["id"].as_str()),
+        (Some("duplicate_id"), Some("dup"))
+    );
 
     instance
         .send(json!({"type": "response", "id": "999999", "data": "stray"}))
@@ -221,7 +232,10 @@ async fn unservable_requests_get_their_error_codes() {
         .await
         .unwrap();
     let response = caller.recv().await.unwrap();
-    assert_eq!((response["type"].as_str(), response["data"].as_str()), (Some("response"), Some("real")));
+    assert_eq!(
+        (response["type"].as_str(), response["data"].as_str()),
+        (Some("response"), Some("real"))
+    );
     caller
         .send(json!({"type": "request", "id": "dup", "space": "empty"}))
         .await
@@ -257,7 +271,10 @@ async fn deadlines_give_504_and_cancel_the_instance() {
         .await
         .unwrap();
     let err = caller.recv().await.unwrap();
-    assert_eq!((err["code"].as_str(), err["id"].as_str()), (Some("timeout"), Some("t")));
+    assert_eq!(
+        (err["code"].as_str(), err["id"].as_str()),
+        (Some("timeout"), Some("t"))
+    );
     // A late answer is refused: the request is no longer pending.
     let late = instance.recv_type("request").await.unwrap();
     instance.recv_type("cancel").await.unwrap();
@@ -279,7 +296,8 @@ async fn lost_instance_fails_pending_requests_at_once_and_reregistration_heals()
         .await
         .unwrap();
     let url = relay.url("/spaces/flaky/");
-    let http_call = tokio::spawn(async move { reqwest::Client::new().post(url).send().await.unwrap() });
+    let http_call =
+        tokio::spawn(async move { reqwest::Client::new().post(url).send().await.unwrap() });
     let info_url = relay.url("/spaces/flaky");
     wait_for("two requests in flight", Duration::from_secs(5), || {
         let url = info_url.clone();
@@ -293,10 +311,16 @@ async fn lost_instance_fails_pending_requests_at_once_and_reregistration_heals()
     let lost_at = Instant::now();
     drop(instance);
     let err = caller.recv().await.unwrap();
-    assert_eq!((err["code"].as_str(), err["id"].as_str()), (Some("instance_lost"), Some("w")));
+    assert_eq!(
+        (err["code"].as_str(), err["id"].as_str()),
+        (Some("instance_lost"), Some("w"))
+    );
     let response = http_call.await.unwrap();
     assert_eq!(response.status(), 502);
-    assert!(lost_at.elapsed() < Duration::from_secs(1), "failed within a second");
+    assert!(
+        lost_at.elapsed() < Duration::from_secs(1),
+        "failed within a second"
+    );
     let info = get_json(&relay.url("/spaces/flaky")).await.unwrap();
     assert_eq!(info["connected"], false);
 
@@ -310,7 +334,10 @@ async fn lost_instance_fails_pending_requests_at_once_and_reregistration_heals()
         .send(json!({"type": "response", "id": req["id"], "data": "healed"}))
         .await
         .unwrap();
-    assert_eq!(caller.recv_type("response").await.unwrap()["data"], "healed");
+    assert_eq!(
+        caller.recv_type("response").await.unwrap()["data"],
+        "healed"
+    );
     relay.stop().await.unwrap();
 }
 
@@ -350,5 +377,52 @@ async fn spaces_api_lists_declared_and_registered_spaces() {
         .await
         .unwrap();
     assert_eq!(bad.recv().await.unwrap()["code"], "invalid_name");
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn http_caller_hanging_up_cancels_the_request() {
+    let relay = TestRelay::start().await;
+    let mut instance = register(&relay, "hangup").await;
+    let url = relay.url("/spaces/hangup/");
+    let call = tokio::spawn(async move { reqwest::Client::new().post(url).send().await });
+    let req = instance.recv_type("request").await.unwrap();
+    call.abort();
+    let cancel = instance.recv_type("cancel").await.unwrap();
+    assert_eq!(cancel["id"], req["id"]);
+    let stats = get_json(&relay.url("/admin/stats")).await.unwrap();
+    assert_eq!(stats["requests"]["pending"], 0);
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_deadlines_and_bad_statuses_are_refused() {
+    let relay = TestRelay::start().await;
+    let mut instance = register(&relay, "odd").await;
+    let mut caller = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    caller
+        .send(json!({"type": "request", "id": "z", "space": "odd", "timeout_ms": 0}))
+        .await
+        .unwrap();
+    assert_eq!(caller.recv().await.unwrap()["code"], "bad_message");
+    let response = reqwest::Client::new()
+        .post(relay.url("/spaces/odd/"))
+        .header("x-wasmrelay-timeout-ms", "soon")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+
+    let url = relay.url("/spaces/odd/");
+    let call = tokio::spawn(async move { reqwest::Client::new().post(url).send().await.unwrap() });
+    let req = instance.recv_type("request").await.unwrap();
+    instance
+        .send(json!({"type": "response", "id": req["id"], "status": 101}))
+        .await
+        .unwrap();
+    let response = call.await.unwrap();
+    assert_eq!(response.status(), 502);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "bad_response");
     relay.stop().await.unwrap();
 }

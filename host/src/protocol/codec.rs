@@ -6,8 +6,8 @@
 //! the right error code: not JSON at all (`bad_frame`), an unknown `type`
 //! (`unknown_type`), or a known type with bad fields (`bad_message`).
 
-use bytes::{BufMut, Bytes, BytesMut};
 use super::{ErrorCode, KNOWN_TYPES, Msg};
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// Which frame kind a connection speaks; chosen by the frame its `hello` came in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,8 +176,14 @@ mod tests {
             data: Data::from(payload.clone()),
         });
         let frame = encode_binary(&msg);
-        assert!(frame.ends_with(&payload), "payload travels raw, after the header");
-        assert!(!frame.windows(3).any(|w| w == b"b64"), "never base64 in binary");
+        assert!(
+            frame.ends_with(&payload),
+            "payload travels raw, after the header"
+        );
+        assert!(
+            !frame.windows(3).any(|w| w == b"b64"),
+            "never base64 in binary"
+        );
         assert_eq!(decode_binary(&frame).unwrap(), msg);
     }
 
@@ -230,7 +236,9 @@ mod tests {
     #[test]
     fn truncated_binary_frames_are_bad_frames() {
         assert_eq!(
-            decode_binary(&Bytes::from_static(b"\x00\x00")).unwrap_err().code,
+            decode_binary(&Bytes::from_static(b"\x00\x00"))
+                .unwrap_err()
+                .code,
             ErrorCode::BadFrame
         );
         assert_eq!(

@@ -67,7 +67,11 @@ pub enum Msg {
         data: Data,
     },
     /// Relay → publisher, when the publish carried an `id`.
-    Ack { id: String, channel: String, seq: u64 },
+    Ack {
+        id: String,
+        channel: String,
+        seq: u64,
+    },
     /// Relay → subscriber: one publish, numbered per channel.
     Message {
         channel: String,
@@ -76,10 +80,18 @@ pub enum Msg {
         data: Data,
     },
     /// Relay → subscribers of a channel whenever its subscriber count changes.
-    Presence { channel: String, count: u64 },
+    Presence {
+        channel: String,
+        count: u64,
+    },
     /// A service instance joins a space.
-    Register { space: String },
-    Registered { space: String, instance: String },
+    Register {
+        space: String,
+    },
+    Registered {
+        space: String,
+        instance: String,
+    },
     /// Caller → relay (with the caller's own `id`), and relay → instance (with the
     /// relay's `id`, which the instance echoes in `progress` and `response`).
     Request(Request),
@@ -93,7 +105,10 @@ pub enum Msg {
     },
     Response(Response),
     /// Relay → instance: the caller went away or the deadline passed; stop working on `id`.
-    Cancel { id: String, reason: String },
+    Cancel {
+        id: String,
+        reason: String,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -101,7 +116,10 @@ pub enum Msg {
         id: Option<String>,
     },
     /// Relay → client: the relay is shutting down; reconnect after `reconnect_ms`.
-    Goaway { reason: String, reconnect_ms: u64 },
+    Goaway {
+        reason: String,
+        reconnect_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,7 +134,8 @@ pub struct Request {
     pub query: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<(String, String)>,
-    /// Caller → relay only: a deadline shorter than the relay's default.
+    /// Caller → relay: a deadline shorter than the relay's default (larger values
+    /// are clamped to it). Relay → instance: the deadline in effect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Data::is_empty")]
@@ -323,6 +342,9 @@ pub enum ErrorCode {
     UnknownRequest,
     /// The instance serving the request disconnected.
     InstanceLost,
+    /// HTTP ingress: the instance's response cannot be relayed (for example an
+    /// invalid status code).
+    BadResponse,
     /// The request's deadline passed.
     Timeout,
     /// A limit was reached (pending requests, subscriptions, queue space).
@@ -356,6 +378,7 @@ impl ErrorCode {
             ErrorCode::DuplicateId => "duplicate_id",
             ErrorCode::UnknownRequest => "unknown_request",
             ErrorCode::InstanceLost => "instance_lost",
+            ErrorCode::BadResponse => "bad_response",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::ShuttingDown => "shutting_down",
@@ -383,7 +406,7 @@ impl ErrorCode {
             ErrorCode::DuplicateId => 409,
             ErrorCode::TooLarge => 413,
             ErrorCode::Internal => 500,
-            ErrorCode::InstanceLost => 502,
+            ErrorCode::InstanceLost | ErrorCode::BadResponse => 502,
             ErrorCode::NoInstance | ErrorCode::Overloaded | ErrorCode::ShuttingDown => 503,
             ErrorCode::Timeout => 504,
         }

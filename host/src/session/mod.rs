@@ -106,12 +106,16 @@ impl Session {
             Msg::Request(req) => self.request(req),
             Msg::Progress { id, percent, data } => {
                 let result = self.relay.spaces.progress(&self.conn, &id, percent, data);
-                result.err().map(|e| Msg::error(e.code, e.message, Some(id)))
+                result
+                    .err()
+                    .map(|e| Msg::error(e.code, e.message, Some(id)))
             }
             Msg::Response(response) => {
                 let id = response.id.clone();
                 let result = self.relay.spaces.respond(&self.conn, response);
-                result.err().map(|e| Msg::error(e.code, e.message, Some(id)))
+                result
+                    .err()
+                    .map(|e| Msg::error(e.code, e.message, Some(id)))
             }
             other => Some(Msg::error(
                 ErrorCode::UnexpectedType,
@@ -226,7 +230,11 @@ impl Session {
                 instance: existing.id.clone(),
             };
         }
-        match self.relay.spaces.register(&space, &self.conn, self.tx.clone()) {
+        match self
+            .relay
+            .spaces
+            .register(&space, &self.conn, self.tx.clone())
+        {
             Ok(instance) => {
                 let id = instance.id.clone();
                 self.instances.push(instance);

@@ -45,9 +45,9 @@ impl Transport {
 #[serde(rename_all = "lowercase")]
 #[repr(u8)]
 pub enum ConnState {
-    /// Accepted; WebSocket waiting for `hello`, or HTTP between requests.
+    /// Accepted; a WebSocket waiting for `hello`, or HTTP before its first request.
     Handshake = 0,
-    /// Speaking the protocol (WebSocket after `hello`) or serving a request.
+    /// Speaking the protocol (WebSocket after `hello`), or HTTP after its first request.
     Open = 1,
     /// Told to go away; finishing in-flight work.
     Draining = 2,
@@ -259,11 +259,7 @@ impl ConnTable {
         let mut out = Vec::with_capacity(Transport::ALL.len() * ConnState::ALL.len());
         for transport in Transport::ALL {
             for state in ConnState::ALL {
-                out.push((
-                    transport,
-                    state,
-                    counts[transport as usize][state as usize],
-                ));
+                out.push((transport, state, counts[transport as usize][state as usize]));
             }
         }
         out

@@ -210,7 +210,9 @@ async fn ingress(
     let headers = parts
         .headers
         .iter()
-        .filter(|(name, _)| !is_hop_by_hop(name) && *name != header::HOST)
+        .filter(|(name, _)| {
+            !is_hop_by_hop(name) && *name != header::HOST && name.as_str() != TIMEOUT_HEADER
+        })
         .filter_map(|(name, value)| {
             value
                 .to_str()
@@ -229,16 +231,26 @@ async fn ingress(
         data: Data(body),
     };
     let (reply_tx, reply_rx) = oneshot::channel();
-    if let Err(e) = relay.spaces.dispatch(request, Caller::Http(reply_tx)) {
-        return json_error(status_for(e.code), e.code, &e.message);
-    }
+    let id = match relay.spaces.dispatch(request, Caller::Http(reply_tx)) {
+        Ok(id) => id,
+        Err(e) => return json_error(status_for(e.code), e.code, &e.message),
+    };
+    // If the HTTP client disconnects, hyper drops this future; the guard then
+    // cancels the request instead of leaving it pending until its deadline.
+    let _abandon = AbandonOnDrop { relay: &relay, id };
     match reply_rx.await {
         Ok(Ok(response)) => {
-            let Ok(status) = StatusCode::from_u16(response.status) else {
+            let status = StatusCode::from_u16(response.status)
+                .ok()
+                .filter(|s| !s.is_informational());
+            let Some(status) = status else {
                 return json_error(
                     StatusCode::BAD_GATEWAY,
-                    ErrorCode::BadMessage,
-                    &format!("the instance answered with invalid status {}", response.status),
+                    ErrorCode::BadResponse,
+                    &format!(
+                        "the instance answered with invalid status {}",
+                        response.status
+                    ),
                 );
             };
             let mut out = hyper::Response::new(Full::new(response.data.0));
@@ -262,6 +274,18 @@ async fn ingress(
             ErrorCode::Internal,
             "the request was dropped without an outcome",
         ),
+    }
+}
+
+/// Cancels a still-pending request when dropped; harmless once it finished.
+struct AbandonOnDrop<'a> {
+    relay: &'a Relay,
+    id: u64,
+}
+
+impl Drop for AbandonOnDrop<'_> {
+    fn drop(&mut self) {
+        self.relay.spaces.abandon(self.id);
     }
 }
 

@@ -3,7 +3,7 @@
 //! queue, the heartbeat and shutdown.
 //!
 //! Close codes: 1001 on shutdown or when a silent peer is reaped, 1002 on a
-//! WebSocket protocol violation, 1007 on invalid UTF-8 in a text frame, 1009 on
+//! WebSocket protocol violation, 1008 when no `hello` came within the idle timeout, 1007 on invalid UTF-8 in a text frame, 1009 on
 //! a message over `limits.max_message_bytes`.
 
 use std::sync::Arc;
@@ -167,14 +167,16 @@ where
     let interval = relay.config.heartbeat_interval();
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
+    let opened = Instant::now();
+    let mut last_heard = opened;
     let mut goaway_sent = false;
     tracing::debug!("websocket open");
 
     let close = loop {
         let mut outgoing: Vec<Outbound> = Vec::new();
+        // Unbiased: a peer that never stops sending must not starve its own
+        // deliveries or its heartbeat.
         tokio::select! {
-            biased;
             _ = relay.closing().cancelled() => {
                 break Some(close_frame(CloseCode::Away, "relay shutting down"));
             }
@@ -235,6 +237,11 @@ where
                 }
             }
             _ = heartbeat.tick() => {
+                // Libraries answer pings by themselves, so a client that never
+                // says hello would otherwise look alive forever.
+                if !session.greeted() && opened.elapsed() >= idle_timeout {
+                    break Some(close_frame(CloseCode::Policy, "no hello within idle_timeout_ms"));
+                }
                 if last_heard.elapsed() >= idle_timeout {
                     tracing::info!(silent_ms = last_heard.elapsed().as_millis() as u64, "reaping silent connection");
                     break Some(close_frame(CloseCode::Away, "idle timeout"));
@@ -322,7 +329,10 @@ fn close_for_error(error: WsError) -> Option<CloseFrame> {
         )),
         WsError::Protocol(e) => {
             tracing::debug!(error = %e, "websocket protocol violation");
-            Some(close_frame(CloseCode::Protocol, "websocket protocol violation"))
+            Some(close_frame(
+                CloseCode::Protocol,
+                "websocket protocol violation",
+            ))
         }
         _ => None,
     }
