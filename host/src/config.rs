@@ -258,6 +258,12 @@ mod tests {
     }
 
     #[test]
+    fn example_file_documents_the_defaults() {
+        let text = include_str!("../../examples/wasmrelay.toml");
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
     fn partial_file_keeps_other_defaults() {
         let config = Config::from_toml("[heartbeat]\ninterval_ms = 1000\n").unwrap();
         assert_eq!(config.heartbeat.interval_ms, 1000);

@@ -208,8 +208,17 @@ pub struct ChildProcess {
 
 impl ChildProcess {
     pub fn spawn(program: &str, args: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn_with_env(program, args, &[])
+    }
+
+    pub fn spawn_with_env(
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -31,7 +31,9 @@ impl Page {
         self.next_id += 1;
         let id = self.next_id;
         let request = json!({"id": id, "method": method, "params": params});
-        self.ws.send(Message::Text(request.to_string().into())).await?;
+        self.ws
+            .send(Message::Text(request.to_string().into()))
+            .await?;
         loop {
             let frame = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
                 .await
@@ -140,7 +142,10 @@ async fn open_in_chromium(url: &str, profile: &std::path::Path) -> (ChildProcess
 
 #[tokio::test]
 async fn browser_page_shows_spaces_and_relays_a_request() {
-    if !require_program("chromium", "install Debian's chromium package (apt-get install chromium)") {
+    if !require_program(
+        "chromium",
+        "install Debian's chromium package (apt-get install chromium)",
+    ) {
         return;
     }
     let relay = TestRelay::start().await;
@@ -161,7 +166,8 @@ async fn browser_page_shows_spaces_and_relays_a_request() {
         },
         stop.clone(),
     ));
-    page.wait_text("demo shown as connected", status, "Connected").await;
+    page.wait_text("demo shown as connected", status, "Connected")
+        .await;
     page.wait_text(
         "the page's WebSocket to be connected",
         "document.getElementById('ws-status').dataset.state",

@@ -327,3 +327,41 @@ async fn invalid_config_is_refused_with_the_field_named() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("max_message_byte"), "{stderr}");
 }
+
+#[tokio::test]
+async fn environment_variables_configure_serve() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _relay = ChildProcess::spawn_with_env(
+        RELAY,
+        &["serve"],
+        &[
+            ("WASMRELAY_LISTEN", &listen),
+            ("WASMRELAY_DATA_DIR", data_dir.path().to_str().unwrap()),
+            ("WASMRELAY_ADMIN_TOKEN", "from-env"),
+        ],
+    )
+    .unwrap();
+    let stats = format!("http://{listen}/admin/stats");
+    let status = wait_for(
+        "the relay to listen on WASMRELAY_LISTEN",
+        Duration::from_secs(10),
+        || {
+            let stats = stats.clone();
+            async move { Some(reqwest::get(&stats).await.ok()?.status()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        status, 401,
+        "WASMRELAY_ADMIN_TOKEN guards the admin endpoints"
+    );
+    let authorized = reqwest::Client::new()
+        .get(&stats)
+        .bearer_auth("from-env")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(authorized.status(), 200);
+}
