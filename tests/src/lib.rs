@@ -195,6 +195,79 @@ where
     }
 }
 
+/// Polls `url` until its JSON satisfies `accept`; returns that JSON.
+pub async fn wait_json(
+    what: &str,
+    url: &str,
+    limit: Duration,
+    accept: impl Fn(&Value) -> bool,
+) -> Value {
+    let accept = &accept;
+    wait_for(what, limit, || async move {
+        let value = get_json(url).await.ok()?;
+        accept(&value).then_some(value)
+    })
+    .await
+}
+
+/// The relay as a child process (`wasmrelay serve`) on a port of its own.
+pub struct RelayProcess {
+    pub process: ChildProcess,
+    pub port: u16,
+    _data_dir: tempfile::TempDir,
+}
+
+impl RelayProcess {
+    /// Starts `exe serve` with `extra` flags and waits for `/healthz`.
+    pub async fn start(exe: &str, extra: &[&str]) -> Self {
+        Self::start_on(exe, free_port(), extra).await
+    }
+
+    pub async fn start_on(exe: &str, port: u16, extra: &[&str]) -> Self {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let listen = format!("127.0.0.1:{port}");
+        let data = data_dir
+            .path()
+            .to_str()
+            .expect("utf-8 temp path")
+            .to_owned();
+        let mut args = vec!["serve", "--listen", &listen, "--data-dir", &data];
+        args.extend_from_slice(extra);
+        let process = ChildProcess::spawn(exe, &args).expect("start the relay");
+        let relay = Self {
+            process,
+            port,
+            _data_dir: data_dir,
+        };
+        let health = relay.url("/healthz");
+        wait_for("the relay to answer /healthz", STEP_TIMEOUT, || async {
+            let response = reqwest::get(&health).await.ok()?;
+            (response.status() == 200).then_some(())
+        })
+        .await;
+        relay
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    /// Waits until `GET /spaces/{space}` reports `connected` as given.
+    pub async fn wait_space(&self, space: &str, connected: bool) -> Value {
+        wait_json(
+            &format!("space {space} connected={connected}"),
+            &self.url(&format!("/spaces/{space}")),
+            Duration::from_secs(15),
+            |info| info["connected"] == connected,
+        )
+        .await
+    }
+}
+
 /// GETs JSON from the relay.
 pub async fn get_json(url: &str) -> anyhow::Result<Value> {
     let response = reqwest::get(url).await?;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use wasmrelay_tests::{TestRelay, WsTester, get_json};
+use wasmrelay_tests::{TestRelay, WsTester, get_json, wait_json};
 
 #[tokio::test]
 async fn health_and_unknown_endpoints() {
@@ -79,18 +79,11 @@ async fn connection_table_shows_each_connection_with_its_figures() {
 
     drop(member);
     drop(instance);
-    let stats_url = relay.url("/admin/stats");
-    wasmrelay_tests::wait_for(
+    wait_json(
         "closed connections to leave the table",
+        &relay.url("/admin/stats"),
         Duration::from_secs(5),
-        || {
-            let url = stats_url.clone();
-            async move {
-                let stats = get_json(&url).await.ok()?;
-                (stats["connections"]["by_transport"]["ws"] == 0 && stats["channels"] == 0)
-                    .then_some(())
-            }
-        },
+        |stats| stats["connections"]["by_transport"]["ws"] == 0 && stats["channels"] == 0,
     )
     .await;
     relay.stop().await.unwrap();

@@ -5,94 +5,30 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use wasmrelay_tests::{ChildProcess, WsTester, free_port, get_json, wait_for};
+use wasmrelay_tests::{
+    ChildProcess, RelayProcess, WsTester, free_port, get_json, wait_for, wait_json,
+};
 
 const RELAY: &str = env!("CARGO_BIN_EXE_test-wasmrelay");
 const SERVICE: &str = env!("CARGO_BIN_EXE_test-service-app");
 
-struct RelayProcess {
-    process: ChildProcess,
-    port: u16,
-    _data_dir: tempfile::TempDir,
-}
-
-impl RelayProcess {
-    async fn start(extra: &[&str]) -> Self {
-        let data_dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut args = vec![
-            "serve",
-            "--listen",
-            &listen,
-            "--data-dir",
-            data_dir.path().to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let process = ChildProcess::spawn(RELAY, &args).unwrap();
-        let relay = Self {
-            process,
-            port,
-            _data_dir: data_dir,
-        };
-        let health = relay.url("/healthz");
-        wait_for(
-            "the relay to answer /healthz",
-            Duration::from_secs(10),
-            || {
-                let health = health.clone();
-                async move {
-                    let response = reqwest::get(&health).await.ok()?;
-                    (response.status() == 200).then_some(())
-                }
-            },
-        )
-        .await;
-        relay
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn ws_url(&self) -> String {
-        format!("ws://127.0.0.1:{}/ws", self.port)
-    }
-
-    fn start_service(&self, space: &str, work_ms: u64) -> ChildProcess {
-        let work_ms = work_ms.to_string();
-        let relay = self.ws_url();
-        ChildProcess::spawn(
-            SERVICE,
-            &[
-                "--relay",
-                &relay,
-                "--space",
-                space,
-                "--work-ms",
-                &work_ms,
-                "--steps",
-                "2",
-            ],
-        )
-        .unwrap()
-    }
-
-    async fn wait_space(&self, space: &str, connected: bool) {
-        let url = self.url(&format!("/spaces/{space}"));
-        wait_for(
-            &format!("space {space} connected={connected}"),
-            Duration::from_secs(15),
-            || {
-                let url = url.clone();
-                async move {
-                    let info = get_json(&url).await.ok()?;
-                    (info["connected"] == connected).then_some(())
-                }
-            },
-        )
-        .await;
-    }
+fn start_service(relay: &RelayProcess, space: &str, work_ms: u64) -> ChildProcess {
+    let work_ms = work_ms.to_string();
+    let url = relay.ws_url();
+    ChildProcess::spawn(
+        SERVICE,
+        &[
+            "--relay",
+            &url,
+            "--space",
+            space,
+            "--work-ms",
+            &work_ms,
+            "--steps",
+            "2",
+        ],
+    )
+    .unwrap()
 }
 
 async fn http_call(url: String, body: &'static str) -> (u16, String) {
@@ -107,7 +43,7 @@ async fn http_call(url: String, body: &'static str) -> (u16, String) {
 
 #[tokio::test]
 async fn requirements_1_checklist_with_real_processes() {
-    let relay = RelayProcess::start(&[]).await;
+    let relay = RelayProcess::start(RELAY, &[]).await;
     // The demo space is declared: it shows before any app connects.
     let info = get_json(&relay.url("/spaces/demo")).await.unwrap();
     assert_eq!(info["name"], "demo");
@@ -115,7 +51,7 @@ async fn requirements_1_checklist_with_real_processes() {
     assert_eq!(info["instances"], 0);
 
     // A service registers.
-    let mut service = relay.start_service("demo", 1_500);
+    let mut service = start_service(&relay, "demo", 1_500);
     relay.wait_space("demo", true).await;
     let info = get_json(&relay.url("/spaces/demo")).await.unwrap();
     assert_eq!(info["instances"], 1);
@@ -142,14 +78,12 @@ async fn requirements_1_checklist_with_real_processes() {
     ws.send(json!({"type": "request", "id": "doomed", "space": "demo", "data": "x"}))
         .await
         .unwrap();
-    let info_url = relay.url("/spaces/demo");
-    wait_for("both requests in flight", Duration::from_secs(5), || {
-        let url = info_url.clone();
-        async move {
-            let info = get_json(&url).await.ok()?;
-            (info["in_flight"] == 2).then_some(())
-        }
-    })
+    wait_json(
+        "both requests in flight",
+        &relay.url("/spaces/demo"),
+        Duration::from_secs(5),
+        |info| info["in_flight"] == 2,
+    )
     .await;
     let killed_at = Instant::now();
     service.kill();
@@ -169,7 +103,7 @@ async fn requirements_1_checklist_with_real_processes() {
     assert_eq!(status, 503, "{body}");
 
     // The service comes back: requests succeed again with no operator action.
-    let _service = relay.start_service("demo", 100);
+    let _service = start_service(&relay, "demo", 100);
     relay.wait_space("demo", true).await;
     assert_eq!(
         http_call(relay.url("/spaces/demo/"), "back again").await,
@@ -179,41 +113,21 @@ async fn requirements_1_checklist_with_real_processes() {
 
 #[tokio::test]
 async fn service_app_reconnects_when_the_relay_restarts() {
-    let first = RelayProcess::start(&[]).await;
-    let port = first.port.to_string();
-    let _service = first.start_service("demo", 50);
+    let first = RelayProcess::start(RELAY, &[]).await;
+    let port = first.port;
+    let _service = start_service(&first, "demo", 50);
     first.wait_space("demo", true).await;
     drop(first);
 
     // A new relay on the same port: the app finds it by itself.
-    let listen = format!("127.0.0.1:{port}");
-    let data_dir = tempfile::tempdir().unwrap();
-    let _second = ChildProcess::spawn(
-        RELAY,
-        &[
-            "serve",
-            "--listen",
-            &listen,
-            "--data-dir",
-            data_dir.path().to_str().unwrap(),
-        ],
-    )
-    .unwrap();
-    let url = format!("http://127.0.0.1:{port}/spaces/demo");
-    wait_for("the app to re-register", Duration::from_secs(15), || {
-        let url = url.clone();
-        async move {
-            let info = get_json(&url).await.ok()?;
-            (info["connected"] == true).then_some(())
-        }
-    })
-    .await;
+    let second = RelayProcess::start_on(RELAY, port, &[]).await;
+    second.wait_space("demo", true).await;
 }
 
 #[tokio::test]
 async fn conns_prints_the_connection_table() {
-    let relay = RelayProcess::start(&["--admin-token", "s3cret"]).await;
-    let _service = relay.start_service("demo", 50);
+    let relay = RelayProcess::start(RELAY, &["--admin-token", "s3cret"]).await;
+    let _service = start_service(&relay, "demo", 50);
     relay.wait_space("demo", true).await;
     let mut ws = WsTester::greeted(&relay.ws_url()).await.unwrap();
     ws.send(json!({"type": "subscribe", "channel": "lobby"}))
@@ -276,8 +190,8 @@ async fn conns_prints_the_connection_table() {
 
 #[tokio::test]
 async fn sigterm_drains_and_exits_zero() {
-    let mut relay = RelayProcess::start(&["--shutdown-grace-ms", "5000"]).await;
-    let _service = relay.start_service("demo", 700);
+    let mut relay = RelayProcess::start(RELAY, &["--shutdown-grace-ms", "5000"]).await;
+    let _service = start_service(&relay, "demo", 700);
     relay.wait_space("demo", true).await;
     let mut ws = WsTester::greeted(&relay.ws_url()).await.unwrap();
     ws.send(json!({"type": "request", "id": "last", "space": "demo", "data": "finish me"}))

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream;
-use wasmrelay_tests::{ChildProcess, WsTester, free_port, get_json, rss_of, wait_for};
+use wasmrelay_tests::{RelayProcess, WsTester, rss_of, wait_json};
 
 const RELAY: &str = env!("CARGO_BIN_EXE_test-wasmrelay");
 const WARM_UP: usize = 1_000;
@@ -30,48 +30,22 @@ async fn cycles(url: &str, count: usize) {
 
 #[tokio::test]
 async fn ten_thousand_connections_leave_nothing_behind() {
-    let data_dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let relay = ChildProcess::spawn(
-        RELAY,
-        &[
-            "serve",
-            "--listen",
-            &listen,
-            "--data-dir",
-            data_dir.path().to_str().unwrap(),
-        ],
-    )
-    .unwrap();
-    let stats_url = format!("http://{listen}/admin/stats");
-    let ws_url = format!("ws://{listen}/ws");
-    let no_ws_left = || {
-        let url = stats_url.clone();
-        async move {
-            let stats = get_json(&url).await.ok()?;
-            (stats["connections"]["by_transport"]["ws"] == 0).then_some(stats)
-        }
+    let relay = RelayProcess::start(RELAY, &[]).await;
+    let stats_url = relay.url("/admin/stats");
+    let ws_url = relay.ws_url();
+    let no_ws_left = |what: &'static str| {
+        wait_json(what, &stats_url, Duration::from_secs(10), |stats| {
+            stats["connections"]["by_transport"]["ws"] == 0
+        })
     };
-    wait_for("the relay to start", Duration::from_secs(10), no_ws_left).await;
 
     cycles(&ws_url, WARM_UP).await;
-    wait_for(
-        "warm-up connections to close",
-        Duration::from_secs(10),
-        no_ws_left,
-    )
-    .await;
-    let baseline = rss_of(relay.pid()).expect("relay RSS");
+    no_ws_left("warm-up connections to close").await;
+    let baseline = rss_of(relay.process.pid()).expect("relay RSS");
 
     cycles(&ws_url, CYCLES - WARM_UP).await;
-    let stats = wait_for(
-        "every connection to leave the table",
-        Duration::from_secs(10),
-        no_ws_left,
-    )
-    .await;
-    let after = rss_of(relay.pid()).expect("relay RSS");
+    let stats = no_ws_left("every connection to leave the table").await;
+    let after = rss_of(relay.process.pid()).expect("relay RSS");
 
     // Only the stats request's own HTTP connection may remain.
     assert!(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use wasmrelay_examples::service_app::{self, Options};
-use wasmrelay_tests::{TestRelay, WsTester, get_json, wait_for};
+use wasmrelay_tests::{TestRelay, WsTester, get_json, wait_json};
 
 async fn register(relay: &TestRelay, space: &str) -> WsTester {
     let mut instance = WsTester::greeted(&relay.ws_url()).await.unwrap();
@@ -35,13 +35,12 @@ fn start_service(relay: &TestRelay, space: &str, work_ms: u64) -> CancellationTo
 
 async fn wait_connected(relay: &TestRelay, space: &str, instances: u64) {
     let url = relay.url(&format!("/spaces/{space}"));
-    wait_for("the space to be connected", Duration::from_secs(10), || {
-        let url = url.clone();
-        async move {
-            let info = get_json(&url).await.ok()?;
-            (info["instances"] == instances).then_some(())
-        }
-    })
+    wait_json(
+        "the space to be connected",
+        &url,
+        Duration::from_secs(10),
+        |info| info["instances"] == instances,
+    )
     .await;
 }
 
@@ -299,13 +298,12 @@ async fn lost_instance_fails_pending_requests_at_once_and_reregistration_heals()
     let http_call =
         tokio::spawn(async move { reqwest::Client::new().post(url).send().await.unwrap() });
     let info_url = relay.url("/spaces/flaky");
-    wait_for("two requests in flight", Duration::from_secs(5), || {
-        let url = info_url.clone();
-        async move {
-            let info = get_json(&url).await.ok()?;
-            (info["in_flight"] == 2).then_some(())
-        }
-    })
+    wait_json(
+        "two requests in flight",
+        &info_url,
+        Duration::from_secs(5),
+        |info| info["in_flight"] == 2,
+    )
     .await;
 
     let lost_at = Instant::now();
