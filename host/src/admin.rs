@@ -158,3 +158,110 @@ pub fn resident_memory() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+/// Most a plugin upload (wasm plus manifest) may weigh.
+const MAX_PLUGIN_UPLOAD: usize = 32 * 1024 * 1024;
+
+/// `/admin/plugins[/{name}[/rollback]]`, already authorized.
+pub async fn plugins(
+    relay: &Relay,
+    req: hyper::Request<hyper::body::Incoming>,
+    name: Option<&str>,
+    action: Option<&str>,
+) -> hyper::Response<Body> {
+    use crate::plugin::Source;
+    let method = req.method().clone();
+    match (&method, name, action) {
+        (&Method::GET, None, None) => json(StatusCode::OK, &relay.plugins.list()),
+        (&Method::GET, Some(name), None) => {
+            match relay.plugins.list().into_iter().find(|p| p.name == name) {
+                Some(info) => json(StatusCode::OK, &info),
+                None => json_error(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::NotFound,
+                    &format!("no plugin named {name:?} is loaded"),
+                ),
+            }
+        }
+        (&Method::PUT, Some(name), None) => {
+            let (wasm, manifest) = match read_upload(req).await {
+                Ok(parts) => parts,
+                Err(message) => {
+                    return json_error(StatusCode::BAD_REQUEST, ErrorCode::BadMessage, &message);
+                }
+            };
+            match relay
+                .plugins
+                .load(name, wasm, &manifest, Source::Admin)
+                .await
+            {
+                Ok(report) => json(StatusCode::OK, &report),
+                Err(e) => refused(e),
+            }
+        }
+        (&Method::POST, Some(name), Some("rollback")) => match relay.plugins.rollback(name) {
+            Ok(report) => json(StatusCode::OK, &report),
+            Err(e) => refused(e),
+        },
+        (&Method::DELETE, Some(name), None) => match relay.plugins.remove(name) {
+            Ok(()) => json(StatusCode::OK, &serde_json::json!({ "removed": name })),
+            Err(e) => refused(e),
+        },
+        _ => json_error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "plugin endpoints: GET /admin/plugins, GET|PUT|DELETE /admin/plugins/{name}, POST /admin/plugins/{name}/rollback",
+        ),
+    }
+}
+
+fn refused(error: crate::plugin::RegistryError) -> hyper::Response<Body> {
+    let status =
+        StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
+    let code = if status == StatusCode::NOT_FOUND {
+        ErrorCode::NotFound
+    } else {
+        ErrorCode::PluginRefused
+    };
+    json_error(status, code, &error.to_string())
+}
+
+/// Reads a `multipart/form-data` upload with a `wasm` part and a `manifest` part.
+async fn read_upload(
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<(bytes::Bytes, String), String> {
+    use http_body_util::{BodyExt, Limited};
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let boundary = multer::parse_boundary(&content_type).map_err(|_| {
+        "send multipart/form-data with parts `wasm` (the component) and `manifest` (plugin.toml), e.g. curl -F wasm=@p.wasm -F manifest=@plugin.toml".to_owned()
+    })?;
+    let body = Limited::new(req.into_body(), MAX_PLUGIN_UPLOAD)
+        .collect()
+        .await
+        .map_err(|e| format!("cannot read the upload (limit {MAX_PLUGIN_UPLOAD} bytes): {e}"))?
+        .to_bytes();
+    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) });
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    let (mut wasm, mut manifest) = (None, None);
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| format!("malformed multipart body: {e}"))?
+    {
+        match field.name() {
+            Some("wasm") => wasm = Some(field.bytes().await.map_err(|e| e.to_string())?),
+            Some("manifest") => manifest = Some(field.text().await.map_err(|e| e.to_string())?),
+            _ => {}
+        }
+    }
+    match (wasm, manifest) {
+        (Some(wasm), Some(manifest)) => Ok((wasm, manifest)),
+        (None, _) => Err("the upload has no `wasm` part".into()),
+        (_, None) => Err("the upload has no `manifest` part".into()),
+    }
+}

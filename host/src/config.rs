@@ -18,6 +18,7 @@ pub struct Config {
     pub heartbeat: HeartbeatConfig,
     pub admin: AdminConfig,
     pub spaces: SpacesConfig,
+    pub plugins: PluginsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -75,6 +76,56 @@ pub struct SpacesConfig {
     pub allow_undeclared: bool,
     /// Upper bound on distinct spaces, so registrations cannot grow the registry without end.
     pub max_spaces: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Plugins compiled into the relay to load at start (see plugins/).
+    pub bundled: Vec<String>,
+    /// A folder watched for `NAME.wasm` + `NAME.toml` pairs: added or changed
+    /// pairs are loaded or swapped, removed ones unloaded. Relative paths are
+    /// under `server.data_dir`. Empty disables watching.
+    pub dir: PathBuf,
+    /// How often the folder is scanned.
+    pub watch_interval_ms: u64,
+    /// Ceiling for any plugin's `limits.memory_bytes` (the pooling allocator's slot size).
+    pub max_memory_bytes: u64,
+    /// Plugin instances that may exist at once across all plugins.
+    pub max_instances: u32,
+    /// Keep compiled plugins so restarts and repeated swaps skip compilation.
+    pub compile_cache: bool,
+    /// Where the compile cache lives; relative paths are under `server.data_dir`.
+    pub cache_dir: PathBuf,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            bundled: vec![
+                "path-router".to_owned(),
+                "tiered-policy".to_owned(),
+                "stamp-filter".to_owned(),
+            ],
+            dir: PathBuf::from("plugins"),
+            watch_interval_ms: 1_000,
+            max_memory_bytes: 64 * 1024 * 1024,
+            max_instances: 256,
+            compile_cache: true,
+            cache_dir: PathBuf::from("plugin-cache"),
+        }
+    }
+}
+
+impl PluginsConfig {
+    /// The watched folder, if any, resolved against the data directory.
+    pub fn watched_dir(&self, data_dir: &Path) -> Option<PathBuf> {
+        if self.dir.as_os_str().is_empty() {
+            None
+        } else {
+            Some(data_dir.join(&self.dir))
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -219,6 +270,34 @@ impl Config {
             if let Err(reason) = crate::spaces::validate_space_name(name) {
                 return Err(invalid("spaces.declared", format!("{name:?}: {reason}")));
             }
+        }
+        let p = &self.plugins;
+        for name in &p.bundled {
+            if crate::plugin::bundled::find(name).is_none() {
+                return Err(invalid(
+                    "plugins.bundled",
+                    format!(
+                        "{name:?} is not a bundled plugin (bundled: {})",
+                        crate::plugin::bundled::BUNDLED
+                            .iter()
+                            .map(|b| b.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
+        if p.max_memory_bytes < 1024 * 1024 || p.max_memory_bytes > 4 * 1024 * 1024 * 1024 {
+            return Err(invalid(
+                "plugins.max_memory_bytes",
+                "must be between 1048576 (1 MiB) and 4294967296 (4 GiB)",
+            ));
+        }
+        if p.max_instances < 4 {
+            return Err(invalid("plugins.max_instances", "must be at least 4"));
+        }
+        if p.watch_interval_ms < 50 {
+            return Err(invalid("plugins.watch_interval_ms", "must be at least 50"));
         }
         if self.spaces.declared.len() > self.spaces.max_spaces {
             return Err(invalid(

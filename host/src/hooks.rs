@@ -1,12 +1,12 @@
-//! The decision points plugins will own: admission (who may connect, and on
-//! what terms) and routing (where a publish or request goes). The relay core
-//! asks these traits and enforces their answers; the built-in implementations
-//! let everything through unchanged. The wasm plugin runtime implements the
-//! same traits.
+//! The decision points plugins own: admission (who may connect, and on what
+//! terms), routing (where a publish or request goes) and filtering (what a
+//! published message becomes). The relay core asks these traits and enforces
+//! their answers; `plugin::Registry` implements them with the active wasm
+//! plugins, and [`OpenDoor`] lets everything through unchanged.
 
 use std::net::SocketAddr;
 
-use crate::protocol::ErrorCode;
+use crate::protocol::{Data, ErrorCode};
 
 /// What admission sees of a connection before it is upgraded.
 #[derive(Debug)]
@@ -17,9 +17,17 @@ pub struct Handshake<'a> {
     pub headers: &'a http::HeaderMap,
 }
 
+/// Who an admitted connection is, as admission decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub user: String,
+    pub tier: String,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Admit {
-    Allow,
+    /// Let in; with a grant when a policy identified the client.
+    Allow(Option<Grant>),
     Deny {
         status: u16,
         code: ErrorCode,
@@ -34,8 +42,15 @@ pub trait Admission: Send + Sync + 'static {
 /// What the router is asked about.
 #[derive(Debug)]
 pub enum RouteInput<'a> {
-    Publish { channel: &'a str },
-    Request { space: &'a str, path: &'a str },
+    Publish {
+        channel: &'a str,
+    },
+    Request {
+        space: &'a str,
+        method: &'a str,
+        path: &'a str,
+        headers: &'a [(String, String)],
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -52,13 +67,33 @@ pub trait Router: Send + Sync + 'static {
     fn route(&self, input: &RouteInput<'_>) -> Route;
 }
 
-/// Admits everyone and routes everything as addressed.
+/// What a filter made of a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Filtered {
+    /// Deliver these bytes (the original or a replacement).
+    Deliver(Data),
+    /// Do not deliver; the publisher gets `code` with `reason`.
+    Drop { code: ErrorCode, reason: String },
+}
+
+/// Transforms or drops messages published on channels.
+pub trait Filter: Send + Sync + 'static {
+    fn filter(&self, channel: &str, data: Data) -> Filtered;
+}
+
+/// Admits everyone, routes everything as addressed, filters nothing.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct OpenDoor;
 
 impl Admission for OpenDoor {
     fn admit(&self, _: &Handshake<'_>) -> Admit {
-        Admit::Allow
+        Admit::Allow(None)
+    }
+}
+
+impl Filter for OpenDoor {
+    fn filter(&self, _: &str, data: Data) -> Filtered {
+        Filtered::Deliver(data)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod hooks;
 pub mod metrics;
+pub mod plugin;
 pub mod protocol;
 pub mod relay;
 pub mod session;

@@ -13,8 +13,10 @@ use tokio_util::task::TaskTracker;
 use crate::bus::{Bus, LocalBus};
 use crate::channels::Channels;
 use crate::config::{Config, ConfigError};
-use crate::hooks::{Admission, OpenDoor, Router};
+use crate::hooks::{Admission, Filter, Router};
 use crate::metrics::Metrics;
+use crate::plugin::host_api::{HostServices, KvStore};
+use crate::plugin::{Registry, Runtime, Source, bundled};
 use crate::session::table::ConnTable;
 use crate::spaces::Spaces;
 use crate::transport;
@@ -32,8 +34,8 @@ pub struct Relay {
     pub bus: Arc<dyn Bus>,
     pub spaces: Arc<Spaces>,
     pub metrics: Arc<Metrics>,
-    admission: Arc<dyn Admission>,
-    router: Arc<dyn Router>,
+    /// Loaded plugins; also the admission, router and filter hooks.
+    pub plugins: Arc<Registry>,
     /// Cancelled when shutdown starts: stop accepting, send goaway, refuse new work.
     draining: CancellationToken,
     /// Cancelled when the grace period ends: close every connection.
@@ -60,6 +62,13 @@ impl Listeners {
 pub enum RunError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("cannot start the plugin runtime: {0}")]
+    PluginRuntime(String),
+    #[error("cannot load bundled plugin {name}: {source}")]
+    Bundled {
+        name: String,
+        source: crate::plugin::RegistryError,
+    },
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -68,32 +77,51 @@ pub enum RunError {
 }
 
 impl Relay {
-    pub fn new(config: Config) -> Arc<Self> {
+    pub fn new(config: Config) -> Result<Arc<Self>, RunError> {
         let metrics = Arc::new(Metrics::new());
         let channels = Arc::new(Channels::new(metrics.clone()));
         let spaces = Arc::new(Spaces::new(&config.spaces, &config.limits, metrics.clone()));
-        Arc::new(Self {
-            bus: Arc::new(LocalBus::new(channels.clone())),
+        let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(channels.clone()));
+        let cache_dir = config
+            .plugins
+            .compile_cache
+            .then(|| config.server.data_dir.join(&config.plugins.cache_dir));
+        let runtime = Runtime::new(&config.plugins, cache_dir).map_err(RunError::PluginRuntime)?;
+        let services = HostServices {
+            bus: bus.clone(),
+            channels: channels.clone(),
+            kv: Arc::new(KvStore::default()),
+        };
+        let plugins = Arc::new(Registry::new(
+            runtime,
+            services,
+            config.plugins.max_memory_bytes,
+        ));
+        Ok(Arc::new(Self {
+            bus,
             channels,
             spaces,
             table: Arc::new(ConnTable::default()),
             metrics,
-            admission: Arc::new(OpenDoor),
-            router: Arc::new(OpenDoor),
+            plugins,
             config: Arc::new(config),
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),
             tasks: TaskTracker::new(),
             started: Instant::now(),
-        })
+        }))
     }
 
     pub fn admission(&self) -> &dyn Admission {
-        self.admission.as_ref()
+        self.plugins.as_ref()
     }
 
     pub fn router(&self) -> &dyn Router {
-        self.router.as_ref()
+        self.plugins.as_ref()
+    }
+
+    pub fn filter(&self) -> &dyn Filter {
+        self.plugins.as_ref()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -125,7 +153,18 @@ pub async fn run(
         path: config.server.data_dir.clone(),
         source,
     })?;
-    let relay = Relay::new(config);
+    let relay = Relay::new(config)?;
+    for name in &relay.config.plugins.bundled {
+        let plugin = bundled::find(name).expect("validated by Config::validate");
+        relay
+            .plugins
+            .load(name, plugin.wasm.into(), plugin.manifest, Source::Bundled)
+            .await
+            .map_err(|source| RunError::Bundled {
+                name: name.clone(),
+                source,
+            })?;
+    }
     tracing::info!(
         addr = %listeners.http.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         "listening for HTTP and WebSocket"
@@ -133,6 +172,18 @@ pub async fn run(
 
     let accept = tokio::spawn(transport::http::accept_loop(relay.clone(), listeners.http));
     let expiry = tokio::spawn(expire_requests(relay.clone()));
+    let watcher = relay
+        .config
+        .plugins
+        .watched_dir(&relay.config.server.data_dir)
+        .map(|dir| {
+            tokio::spawn(crate::plugin::watch::watch(
+                relay.plugins.clone(),
+                dir,
+                Duration::from_millis(relay.config.plugins.watch_interval_ms),
+                relay.draining.clone(),
+            ))
+        });
 
     shutdown.cancelled().await;
     let grace = relay.config.shutdown_grace();
@@ -168,6 +219,9 @@ pub async fn run(
         );
     }
     expiry.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }

@@ -351,12 +351,20 @@ pub enum ErrorCode {
     Overloaded,
     /// The relay is draining for shutdown and takes no new work.
     ShuttingDown,
-    /// The router or admission hook refused the message.
+    /// The router, filter or admission hook refused the message.
     Rejected,
+    /// A plugin failed on this message (trapped, ran past its deadline or its
+    /// memory cap); the message names the plugin. The plugin instance is
+    /// replaced; other messages are unaffected.
+    PluginFailed,
     /// A name (space, channel) that breaks the naming rules.
     InvalidName,
     /// Admin endpoints: missing or wrong bearer token.
     Unauthorized,
+    /// Admin plugin endpoints: the plugin was refused (not a component, wrong
+    /// world, ungranted capability, init or self-check failed, role taken, ...);
+    /// the message names the problem. The previous version keeps serving.
+    PluginRefused,
     /// HTTP: no such endpoint.
     NotFound,
     /// Something went wrong inside the relay; the message says what.
@@ -383,8 +391,10 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Rejected => "rejected",
+            ErrorCode::PluginFailed => "plugin_failed",
             ErrorCode::InvalidName => "invalid_name",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::PluginRefused => "plugin_refused",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
         }
@@ -404,8 +414,9 @@ impl ErrorCode {
             ErrorCode::Rejected => 403,
             ErrorCode::UnknownSpace | ErrorCode::NotFound | ErrorCode::UnknownRequest => 404,
             ErrorCode::DuplicateId => 409,
+            ErrorCode::PluginRefused => 422,
             ErrorCode::TooLarge => 413,
-            ErrorCode::Internal => 500,
+            ErrorCode::Internal | ErrorCode::PluginFailed => 500,
             ErrorCode::InstanceLost | ErrorCode::BadResponse => 502,
             ErrorCode::NoInstance | ErrorCode::Overloaded | ErrorCode::ShuttingDown => 503,
             ErrorCode::Timeout => 504,

@@ -20,7 +20,7 @@ use tokio::sync::mpsc::error::TrySendError;
 pub use outbound::Outbound;
 
 use crate::channels::Subscriber;
-use crate::hooks::{Route, RouteInput};
+use crate::hooks::{Filtered, Route, RouteInput};
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, Msg, Request, VERSION};
 use crate::relay::Relay;
@@ -208,6 +208,10 @@ impl Session {
             Route::Rewrite { target } => target,
             Route::Reject { code, reason } => return Some(Msg::error(code, reason, id)),
         };
+        let data = match self.relay.filter().filter(&target, data) {
+            Filtered::Deliver(data) => data,
+            Filtered::Drop { code, reason } => return Some(Msg::error(code, reason, id)),
+        };
         let seq = self.relay.bus.publish(&target, data);
         id.map(|id| Msg::Ack {
             id,
@@ -259,7 +263,9 @@ impl Session {
         }
         match self.relay.router().route(&RouteInput::Request {
             space: &req.space,
+            method: &req.method,
             path: &req.path,
+            headers: &req.headers,
         }) {
             Route::Pass => {}
             Route::Rewrite { target } => req.space = target,

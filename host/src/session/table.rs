@@ -110,6 +110,11 @@ pub struct ConnInfo {
 pub struct Detail {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
+    /// The user and tier the admission policy assigned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub spaces: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]

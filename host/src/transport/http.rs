@@ -122,6 +122,24 @@ async fn route(
             let (name, rest) = ((*name).to_owned(), format!("/{rest}"));
             ingress(relay, name, rest, req).await
         }
+        (_, ["admin", "plugins", ..]) => {
+            if let Err(denied) = admin::authorize(&relay, req.headers()) {
+                denied
+            } else {
+                // The path is split in three at most; the last piece holds the rest.
+                let rest: Vec<&str> = path.trim_start_matches('/').split('/').skip(2).collect();
+                match rest.as_slice() {
+                    [] | [""] => admin::plugins(&relay, req, None, None).await,
+                    [name] => admin::plugins(&relay, req, Some(name), None).await,
+                    [name, action] => admin::plugins(&relay, req, Some(name), Some(action)).await,
+                    _ => json_error(
+                        StatusCode::NOT_FOUND,
+                        ErrorCode::NotFound,
+                        "no such plugin endpoint",
+                    ),
+                }
+            }
+        }
         (_, ["admin", ..]) | (_, ["metrics"]) => {
             if let Err(denied) = admin::authorize(&relay, req.headers()) {
                 denied
@@ -167,16 +185,6 @@ async fn ingress(
             "the relay is shutting down and takes no new requests",
         );
     }
-    let space = match relay.router().route(&RouteInput::Request {
-        space: &space,
-        path: &path,
-    }) {
-        Route::Pass => space,
-        Route::Rewrite { target } => target,
-        Route::Reject { code, reason } => {
-            return json_error(status_for(code), code, &reason);
-        }
-    };
     let timeout_ms = match req.headers().get(TIMEOUT_HEADER).map(parse_timeout) {
         None => None,
         Some(Ok(ms)) => Some(ms),
@@ -207,7 +215,7 @@ async fn ingress(
             );
         }
     };
-    let headers = parts
+    let headers: Vec<(String, String)> = parts
         .headers
         .iter()
         .filter(|(name, _)| {
@@ -220,6 +228,18 @@ async fn ingress(
                 .map(|v| (name.as_str().to_owned(), v.to_owned()))
         })
         .collect();
+    let space = match relay.router().route(&RouteInput::Request {
+        space: &space,
+        method: parts.method.as_str(),
+        path: &path,
+        headers: &headers,
+    }) {
+        Route::Pass => space,
+        Route::Rewrite { target } => target,
+        Route::Reject { code, reason } => {
+            return json_error(status_for(code), code, &reason);
+        }
+    };
     let request = Request {
         id: String::new(),
         space,

@@ -88,14 +88,23 @@ pub fn upgrade(
         query: req.uri().query().unwrap_or(""),
         headers,
     };
-    if let Admit::Deny {
-        status,
-        code,
-        reason,
-    } = relay.admission().admit(&handshake)
-    {
-        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
-        return json_error(status, code, &reason);
+    match relay.admission().admit(&handshake) {
+        Admit::Allow(grant) => {
+            if let Some(grant) = grant {
+                guard.info().update_detail(|d| {
+                    d.user = Some(grant.user);
+                    d.tier = Some(grant.tier);
+                });
+            }
+        }
+        Admit::Deny {
+            status,
+            code,
+            reason,
+        } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+            return json_error(status, code, &reason);
+        }
     }
     let accept = derive_accept_key(key.as_bytes());
 

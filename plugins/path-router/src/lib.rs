@@ -46,14 +46,20 @@ fn rules() -> &'static [Rule] {
 fn validate(rule: &Rule, index: usize) -> Result<(), String> {
     match (&rule.channel_prefix, &rule.space) {
         (Some(_), None) | (None, Some(_)) => {}
-        _ => return Err(format!("rules[{index}]: give exactly one of channel_prefix or space")),
+        _ => {
+            return Err(format!(
+                "rules[{index}]: give exactly one of channel_prefix or space"
+            ));
+        }
     }
     if rule.path_prefix.is_some() && rule.space.is_none() {
         return Err(format!("rules[{index}]: path_prefix needs space"));
     }
     match (&rule.rewrite, &rule.reject) {
         (Some(_), None) | (None, Some(_)) => Ok(()),
-        _ => Err(format!("rules[{index}]: give exactly one of rewrite or reject")),
+        _ => Err(format!(
+            "rules[{index}]: give exactly one of rewrite or reject"
+        )),
     }
 }
 

@@ -117,7 +117,9 @@ impl policy::Guest for TieredPolicy {
         if let Some(tier) = &config.anonymous_tier
             && !config.tiers.contains_key(tier)
         {
-            return Err(format!("anonymous_tier: tier {tier:?} is not defined in tiers"));
+            return Err(format!(
+                "anonymous_tier: tier {tier:?} is not defined in tiers"
+            ));
         }
         log::log(
             log::Level::Info,

@@ -1,0 +1,371 @@
+//! The host side of the capabilities a plugin may import (`log`, `kv`,
+//! `publish`, `presence`, `clock`, `http`), and the per-store state they
+//! work on. Only the capabilities a manifest grants are linked (see `runtime`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
+
+use super::bindings::{clock, http, kv, log, presence, publish, types};
+use super::manifest::Manifest;
+use crate::bus::Bus;
+use crate::channels::Channels;
+use crate::protocol::Data;
+
+/// Relay services a plugin's capabilities reach.
+#[derive(Clone)]
+pub struct HostServices {
+    pub bus: Arc<dyn Bus>,
+    pub channels: Arc<Channels>,
+    pub kv: Arc<KvStore>,
+}
+
+/// What every store of one plugin version shares.
+pub struct PluginContext {
+    pub name: String,
+    pub version: String,
+    pub services: HostServices,
+    pub allow_hosts: Vec<String>,
+    pub kv_max_keys: usize,
+    pub kv_max_value_bytes: usize,
+    pub memory_bytes: usize,
+    pub call_timeout: Duration,
+}
+
+impl PluginContext {
+    pub fn new(manifest: &Manifest, services: HostServices) -> Self {
+        Self {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            services,
+            allow_hosts: manifest.allow_hosts.clone(),
+            kv_max_keys: manifest.limits.kv_max_keys,
+            kv_max_value_bytes: manifest.limits.kv_max_value_bytes,
+            memory_bytes: manifest.limits.memory_bytes as usize,
+            call_timeout: Duration::from_millis(manifest.limits.call_timeout_ms),
+        }
+    }
+}
+
+/// The data of one plugin store.
+pub struct HostState {
+    pub ctx: Arc<PluginContext>,
+    pub limiter: MemoryLimiter,
+}
+
+impl HostState {
+    pub fn new(ctx: Arc<PluginContext>) -> Self {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(ctx.memory_bytes)
+            .build();
+        Self {
+            ctx,
+            limiter: MemoryLimiter {
+                limits,
+                refused: false,
+            },
+        }
+    }
+}
+
+/// Enforces the manifest's memory cap and remembers a refusal, so a guest that
+/// aborts after a failed allocation is reported as out of memory, not as a
+/// generic trap.
+pub struct MemoryLimiter {
+    limits: StoreLimits,
+    pub refused: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if !allowed {
+            self.refused = true;
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
+impl types::Host for HostState {}
+
+impl log::Host for HostState {
+    fn log(&mut self, level: log::Level, message: String) {
+        let plugin = self.ctx.name.as_str();
+        let version = self.ctx.version.as_str();
+        // Bounded, so a chatty plugin cannot flood the log with megabytes per line.
+        let message: String = message.chars().take(4096).collect();
+        match level {
+            log::Level::Trace => tracing::trace!(plugin, version, "{message}"),
+            log::Level::Debug => tracing::debug!(plugin, version, "{message}"),
+            log::Level::Info => tracing::info!(plugin, version, "{message}"),
+            log::Level::Warn => tracing::warn!(plugin, version, "{message}"),
+            log::Level::Error => tracing::error!(plugin, version, "{message}"),
+        }
+    }
+}
+
+impl kv::Host for HostState {
+    fn get(&mut self, key: String) -> Option<Vec<u8>> {
+        self.ctx.services.kv.get(&self.ctx.name, &key)
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), String> {
+        if value.len() > self.ctx.kv_max_value_bytes {
+            return Err(format!(
+                "value of {} bytes exceeds limits.kv_max_value_bytes ({})",
+                value.len(),
+                self.ctx.kv_max_value_bytes
+            ));
+        }
+        let ttl = ttl_ms.map(Duration::from_millis);
+        self.ctx
+            .services
+            .kv
+            .set(&self.ctx.name, key, value, ttl, self.ctx.kv_max_keys)
+    }
+
+    fn delete(&mut self, key: String) -> bool {
+        self.ctx.services.kv.delete(&self.ctx.name, &key)
+    }
+}
+
+impl publish::Host for HostState {
+    fn publish(&mut self, channel: String, data: Vec<u8>) -> u64 {
+        self.ctx.services.bus.publish(&channel, Data::from(data))
+    }
+}
+
+impl presence::Host for HostState {
+    fn count(&mut self, channel: String) -> u64 {
+        self.ctx.services.channels.presence(&channel)
+    }
+}
+
+impl clock::Host for HostState {
+    fn now_ms(&mut self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+}
+
+impl http::Host for HostState {
+    fn fetch(&mut self, request: http::Request) -> Result<http::Response, String> {
+        fetch(&self.ctx, request)
+    }
+}
+
+/// Outbound HTTP for the `http` capability: plain `http://` to an allowed
+/// host, bounded by the plugin's call timeout. Plugin calls are synchronous,
+/// so the request runs on a short-lived thread with its own runtime rather
+/// than blocking inside the relay's.
+fn fetch(ctx: &PluginContext, request: http::Request) -> Result<http::Response, String> {
+    let uri: ::http::Uri = request
+        .url
+        .parse()
+        .map_err(|e| format!("invalid url {:?}: {e}", request.url))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!(
+            "only http:// URLs are supported, not {:?}",
+            request.url
+        ));
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("url {:?} has no host", request.url))?;
+    let allowed = ctx.allow_hosts.iter().any(|allowed| {
+        allowed == authority.as_str() || (!allowed.contains(':') && allowed == authority.host())
+    });
+    if !allowed {
+        return Err(format!(
+            "host {authority} is not in the manifest's allow_hosts"
+        ));
+    }
+    let method = ::http::Method::from_bytes(request.method.as_bytes())
+        .map_err(|_| format!("invalid method {:?}", request.method))?;
+    let mut builder = ::http::Request::builder().method(method).uri(uri);
+    for (name, value) in &request.headers {
+        builder = builder.header(name, value);
+    }
+    let outbound = builder
+        .body(http_body_util::Full::new(bytes::Bytes::from(request.body)))
+        .map_err(|e| format!("invalid request: {e}"))?;
+    let timeout = ctx.call_timeout;
+    let worker = std::thread::Builder::new()
+        .name("wasmrelay-plugin-http".into())
+        .spawn(move || -> Result<http::Response, String> {
+            use http_body_util::BodyExt;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start HTTP client: {e}"))?;
+            runtime.block_on(async move {
+                let client = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .build_http();
+                let call = async {
+                    let response = client
+                        .request(outbound)
+                        .await
+                        .map_err(|e| format!("request failed: {e}"))?;
+                    let status = response.status().as_u16();
+                    let headers = response
+                        .headers()
+                        .iter()
+                        .filter_map(|(n, v)| {
+                            v.to_str()
+                                .ok()
+                                .map(|v| (n.as_str().to_owned(), v.to_owned()))
+                        })
+                        .collect();
+                    let body = response
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| format!("reading the body failed: {e}"))?
+                        .to_bytes()
+                        .to_vec();
+                    Ok(http::Response {
+                        status,
+                        headers,
+                        body,
+                    })
+                };
+                tokio::time::timeout(timeout, call)
+                    .await
+                    .map_err(|_| format!("no response within {} ms", timeout.as_millis()))?
+            })
+        })
+        .map_err(|e| format!("cannot start HTTP client: {e}"))?;
+    worker
+        .join()
+        .map_err(|_| "HTTP client thread panicked".to_owned())?
+}
+
+/// The in-memory store behind the `kv` capability: one namespace per plugin
+/// name (so a new version of a plugin sees what the old one stored), with
+/// per-key expiry and a per-plugin key cap.
+#[derive(Default)]
+pub struct KvStore {
+    namespaces: DashMap<String, Mutex<HashMap<String, KvEntry>>>,
+}
+
+struct KvEntry {
+    value: Vec<u8>,
+    expires: Option<Instant>,
+}
+
+impl KvEntry {
+    fn live(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|at| at > now)
+    }
+}
+
+impl KvStore {
+    pub fn get(&self, plugin: &str, key: &str) -> Option<Vec<u8>> {
+        let namespace = self.namespaces.get(plugin)?;
+        let entries = namespace.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(key)
+            .filter(|entry| entry.live(Instant::now()))
+            .map(|entry| entry.value.clone())
+    }
+
+    pub fn set(
+        &self,
+        plugin: &str,
+        key: String,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+        max_keys: usize,
+    ) -> Result<(), String> {
+        let now = Instant::now();
+        let namespace = self.namespaces.entry(plugin.to_owned()).or_default();
+        let mut entries = namespace.lock().unwrap_or_else(|e| e.into_inner());
+        if !entries.contains_key(&key) && entries.len() >= max_keys {
+            entries.retain(|_, entry| entry.live(now));
+            if entries.len() >= max_keys {
+                return Err(format!("limits.kv_max_keys ({max_keys}) reached"));
+            }
+        }
+        entries.insert(
+            key,
+            KvEntry {
+                value,
+                expires: ttl.map(|ttl| now + ttl),
+            },
+        );
+        Ok(())
+    }
+
+    pub fn delete(&self, plugin: &str, key: &str) -> bool {
+        let Some(namespace) = self.namespaces.get(plugin) else {
+            return false;
+        };
+        let mut entries = namespace.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .remove(key)
+            .is_some_and(|entry| entry.live(Instant::now()))
+    }
+
+    /// Drops a plugin's namespace (when the plugin is removed).
+    pub fn clear(&self, plugin: &str) {
+        self.namespaces.remove(plugin);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_is_namespaced_bounded_and_expires() {
+        let kv = KvStore::default();
+        kv.set("a", "k".into(), b"1".to_vec(), None, 2).unwrap();
+        assert_eq!(kv.get("a", "k"), Some(b"1".to_vec()));
+        assert_eq!(kv.get("b", "k"), None, "namespaces are separate");
+        kv.set("a", "k2".into(), b"2".to_vec(), None, 2).unwrap();
+        let err = kv
+            .set("a", "k3".into(), b"3".to_vec(), None, 2)
+            .unwrap_err();
+        assert!(err.contains("kv_max_keys"), "{err}");
+        kv.set("a", "k".into(), b"again".to_vec(), None, 2)
+            .expect("overwriting an existing key is not a new key");
+        kv.set("b", "t".into(), b"x".to_vec(), Some(Duration::ZERO), 2)
+            .unwrap();
+        assert_eq!(kv.get("b", "t"), None, "expired at once");
+        assert!(kv.delete("a", "k"));
+        assert!(!kv.delete("a", "k"));
+    }
+}

@@ -1,0 +1,415 @@
+//! The plugin registry: which plugin versions are loaded, which one serves
+//! each role, and hot swap. A load or swap compiles and checks the new version
+//! off the async threads, then switches atomically (arc-swap): calls already
+//! running finish on the version they started with, and the previous version
+//! is kept for rollback.
+//!
+//! The registry is also what the relay's hooks call: it implements
+//! [`Admission`], [`Router`] and [`Filter`] by asking the active policy,
+//! router and filter plugins, and lets everything through when a role has
+//! no plugin.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::Bytes;
+use serde::Serialize;
+
+use super::bindings::types::{
+    Admission, Decision, Handshake as WitHandshake, RequestInfo, Verdict,
+};
+use super::host_api::HostServices;
+use super::loaded::{LoadedPlugin, Percentiles, Source};
+use super::manifest::{Capability, Manifest, ManifestError, Role};
+use super::runtime::{LoadError, Runtime};
+use crate::hooks::{
+    Admission as AdmissionHook, Admit, Filter, Filtered, Grant, Handshake, Route, RouteInput,
+    Router,
+};
+use crate::protocol::{Data, ErrorCode};
+
+struct Slot {
+    active: Arc<LoadedPlugin>,
+    previous: Option<Arc<LoadedPlugin>>,
+}
+
+pub struct Registry {
+    runtime: Arc<Runtime>,
+    services: HostServices,
+    max_memory_bytes: u64,
+    slots: Mutex<BTreeMap<String, Slot>>,
+    router: ArcSwapOption<LoadedPlugin>,
+    policy: ArcSwapOption<LoadedPlugin>,
+    filters: ArcSwap<Vec<Arc<LoadedPlugin>>>,
+}
+
+/// What a load, swap or rollback did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwapReport {
+    pub name: String,
+    pub role: Role,
+    pub version: String,
+    pub digest: String,
+    /// The version it replaced, if any.
+    pub replaced: Option<String>,
+    /// Compile, link, type-check, instantiate and self-check.
+    pub prepare_ms: f64,
+    /// From the request to the new version serving.
+    pub total_ms: f64,
+}
+
+/// A registry refusal that is not about the plugin's bytes.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("no plugin named {0:?} is loaded")]
+    NotFound(String),
+    #[error("plugin {0:?} has no previous version to roll back to")]
+    NoPrevious(String),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
+impl RegistryError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            RegistryError::NotFound(_) => 404,
+            RegistryError::NoPrevious(_) => 409,
+            RegistryError::Load(e) => e.http_status(),
+        }
+    }
+}
+
+/// One plugin as `GET /admin/plugins` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginInfo {
+    pub name: String,
+    pub role: Role,
+    pub version: String,
+    pub digest: String,
+    pub state: &'static str,
+    pub source: Source,
+    pub loaded_unix_ms: u64,
+    pub capabilities: Vec<Capability>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<String>,
+    pub calls: u64,
+    pub traps: u64,
+    pub timeouts: u64,
+    pub out_of_memory: u64,
+    pub call_time: Option<Percentiles>,
+    pub previous: Option<PreviousInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PreviousInfo {
+    pub version: String,
+    pub digest: String,
+}
+
+impl Registry {
+    pub fn new(runtime: Arc<Runtime>, services: HostServices, max_memory_bytes: u64) -> Self {
+        Self {
+            runtime,
+            services,
+            max_memory_bytes,
+            slots: Mutex::new(BTreeMap::new()),
+            router: ArcSwapOption::empty(),
+            policy: ArcSwapOption::empty(),
+            filters: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+
+    /// Loads `bytes` as plugin `name` (replacing the running version, if any).
+    pub async fn load(
+        &self,
+        name: &str,
+        bytes: Bytes,
+        manifest_toml: &str,
+        source: Source,
+    ) -> Result<SwapReport, RegistryError> {
+        let started = Instant::now();
+        let manifest = Manifest::from_toml(manifest_toml).map_err(LoadError::from)?;
+        if manifest.name != name {
+            return Err(LoadError::Manifest(ManifestError(format!(
+                "name: the manifest says {:?} but it is being loaded as {name:?}",
+                manifest.name
+            )))
+            .into());
+        }
+        manifest
+            .validate(self.max_memory_bytes)
+            .map_err(LoadError::from)?;
+        self.check_role_free(&manifest)?;
+        let runtime = self.runtime.clone();
+        let services = self.services.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            LoadedPlugin::prepare(&runtime, &bytes, manifest, services, source)
+        })
+        .await
+        .map_err(|e| LoadError::Instantiate(format!("preparing the plugin panicked: {e}")))??;
+        let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let plugin = Arc::new(prepared);
+        let replaced = self.install(plugin.clone())?;
+        let report = SwapReport {
+            name: plugin.name().to_owned(),
+            role: plugin.role(),
+            version: plugin.manifest.version.clone(),
+            digest: plugin.digest.clone(),
+            replaced: replaced.map(|p| p.manifest.version.clone()),
+            prepare_ms,
+            total_ms: started.elapsed().as_secs_f64() * 1000.0,
+        };
+        tracing::info!(
+            plugin = %report.name,
+            version = %report.version,
+            replaced = ?report.replaced,
+            total_ms = report.total_ms,
+            "plugin serving"
+        );
+        Ok(report)
+    }
+
+    /// Router and policy are single roles: one plugin each.
+    fn check_role_free(&self, manifest: &Manifest) -> Result<(), LoadError> {
+        if !matches!(manifest.role, Role::Router | Role::Policy) {
+            return Ok(());
+        }
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        match slots
+            .iter()
+            .find(|(name, slot)| **name != manifest.name && slot.active.role() == manifest.role)
+        {
+            Some((holder, _)) => Err(LoadError::Conflict(format!(
+                "the {} role is held by plugin {holder:?}; swap or remove it first",
+                manifest.role.as_str()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes `plugin` the active version of its name; returns the one it replaced.
+    fn install(&self, plugin: Arc<LoadedPlugin>) -> Result<Option<Arc<LoadedPlugin>>, LoadError> {
+        // Checked again under the lock: another load may have taken the role meanwhile.
+        self.check_role_free(&plugin.manifest)?;
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let replaced = slots.remove(plugin.name()).map(|slot| slot.active);
+        slots.insert(
+            plugin.name().to_owned(),
+            Slot {
+                active: plugin,
+                previous: replaced.clone(),
+            },
+        );
+        self.publish_roles(&slots);
+        Ok(replaced)
+    }
+
+    /// Makes the previous version active again (and the current one previous).
+    pub fn rollback(&self, name: &str) -> Result<SwapReport, RegistryError> {
+        let started = Instant::now();
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = slots
+            .get_mut(name)
+            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
+        let previous = slot
+            .previous
+            .take()
+            .ok_or_else(|| RegistryError::NoPrevious(name.to_owned()))?;
+        let current = std::mem::replace(&mut slot.active, previous);
+        slot.previous = Some(current.clone());
+        let active = slot.active.clone();
+        self.publish_roles(&slots);
+        tracing::info!(plugin = name, version = %active.manifest.version, "plugin rolled back");
+        Ok(SwapReport {
+            name: name.to_owned(),
+            role: active.role(),
+            version: active.manifest.version.clone(),
+            digest: active.digest.clone(),
+            replaced: Some(current.manifest.version.clone()),
+            prepare_ms: 0.0,
+            total_ms: started.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    /// Unloads a plugin; its role falls back to letting everything through.
+    pub fn remove(&self, name: &str) -> Result<(), RegistryError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .remove(name)
+            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
+        self.publish_roles(&slots);
+        drop(slots);
+        self.services.kv.clear(name);
+        tracing::info!(plugin = name, "plugin removed");
+        Ok(())
+    }
+
+    pub fn source_of(&self, name: &str) -> Option<Source> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.get(name).map(|slot| slot.active.source)
+    }
+
+    pub fn list(&self) -> Vec<PluginInfo> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .map(|(name, slot)| {
+                let p = &slot.active;
+                PluginInfo {
+                    name: name.clone(),
+                    role: p.role(),
+                    version: p.manifest.version.clone(),
+                    digest: p.digest.clone(),
+                    state: "active",
+                    source: p.source,
+                    loaded_unix_ms: p.loaded_unix_ms,
+                    capabilities: p.manifest.capabilities.iter().copied().collect(),
+                    channels: p.manifest.channels.clone(),
+                    calls: p.stats.calls.load(Relaxed),
+                    traps: p.stats.traps.load(Relaxed),
+                    timeouts: p.stats.timeouts.load(Relaxed),
+                    out_of_memory: p.stats.out_of_memory.load(Relaxed),
+                    call_time: p.stats.percentiles(),
+                    previous: slot.previous.as_ref().map(|prev| PreviousInfo {
+                        version: prev.manifest.version.clone(),
+                        digest: prev.digest.clone(),
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// Points the role hooks at the active versions. Called under the slots
+    /// lock, so role views always change in the order loads commit.
+    fn publish_roles(&self, slots: &BTreeMap<String, Slot>) {
+        let of_role = |role: Role| {
+            slots
+                .values()
+                .filter(move |slot| slot.active.role() == role)
+                .map(|slot| slot.active.clone())
+        };
+        self.router.store(of_role(Role::Router).next());
+        self.policy.store(of_role(Role::Policy).next());
+        self.filters
+            .store(Arc::new(of_role(Role::Filter).collect()));
+    }
+}
+
+fn error_code(code: &str) -> ErrorCode {
+    serde_json::from_value(serde_json::Value::String(code.to_owned()))
+        .unwrap_or(ErrorCode::Rejected)
+}
+
+fn failure(plugin: &LoadedPlugin, error: impl std::fmt::Display) -> String {
+    format!(
+        "{} plugin {}@{} {error}",
+        plugin.role().as_str(),
+        plugin.name(),
+        plugin.manifest.version
+    )
+}
+
+impl Router for Registry {
+    fn route(&self, input: &RouteInput<'_>) -> Route {
+        let Some(plugin) = self.router.load_full() else {
+            return Route::Pass;
+        };
+        let decision = match input {
+            RouteInput::Publish { channel } => plugin.route_publish(channel),
+            RouteInput::Request {
+                space,
+                method,
+                path,
+                headers,
+            } => plugin.route_request(&RequestInfo {
+                space: (*space).to_owned(),
+                method: (*method).to_owned(),
+                path: (*path).to_owned(),
+                headers: headers.to_vec(),
+            }),
+        };
+        match decision {
+            Ok(Decision::Pass) => Route::Pass,
+            Ok(Decision::Rewrite(target)) => Route::Rewrite { target },
+            Ok(Decision::Reject(rejection)) => Route::Reject {
+                code: error_code(&rejection.code),
+                reason: rejection.reason,
+            },
+            Err(e) => Route::Reject {
+                code: ErrorCode::PluginFailed,
+                reason: failure(&plugin, e),
+            },
+        }
+    }
+}
+
+impl AdmissionHook for Registry {
+    fn admit(&self, handshake: &Handshake<'_>) -> Admit {
+        let Some(plugin) = self.policy.load_full() else {
+            return Admit::Allow(None);
+        };
+        let request = WitHandshake {
+            peer: handshake.peer.to_string(),
+            path: handshake.path.to_owned(),
+            query: handshake.query.to_owned(),
+            headers: handshake
+                .headers
+                .iter()
+                .filter_map(|(n, v)| {
+                    v.to_str()
+                        .ok()
+                        .map(|v| (n.as_str().to_owned(), v.to_owned()))
+                })
+                .collect(),
+        };
+        match plugin.admit(&request) {
+            Ok(Admission::Allow(grant)) => Admit::Allow(Some(Grant {
+                user: grant.user,
+                tier: grant.tier,
+            })),
+            Ok(Admission::Deny(denial)) => Admit::Deny {
+                status: denial.status,
+                code: error_code(&denial.code),
+                reason: denial.reason,
+            },
+            // Fail closed: a broken policy must not let everyone in.
+            Err(e) => Admit::Deny {
+                status: 503,
+                code: ErrorCode::PluginFailed,
+                reason: failure(&plugin, e),
+            },
+        }
+    }
+}
+
+impl Filter for Registry {
+    fn filter(&self, channel: &str, data: Data) -> Filtered {
+        let filters = self.filters.load();
+        let mut data = data;
+        for plugin in filters
+            .iter()
+            .filter(|p| p.manifest.covers_channel(channel))
+        {
+            match plugin.on_message(channel, data.as_bytes()) {
+                Ok(Verdict::Keep) => {}
+                Ok(Verdict::Replace(bytes)) => data = Data::from(bytes),
+                Ok(Verdict::Drop(reason)) => {
+                    return Filtered::Drop {
+                        code: ErrorCode::Rejected,
+                        reason: format!("filter {}: {reason}", plugin.name()),
+                    };
+                }
+                Err(e) => {
+                    return Filtered::Drop {
+                        code: ErrorCode::PluginFailed,
+                        reason: failure(plugin, e),
+                    };
+                }
+            }
+        }
+        Filtered::Deliver(data)
+    }
+}
