@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +37,57 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print a running relay's connections, like `ss`.
     Conns(ConnsArgs),
+    /// List, load, swap, roll back or remove a running relay's plugins.
+    Plugin(PluginArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PluginArgs {
+    /// Base URL of the relay's HTTP listener.
+    #[arg(
+        long,
+        env = "WASMRELAY_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub relay: String,
+    /// Admin bearer token, when the relay has one.
+    #[arg(
+        long,
+        env = "WASMRELAY_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub action: PluginAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginAction {
+    /// Show loaded plugins with their versions, call counts and call times.
+    List,
+    /// Load a plugin (or replace the running version): a component and its manifest.
+    Load(PluginFiles),
+    /// The same as `load`, for a plugin that is already running: the new
+    /// version serves once it has compiled and passed its checks.
+    Swap(PluginFiles),
+    /// Make the previous version active again.
+    Rollback { name: String },
+    /// Unload a plugin.
+    Remove { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct PluginFiles {
+    /// The plugin's name (must match the manifest).
+    pub name: String,
+    /// The component (.wasm, built for wasm32-wasip2).
+    #[arg(long)]
+    pub wasm: PathBuf,
+    /// The manifest; defaults to the .wasm path with a .toml extension.
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -135,6 +186,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Conns(args) => conns(args).await,
+            Command::Plugin(args) => plugin(args).await,
         }
     });
     match result {
@@ -184,13 +236,30 @@ async fn conns(args: ConnsArgs) -> anyhow::Result<()> {
 }
 
 async fn get_json(url: &str, token: Option<&str>) -> anyhow::Result<serde_json::Value> {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let mut request = http::Request::get(url);
+    call_json(http::Method::GET, url, token, None).await
+}
+
+/// One admin call; `body` is a content type and the bytes to send.
+async fn call_json(
+    method: http::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<(String, Vec<u8>)>,
+) -> anyhow::Result<serde_json::Value> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut request = http::Request::builder().method(method).uri(url);
     if let Some(token) = token {
         request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
     }
+    let payload = match body {
+        Some((content_type, bytes)) => {
+            request = request.header(http::header::CONTENT_TYPE, content_type);
+            Bytes::from(bytes)
+        }
+        None => Bytes::new(),
+    };
     let request = request
-        .body(Empty::new())
+        .body(Full::new(payload))
         .with_context(|| format!("invalid URL {url}"))?;
     let response = client
         .request(request)
@@ -205,6 +274,130 @@ async fn get_json(url: &str, token: Option<&str>) -> anyhow::Result<serde_json::
         );
     }
     serde_json::from_slice(&body).with_context(|| format!("{url} did not return JSON"))
+}
+
+async fn plugin(args: PluginArgs) -> anyhow::Result<()> {
+    let base = format!("{}/admin/plugins", args.relay.trim_end_matches('/'));
+    let token = args.token.as_deref();
+    let mut out = std::io::stdout().lock();
+    match args.action {
+        PluginAction::List => {
+            let list = get_json(&base, token).await?;
+            out.write_all(render_plugins(&list).as_bytes())?;
+        }
+        PluginAction::Load(files) | PluginAction::Swap(files) => {
+            let manifest_path = files
+                .manifest
+                .clone()
+                .unwrap_or_else(|| files.wasm.with_extension("toml"));
+            let wasm = std::fs::read(&files.wasm)
+                .with_context(|| format!("cannot read {}", files.wasm.display()))?;
+            let manifest = std::fs::read(&manifest_path)
+                .with_context(|| format!("cannot read {}", manifest_path.display()))?;
+            let (content_type, body) = multipart(&[("wasm", &wasm), ("manifest", &manifest)]);
+            let url = format!("{base}/{}", files.name);
+            let report =
+                call_json(http::Method::PUT, &url, token, Some((content_type, body))).await?;
+            let replaced = report["replaced"]
+                .as_str()
+                .map(|v| format!(" (replacing {v})"))
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "{} {} serving{replaced} after {:.1} ms",
+                report["name"].as_str().unwrap_or(""),
+                report["version"].as_str().unwrap_or(""),
+                report["total_ms"].as_f64().unwrap_or(0.0)
+            )?;
+        }
+        PluginAction::Rollback { name } => {
+            let url = format!("{base}/{name}/rollback");
+            let report = call_json(http::Method::POST, &url, token, None).await?;
+            writeln!(
+                out,
+                "{name} rolled back to {} (from {})",
+                report["version"].as_str().unwrap_or(""),
+                report["replaced"].as_str().unwrap_or("")
+            )?;
+        }
+        PluginAction::Remove { name } => {
+            call_json(http::Method::DELETE, &format!("{base}/{name}"), token, None).await?;
+            writeln!(out, "{name} removed")?;
+        }
+    }
+    Ok(())
+}
+
+/// A `multipart/form-data` body; returns its content type and bytes.
+fn multipart(parts: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let boundary = format!("wasmrelay-{nanos:x}-{}", std::process::id());
+    let mut body = Vec::new();
+    for (name, bytes) in parts {
+        let head = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+        );
+        body.extend_from_slice(head.as_bytes());
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// Formats `GET /admin/plugins` as a table.
+pub fn render_plugins(list: &serde_json::Value) -> String {
+    let header = [
+        "Name", "Role", "Version", "Source", "Calls", "Traps", "P50-us", "P99-us", "Digest",
+        "Previous",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    let empty = Vec::new();
+    for p in list.as_array().unwrap_or(&empty) {
+        let text = |key: &str| p[key].as_str().unwrap_or("").to_owned();
+        let number = |key: &str| p[key].as_u64().map(|n| n.to_string()).unwrap_or_default();
+        let micros = |key: &str| {
+            p["call_time"][key]
+                .as_f64()
+                .map(|us| format!("{us:.1}"))
+                .unwrap_or_else(|| "-".into())
+        };
+        rows.push(vec![
+            text("name"),
+            text("role"),
+            text("version"),
+            text("source"),
+            number("calls"),
+            number("traps"),
+            micros("p50_us"),
+            micros("p99_us"),
+            text("digest").chars().take(12).collect(),
+            p["previous"]["version"].as_str().unwrap_or("-").to_owned(),
+        ]);
+    }
+    format_table(&rows)
+}
+
+fn format_table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map(Vec::len).unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// Formats the connection table and a summary line, `ss`-style.
@@ -254,19 +447,7 @@ pub fn render_table(connections: &serde_json::Value, stats: &serde_json::Value) 
             what.join(","),
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in &rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = format_table(&rows);
     let by_state = stats["connections"]["by_state"]
         .as_object()
         .map(|m| {

@@ -22,12 +22,23 @@ use wasmrelay::{Config, Listeners, RunError};
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A configuration for tests: port 0, a private data directory, quick heartbeats.
+/// Plugins are off (tests that need them opt in) and compiled plugins are
+/// cached in one folder shared by every test, so each compiles once.
 pub fn test_config(data_dir: &Path) -> Config {
     let mut config = Config::default();
     config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.server.data_dir = data_dir.to_owned();
     config.server.shutdown_grace_ms = 3_000;
+    config.plugins.bundled = Vec::new();
+    config.plugins.dir = std::path::PathBuf::new();
+    config.plugins.cache_dir = shared_plugin_cache();
     config
+}
+
+/// The compile cache the test relays share (entries are named by content and
+/// engine, so sharing is safe).
+pub fn shared_plugin_cache() -> std::path::PathBuf {
+    std::env::temp_dir().join("wasmrelay-test-plugin-cache")
 }
 
 /// A relay running inside the test process, on a port of its own.
@@ -231,7 +242,25 @@ impl RelayProcess {
             .to_str()
             .expect("utf-8 temp path")
             .to_owned();
-        let mut args = vec!["serve", "--listen", &listen, "--data-dir", &data];
+        // The demo configuration, except that compiled plugins come from the
+        // cache the tests share.
+        let config_path = data_dir.path().join("relay.toml");
+        let cache = shared_plugin_cache();
+        std::fs::write(
+            &config_path,
+            format!("[plugins]\ncache_dir = {:?}\n", cache.display().to_string()),
+        )
+        .expect("write the test relay's config");
+        let config_arg = config_path.display().to_string();
+        let mut args = vec![
+            "serve",
+            "--listen",
+            &listen,
+            "--data-dir",
+            &data,
+            "--config",
+            &config_arg,
+        ];
         args.extend_from_slice(extra);
         let process = ChildProcess::spawn(exe, &args).expect("start the relay");
         let relay = Self {
@@ -240,10 +269,14 @@ impl RelayProcess {
             _data_dir: data_dir,
         };
         let health = relay.url("/healthz");
-        wait_for("the relay to answer /healthz", STEP_TIMEOUT, || async {
-            let response = reqwest::get(&health).await.ok()?;
-            (response.status() == 200).then_some(())
-        })
+        wait_for(
+            "the relay to answer /healthz",
+            Duration::from_secs(60),
+            || async {
+                let response = reqwest::get(&health).await.ok()?;
+                (response.status() == 200).then_some(())
+            },
+        )
         .await;
         relay
     }
