@@ -56,6 +56,13 @@ impl TestRelay {
 
     /// Starts a relay whose config `edit` may change first.
     pub async fn start_with(edit: impl FnOnce(&mut Config)) -> Self {
+        // `RUST_LOG=wasmrelay=debug cargo test ...` shows the relay's logs.
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let data_dir = tempfile::tempdir().expect("temp dir");
         let mut config = test_config(data_dir.path());
         edit(&mut config);
