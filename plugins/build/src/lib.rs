@@ -74,7 +74,13 @@ fn ensure_target() {
     if libdir.is_some_and(|dir| dir.exists()) {
         return;
     }
-    println!("cargo:warning=the {TARGET} target is missing; running `rustup target add {TARGET}`");
+    // Build scripts talk to cargo through stdout.
+    #[allow(clippy::print_stdout)]
+    {
+        println!(
+            "cargo:warning=the {TARGET} target is missing; running `rustup target add {TARGET}`"
+        );
+    }
     let mut rustup = Command::new("rustup");
     rustup.args(["target", "add", TARGET]);
     if let Ok(toolchain) = std::env::var("RUSTUP_TOOLCHAIN") {

@@ -27,6 +27,7 @@
 //! `BTreeMap`), files, environment variables and sockets.
 
 /// Bindings for the `router` world: `route-publish` and `route-request`.
+#[allow(clippy::too_many_arguments)] // generated code
 pub mod router {
     wit_bindgen::generate!({
         path: "../../wit",
@@ -38,6 +39,7 @@ pub mod router {
 }
 
 /// Bindings for the `policy` world: `admit`.
+#[allow(clippy::too_many_arguments)] // generated code
 pub mod policy {
     wit_bindgen::generate!({
         path: "../../wit",
@@ -50,6 +52,7 @@ pub mod policy {
 }
 
 /// Bindings for the `filter` world: `on-message`.
+#[allow(clippy::too_many_arguments)] // generated code
 pub mod filter {
     wit_bindgen::generate!({
         path: "../../wit",
@@ -61,6 +64,7 @@ pub mod filter {
 }
 
 /// Bindings for the `task` world: `run`.
+#[allow(clippy::too_many_arguments)] // generated code
 pub mod task {
     wit_bindgen::generate!({
         path: "../../wit",
