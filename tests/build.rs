@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-const FIXTURES: [&str; 2] = ["evil-filter", "future-filter"];
+const FIXTURES: [&str; 3] = ["evil-filter", "future-filter", "noop-filter"];
 
 fn main() {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo");

@@ -242,6 +242,17 @@ impl RelayProcess {
     }
 
     pub async fn start_on(exe: &str, port: u16, extra: &[&str]) -> Self {
+        Self::start_configured(exe, port, "", extra).await
+    }
+
+    /// Starts the relay with `plugins_toml` (lines for the `[plugins]` table)
+    /// added to its configuration.
+    pub async fn start_configured(
+        exe: &str,
+        port: u16,
+        plugins_toml: &str,
+        extra: &[&str],
+    ) -> Self {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let listen = format!("127.0.0.1:{port}");
         let data = data_dir
@@ -255,7 +266,10 @@ impl RelayProcess {
         let cache = shared_plugin_cache();
         std::fs::write(
             &config_path,
-            format!("[plugins]\ncache_dir = {:?}\n", cache.display().to_string()),
+            format!(
+                "[plugins]\ncache_dir = {:?}\n{plugins_toml}\n",
+                cache.display().to_string()
+            ),
         )
         .expect("write the test relay's config");
         let config_arg = config_path.display().to_string();
