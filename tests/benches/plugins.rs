@@ -226,7 +226,7 @@ async fn main() {
             hook_calls: 200_000,
             publishers: 4,
             messages_per_publisher: 20_000,
-            rounds: 3,
+            rounds: 7,
             swaps: 20,
         }
     };
@@ -257,21 +257,34 @@ async fn main() {
             results[i].push(throughput(relay, &settings).await);
         }
     }
+    let spreads: Vec<(f64, f64)> = results
+        .iter()
+        .map(|r| {
+            let min = r.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = r.iter().copied().fold(0.0, f64::max);
+            (min, max)
+        })
+        .collect();
     let medians: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
     println!(
         "\nRelay throughput ({} publishers -> 1 subscriber each, 64-byte messages, window 128, median of {} rounds)",
         settings.publishers, settings.rounds
     );
-    println!("{:<44} {:>12} {:>8}", "relay", "msg/s", "ratio");
-    for (name, value) in [
+    println!(
+        "{:<44} {:>12} {:>8} {:>24}",
+        "relay", "msg/s", "ratio", "rounds min..max"
+    );
+    let names = [
         "no plugins",
         "no-op filter on every publish",
         "tiered-policy + path-router",
-    ]
-    .iter()
-    .zip(&medians)
-    {
-        println!("{name:<44} {value:>12.0} {:>7.2}x", value / medians[0]);
+    ];
+    for ((name, value), (min, max)) in names.iter().zip(&medians).zip(&spreads) {
+        let spread = format!("{min:.0}..{max:.0}");
+        println!(
+            "{name:<44} {value:>12.0} {:>7.2}x {spread:>24}",
+            value / medians[0]
+        );
     }
 
     // Hot swap of a component the relay has compiled before (cache hit).

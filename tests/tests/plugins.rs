@@ -522,3 +522,37 @@ async fn the_cli_lists_loads_rolls_back_and_removes() {
     assert!(!ok && out.contains("404"), "{out}");
     relay.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn compiled_plugins_are_cached_on_disk_by_digest() {
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_owned();
+    let relay = TestRelay::start_with(|c| c.plugins.cache_dir = cache_dir.clone()).await;
+    let (status, report) = put_plugin(&relay, "evil", EVIL, &evil_manifest("1.0.0", "")).await;
+    assert_eq!(status, 200, "{report}");
+    let digest = report["digest"].as_str().unwrap().to_owned();
+    let entries: Vec<String> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        entries
+            .iter()
+            .any(|name| name.starts_with(&digest) && name.ends_with(".cwasm")),
+        "{entries:?}"
+    );
+    relay.stop().await.unwrap();
+
+    // A second relay with the same cache loads the compiled code and serves.
+    let cache_dir = cache.path().to_owned();
+    let relay = TestRelay::start_with(|c| c.plugins.cache_dir = cache_dir.clone()).await;
+    let (status, report) = put_plugin(&relay, "evil", EVIL, &evil_manifest("1.0.0", "")).await;
+    assert_eq!(status, 200, "{report}");
+    let mut client = subscribed(&relay, "evil/x").await;
+    publish(&mut client, "evil/x", "cached").await;
+    assert_eq!(
+        client.recv_type("message").await.unwrap()["data"],
+        "[evil@1.0.0] cached"
+    );
+    relay.stop().await.unwrap();
+}
