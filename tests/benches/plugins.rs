@@ -5,6 +5,8 @@
 //!     cargo bench -p wasmrelay-tests --bench plugins            # full run
 //!     cargo bench -p wasmrelay-tests --bench plugins -- --quick # smoke run
 //!
+#![allow(clippy::print_stdout)] // a benchmark prints its table
+
 //! The relay runs as its own process (the load generator's work is not
 //! counted against it); throughput configurations are run in the same
 //! session, interleaved, and compared as ratios to the no-plugin relay.

@@ -108,7 +108,10 @@ impl Default for PluginLimits {
     fn default() -> Self {
         Self {
             memory_bytes: 16 * 1024 * 1024,
-            call_timeout_ms: 20,
+            // Legitimate calls take microseconds; the deadline exists to stop
+            // runaway loops, and must not fire because a busy machine
+            // descheduled the thread for a few milliseconds.
+            call_timeout_ms: 50,
             kv_max_keys: 10_000,
             kv_max_value_bytes: 64 * 1024,
         }
