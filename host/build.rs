@@ -22,16 +22,5 @@ fn main() {
             root.join("plugins").join(package).display()
         );
     }
-    let out_dir = std::env::var("OUT_DIR").expect("set by cargo");
-    let built = wasmrelay_plugin_build::build_components(root, &BUNDLED);
-    for (package, path) in BUNDLED.iter().zip(built) {
-        let destination = Path::new(&out_dir).join(format!("{package}.wasm"));
-        std::fs::copy(&path, &destination).unwrap_or_else(|e| {
-            panic!(
-                "cannot copy {} to {}: {e}",
-                path.display(),
-                destination.display()
-            )
-        });
-    }
+    wasmrelay_plugin_build::build_into_out_dir(root, &BUNDLED);
 }

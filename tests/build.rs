@@ -37,16 +37,5 @@ fn main() {
         std::fs::write(&future_path, future).expect("write the future WIT");
     }
 
-    let out_dir = std::env::var("OUT_DIR").expect("set by cargo");
-    let built = wasmrelay_plugin_build::build_components(root, &FIXTURES);
-    for (fixture, path) in FIXTURES.iter().zip(built) {
-        let destination = Path::new(&out_dir).join(format!("{fixture}.wasm"));
-        std::fs::copy(&path, &destination).unwrap_or_else(|e| {
-            panic!(
-                "cannot copy {} to {}: {e}",
-                path.display(),
-                destination.display()
-            )
-        });
-    }
+    wasmrelay_plugin_build::build_into_out_dir(root, &FIXTURES);
 }

@@ -196,20 +196,13 @@ async fn throughput(relay: &RelayProcess, settings: &Settings) -> f64 {
 }
 
 async fn put_plugin(relay: &RelayProcess, name: &str, wasm: &[u8], manifest: String) -> (f64, f64) {
-    let form = reqwest::multipart::Form::new()
-        .part("wasm", reqwest::multipart::Part::bytes(wasm.to_vec()))
-        .part("manifest", reqwest::multipart::Part::text(manifest));
-    let started = Instant::now();
-    let response = reqwest::Client::new()
-        .put(relay.url(&format!("/admin/plugins/{name}")))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let round_trip = started.elapsed().as_secs_f64() * 1000.0;
-    assert_eq!(response.status(), 200);
-    let report: serde_json::Value = response.json().await.unwrap();
-    (round_trip, report["total_ms"].as_f64().unwrap())
+    let (status, report, round_trip) =
+        wasmrelay_tests::put_plugin(&relay.url(""), name, wasm, &manifest).await;
+    assert_eq!(status, 200, "{report}");
+    (
+        round_trip.as_secs_f64() * 1000.0,
+        report["total_ms"].as_f64().unwrap(),
+    )
 }
 
 #[tokio::main]

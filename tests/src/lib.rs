@@ -322,6 +322,36 @@ impl RelayProcess {
     }
 }
 
+/// PUTs a plugin (`wasm` + `manifest`) to `{base}/admin/plugins/{name}`;
+/// returns the status, the JSON body and the round-trip time.
+pub async fn put_plugin(
+    base: &str,
+    name: &str,
+    wasm: &[u8],
+    manifest: &str,
+) -> (u16, Value, Duration) {
+    let form = reqwest::multipart::Form::new()
+        .part("wasm", reqwest::multipart::Part::bytes(wasm.to_vec()))
+        .part(
+            "manifest",
+            reqwest::multipart::Part::text(manifest.to_owned()),
+        );
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .put(format!("{base}/admin/plugins/{name}"))
+        .multipart(form)
+        .send()
+        .await
+        .expect("the relay answers the plugin upload");
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    (
+        status,
+        response.json().await.unwrap_or(Value::Null),
+        elapsed,
+    )
+}
+
 /// GETs JSON from the relay.
 pub async fn get_json(url: &str) -> anyhow::Result<Value> {
     let response = reqwest::get(url).await?;

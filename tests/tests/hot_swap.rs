@@ -25,20 +25,15 @@ fn router_manifest(version: u64) -> String {
 
 async fn swap_router(relay: &TestRelay, version: u64) -> Value {
     let wasm = bundled::find("path-router").unwrap().wasm;
-    let form = reqwest::multipart::Form::new()
-        .part("wasm", reqwest::multipart::Part::bytes(wasm.to_vec()))
-        .part(
-            "manifest",
-            reqwest::multipart::Part::text(router_manifest(version)),
-        );
-    let response = reqwest::Client::new()
-        .put(relay.url("/admin/plugins/path-router"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
+    let (status, report, _) = wasmrelay_tests::put_plugin(
+        &relay.url(""),
+        "path-router",
+        wasm,
+        &router_manifest(version),
+    )
+    .await;
+    assert_eq!(status, 200, "{report}");
+    report
 }
 
 /// Answers every request at once, echoing its body.

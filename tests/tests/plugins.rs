@@ -21,20 +21,8 @@ fn evil_manifest(version: &str, extra: &str) -> String {
 
 /// PUTs a plugin through the admin API; returns the status and JSON body.
 async fn put_plugin(relay: &TestRelay, name: &str, wasm: &[u8], manifest: &str) -> (u16, Value) {
-    let form = reqwest::multipart::Form::new()
-        .part("wasm", reqwest::multipart::Part::bytes(wasm.to_vec()))
-        .part(
-            "manifest",
-            reqwest::multipart::Part::text(manifest.to_owned()),
-        );
-    let response = reqwest::Client::new()
-        .put(relay.url(&format!("/admin/plugins/{name}")))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
+    let (status, body, _) = wasmrelay_tests::put_plugin(&relay.url(""), name, wasm, manifest).await;
+    (status, body)
 }
 
 async fn subscribed(relay: &TestRelay, channel: &str) -> WsTester {

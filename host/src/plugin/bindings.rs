@@ -1,5 +1,5 @@
 //! The one place host bindings are generated from `wit/plugin.wit`: one
-//! `bindgen!` per role world (the macro takes a single world). The router's
+//! `bindgen!` expansion per role world (the macro takes a single world). The router's
 //! expansion owns the shared interfaces; the other worlds reuse them through
 //! `with`, so each capability has exactly one host trait.
 
@@ -10,52 +10,36 @@ pub mod router {
     });
 }
 
+/// Bindings for another role's world that reuse the router's capability
+/// interfaces and shared types.
+macro_rules! role_world {
+    ($world:literal) => {
+        wasmtime::component::bindgen!({
+            path: "../wit",
+            world: $world,
+            with: {
+                "wasmrelay:plugin/types": super::router::wasmrelay::plugin::types,
+                "wasmrelay:plugin/log": super::router::wasmrelay::plugin::log,
+                "wasmrelay:plugin/kv": super::router::wasmrelay::plugin::kv,
+                "wasmrelay:plugin/publish": super::router::wasmrelay::plugin::publish,
+                "wasmrelay:plugin/presence": super::router::wasmrelay::plugin::presence,
+                "wasmrelay:plugin/clock": super::router::wasmrelay::plugin::clock,
+                "wasmrelay:plugin/http": super::router::wasmrelay::plugin::http,
+            },
+        });
+    };
+}
+
 pub mod policy {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "policy",
-        with: {
-            "wasmrelay:plugin/types": super::router::wasmrelay::plugin::types,
-            "wasmrelay:plugin/log": super::router::wasmrelay::plugin::log,
-            "wasmrelay:plugin/kv": super::router::wasmrelay::plugin::kv,
-            "wasmrelay:plugin/publish": super::router::wasmrelay::plugin::publish,
-            "wasmrelay:plugin/presence": super::router::wasmrelay::plugin::presence,
-            "wasmrelay:plugin/clock": super::router::wasmrelay::plugin::clock,
-            "wasmrelay:plugin/http": super::router::wasmrelay::plugin::http,
-        },
-    });
+    role_world!("policy");
 }
 
 pub mod filter {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "filter",
-        with: {
-            "wasmrelay:plugin/types": super::router::wasmrelay::plugin::types,
-            "wasmrelay:plugin/log": super::router::wasmrelay::plugin::log,
-            "wasmrelay:plugin/kv": super::router::wasmrelay::plugin::kv,
-            "wasmrelay:plugin/publish": super::router::wasmrelay::plugin::publish,
-            "wasmrelay:plugin/presence": super::router::wasmrelay::plugin::presence,
-            "wasmrelay:plugin/clock": super::router::wasmrelay::plugin::clock,
-            "wasmrelay:plugin/http": super::router::wasmrelay::plugin::http,
-        },
-    });
+    role_world!("filter");
 }
 
 pub mod task {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "task",
-        with: {
-            "wasmrelay:plugin/types": super::router::wasmrelay::plugin::types,
-            "wasmrelay:plugin/log": super::router::wasmrelay::plugin::log,
-            "wasmrelay:plugin/kv": super::router::wasmrelay::plugin::kv,
-            "wasmrelay:plugin/publish": super::router::wasmrelay::plugin::publish,
-            "wasmrelay:plugin/presence": super::router::wasmrelay::plugin::presence,
-            "wasmrelay:plugin/clock": super::router::wasmrelay::plugin::clock,
-            "wasmrelay:plugin/http": super::router::wasmrelay::plugin::http,
-        },
-    });
+    role_world!("task");
 }
 
 pub use router::wasmrelay::plugin::{clock, http, kv, log, presence, publish, types};

@@ -60,6 +60,23 @@ pub fn build_components(workspace_root: &Path, packages: &[&str]) -> Vec<PathBuf
         .collect()
 }
 
+/// Builds `packages` and copies each component to `$OUT_DIR/<package>.wasm`,
+/// where the crate can `include_bytes!` it.
+pub fn build_into_out_dir(workspace_root: &Path, packages: &[&str]) {
+    let out_dir = std::env::var("OUT_DIR").expect("OUT_DIR is set for build scripts");
+    let built = build_components(workspace_root, packages);
+    for (package, path) in packages.iter().zip(built) {
+        let destination = Path::new(&out_dir).join(format!("{package}.wasm"));
+        std::fs::copy(&path, &destination).unwrap_or_else(|e| {
+            panic!(
+                "cannot copy {} to {}: {e}",
+                path.display(),
+                destination.display()
+            )
+        });
+    }
+}
+
 /// Adds the wasm32-wasip2 target with rustup when the toolchain lacks it
 /// (rustup does not install targets listed in rust-toolchain.toml for a
 /// toolchain that is already present).
