@@ -544,3 +544,37 @@ async fn compiled_plugins_are_cached_on_disk_by_digest() {
     );
     relay.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn repeated_memory_hogs_leave_the_host_memory_bounded() {
+    // A relay process of its own, so its RSS is not mixed with parallel tests.
+    let relay = wasmrelay_tests::RelayProcess::start(RELAY, &[]).await;
+    let (status, report, _) =
+        wasmrelay_tests::put_plugin(&relay.url(""), "evil", EVIL, &evil_manifest("1.0.0", ""))
+            .await;
+    assert_eq!(status, 200, "{report}");
+    let mut client = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    let rss = || wasmrelay_tests::rss_of(relay.process.pid()).expect("relay RSS");
+    // Warm up: the first hog touches its pooled memory slot.
+    publish(&mut client, "evil/x", "oom").await;
+    let before = rss();
+    for _ in 0..25 {
+        let err = publish(&mut client, "evil/x", "oom").await;
+        assert_eq!(err["code"], "plugin_failed", "{err}");
+    }
+    let after = rss();
+    let growth = after.saturating_sub(before);
+    eprintln!(
+        "25 memory hogs (4 MiB cap each): relay RSS {} KiB -> {} KiB",
+        before / 1024,
+        after / 1024
+    );
+    // Each hog is stopped at its 4 MiB cap and its instance discarded: 25
+    // unbounded would be gigabytes, bounded but never freed 100 MiB.
+    assert!(
+        growth < 16 * 1024 * 1024,
+        "relay memory grew by {growth} bytes"
+    );
+    let info = get_json(&relay.url("/admin/plugins/evil")).await.unwrap();
+    assert_eq!(info["out_of_memory"], 26, "{info}");
+}
