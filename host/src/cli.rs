@@ -98,6 +98,12 @@ pub struct ServeArgs {
     /// Address for HTTP and WebSocket [config: server.listen; default 127.0.0.1:8080].
     #[arg(long, env = "WASMRELAY_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// UDP address for QUIC [config: server.quic_listen; default 127.0.0.1:8443].
+    #[arg(long, env = "WASMRELAY_QUIC_LISTEN")]
+    pub quic_listen: Option<SocketAddr>,
+    /// Do not serve QUIC [config: server.quic = false].
+    #[arg(long, env = "WASMRELAY_NO_QUIC")]
+    pub no_quic: bool,
     /// Directory for state that survives restarts [config: server.data_dir].
     #[arg(long, env = "WASMRELAY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -144,6 +150,12 @@ impl ServeArgs {
         };
         if let Some(listen) = self.listen {
             config.server.listen = listen;
+        }
+        if let Some(addr) = self.quic_listen {
+            config.server.quic_listen = addr;
+        }
+        if self.no_quic {
+            config.server.quic = false;
         }
         if let Some(dir) = &self.data_dir {
             config.server.data_dir = dir.clone();
@@ -210,9 +222,13 @@ fn init_tracing() {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.load_config()?;
-    let listeners = Listeners::bind(&config)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    std::fs::create_dir_all(&config.server.data_dir).with_context(|| {
+        format!(
+            "cannot create data directory {}",
+            config.server.data_dir.display()
+        )
+    })?;
+    let listeners = Listeners::bind(&config).await?;
     let addr = listeners.http.local_addr()?;
     tracing::info!("relay up: open http://{addr}/ in a browser; WebSocket at ws://{addr}/ws");
     let shutdown = CancellationToken::new();

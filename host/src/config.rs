@@ -19,6 +19,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub spaces: SpacesConfig,
     pub plugins: PluginsConfig,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -30,6 +31,19 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// How long in-flight requests may take to finish after SIGTERM / Ctrl-C.
     pub shutdown_grace_ms: u64,
+    /// Serve QUIC (UDP) as well.
+    pub quic: bool,
+    /// UDP address for QUIC (ALPN `wasmrelay/1`).
+    pub quic_listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; with `key`, replaces the generated development certificate.
+    pub cert: Option<PathBuf>,
+    /// PEM private key for `cert`.
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -134,6 +148,8 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("wasmrelay-data"),
             shutdown_grace_ms: 10_000,
+            quic: true,
+            quic_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
         }
     }
 }
@@ -270,6 +286,12 @@ impl Config {
             if let Err(reason) = crate::spaces::validate_space_name(name) {
                 return Err(invalid("spaces.declared", format!("{name:?}: {reason}")));
             }
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(invalid(
+                "tls.cert",
+                "give both tls.cert and tls.key, or neither (for the development certificate)",
+            ));
         }
         let p = &self.plugins;
         for name in &p.bundled {

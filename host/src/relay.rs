@@ -48,12 +48,54 @@ pub struct Relay {
 /// The sockets `run` serves; bound by the caller so tests can use port 0.
 pub struct Listeners {
     pub http: TcpListener,
+    pub quic: Option<quinn::Endpoint>,
+    /// SHA-256 of the certificate QUIC presents, for clients to pin.
+    pub fingerprint: Option<String>,
 }
 
 impl Listeners {
-    pub async fn bind(config: &Config) -> std::io::Result<Self> {
+    /// Binds TCP, and UDP for QUIC when enabled (loading or generating the
+    /// TLS certificate under `server.data_dir`).
+    pub async fn bind(config: &Config) -> Result<Self, RunError> {
+        let http = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|source| RunError::Bind {
+                addr: config.server.listen,
+                source,
+            })?;
+        if !config.server.quic {
+            return Ok(Self {
+                http,
+                quic: None,
+                fingerprint: None,
+            });
+        }
+        let identity = transport::tls::load_or_create(&config.tls, &config.server.data_dir)?;
+        let tls = transport::tls::server_config(&identity)?;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| transport::tls::TlsError::Rustls(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(transport::quic::transport_config(
+            config.idle_timeout(),
+            config.heartbeat_interval(),
+        )));
+        let endpoint =
+            quinn::Endpoint::server(server, config.server.quic_listen).map_err(|source| {
+                RunError::Bind {
+                    addr: config.server.quic_listen,
+                    source,
+                }
+            })?;
+        tracing::info!(
+            cert = %identity.cert_path.display(),
+            sha256 = %identity.fingerprint,
+            development = identity.development,
+            "TLS certificate for QUIC"
+        );
         Ok(Self {
-            http: TcpListener::bind(config.server.listen).await?,
+            http,
+            quic: Some(endpoint),
+            fingerprint: Some(identity.fingerprint),
         })
     }
 }
@@ -62,6 +104,13 @@ impl Listeners {
 pub enum RunError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::transport::tls::TlsError),
     #[error("cannot start the plugin runtime: {0}")]
     PluginRuntime(String),
     #[error("cannot load bundled plugin {name}: {source}")]
@@ -171,6 +220,13 @@ pub async fn run(
     );
 
     let accept = tokio::spawn(transport::http::accept_loop(relay.clone(), listeners.http));
+    let quic_accept = listeners.quic.map(|endpoint| {
+        tracing::info!(
+            addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            "listening for QUIC"
+        );
+        tokio::spawn(transport::quic::accept_loop(relay.clone(), endpoint))
+    });
     let expiry = tokio::spawn(expire_requests(relay.clone()));
     let watcher = relay
         .config
@@ -194,6 +250,9 @@ pub async fn run(
     );
     relay.draining.cancel();
     let _ = accept.await;
+    if let Some(quic_accept) = quic_accept {
+        let _ = quic_accept.await;
+    }
 
     let deadline = Instant::now() + grace;
     while relay.spaces.pending_count() > 0 && Instant::now() < deadline {

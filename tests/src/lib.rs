@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -29,6 +29,7 @@ pub fn test_config(data_dir: &Path) -> Config {
     config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.server.data_dir = data_dir.to_owned();
     config.server.shutdown_grace_ms = 3_000;
+    config.server.quic_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.plugins.bundled = Vec::new();
     config.plugins.dir = std::path::PathBuf::new();
     config.plugins.cache_dir = shared_plugin_cache();
@@ -44,6 +45,10 @@ pub fn shared_plugin_cache() -> std::path::PathBuf {
 /// A relay running inside the test process, on a port of its own.
 pub struct TestRelay {
     pub addr: SocketAddr,
+    /// The QUIC endpoint, unless the test turned QUIC off.
+    pub quic_addr: Option<SocketAddr>,
+    /// The development certificate QUIC presents (PEM).
+    pub cert_pem: std::path::PathBuf,
     shutdown: CancellationToken,
     handle: JoinHandle<Result<(), RunError>>,
     _data_dir: tempfile::TempDir,
@@ -66,16 +71,19 @@ impl TestRelay {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let mut config = test_config(data_dir.path());
         edit(&mut config);
-        let listeners = Listeners {
-            http: TcpListener::bind(config.server.listen)
-                .await
-                .expect("bind port 0"),
-        };
+        let listeners = Listeners::bind(&config).await.expect("bind port 0");
         let addr = listeners.http.local_addr().expect("local addr");
+        let quic_addr = listeners
+            .quic
+            .as_ref()
+            .map(|endpoint| endpoint.local_addr().expect("quic local addr"));
+        let cert_pem = data_dir.path().join("tls/dev-cert.pem");
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(wasmrelay::run(config, listeners, shutdown.clone()));
         Self {
             addr,
+            quic_addr,
+            cert_pem,
             shutdown,
             handle,
             _data_dir: data_dir,
@@ -197,6 +205,115 @@ impl WsTester {
     }
 }
 
+/// A QUIC client speaking raw frames: `u32 length | u32 header length |
+/// JSON header | payload`, as a client in another language would.
+pub struct QuicTester {
+    pub connection: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    _endpoint: quinn::Endpoint,
+}
+
+/// A quinn client endpoint that trusts the PEM certificate at `cert_pem` and offers `alpn`.
+pub fn quic_client(cert_pem: &Path, alpn: &[u8]) -> anyhow::Result<quinn::Endpoint> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(cert_pem)? {
+        roots.add(cert?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    Ok(endpoint)
+}
+
+impl QuicTester {
+    /// Connects, opens the control stream and completes `hello`/`welcome`.
+    pub async fn greeted(addr: SocketAddr, cert_pem: &Path) -> anyhow::Result<Self> {
+        let mut tester = Self::connect(addr, cert_pem).await?;
+        tester
+            .send(json!({"type": "hello", "v": 1, "client": "quic-test"}))
+            .await?;
+        let welcome = tester.recv().await?;
+        if welcome["type"] != "welcome" {
+            bail!("expected welcome, got {welcome}");
+        }
+        Ok(tester)
+    }
+
+    pub async fn connect(addr: SocketAddr, cert_pem: &Path) -> anyhow::Result<Self> {
+        let endpoint = quic_client(cert_pem, b"wasmrelay/1")?;
+        let connection = endpoint.connect(addr, "localhost")?.await?;
+        let (send, recv) = connection.open_bi().await?;
+        Ok(Self {
+            connection,
+            send,
+            recv,
+            _endpoint: endpoint,
+        })
+    }
+
+    /// Sends `msg` as a binary message (JSON header, `data` moved to the payload).
+    pub async fn send(&mut self, mut msg: Value) -> anyhow::Result<()> {
+        let payload = match msg.as_object_mut().and_then(|m| m.remove("data")) {
+            Some(Value::String(text)) => text.into_bytes(),
+            Some(other) => bail!("test helper sends string data only, not {other}"),
+            None => Vec::new(),
+        };
+        let header = msg.to_string();
+        let mut message = Vec::new();
+        message.extend_from_slice(&(header.len() as u32).to_be_bytes());
+        message.extend_from_slice(header.as_bytes());
+        message.extend_from_slice(&payload);
+        self.send_raw(&message).await
+    }
+
+    /// Sends one length-prefixed frame with `message` as its body.
+    pub async fn send_raw(&mut self, message: &[u8]) -> anyhow::Result<()> {
+        let mut frame = (message.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(message);
+        self.send.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// The next message; a payload comes back as `data` (lossy UTF-8).
+    pub async fn recv(&mut self) -> anyhow::Result<Value> {
+        let read = async {
+            let mut length = [0u8; 4];
+            self.recv.read_exact(&mut length).await?;
+            let mut body = vec![0u8; u32::from_be_bytes(length) as usize];
+            self.recv.read_exact(&mut body).await?;
+            anyhow::Ok(body)
+        };
+        let body = tokio::time::timeout(STEP_TIMEOUT, read)
+            .await
+            .context("timed out waiting for a QUIC frame")??;
+        let header_len = u32::from_be_bytes(body[..4].try_into()?) as usize;
+        let mut msg: Value = serde_json::from_slice(&body[4..4 + header_len])?;
+        let payload = &body[4 + header_len..];
+        if !payload.is_empty() {
+            msg["data"] = Value::String(String::from_utf8_lossy(payload).into_owned());
+        }
+        Ok(msg)
+    }
+
+    pub async fn recv_type(&mut self, kind: &str) -> anyhow::Result<Value> {
+        loop {
+            let msg = self.recv().await?;
+            if msg["type"] == kind {
+                return Ok(msg);
+            }
+        }
+    }
+}
+
 /// Polls `check` until it returns `Some`, failing after `limit`.
 pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
 where
@@ -277,6 +394,8 @@ impl RelayProcess {
             "serve",
             "--listen",
             &listen,
+            "--quic-listen",
+            "127.0.0.1:0",
             "--data-dir",
             &data,
             "--config",

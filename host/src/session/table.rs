@@ -20,21 +20,24 @@ use super::Outbound;
 pub enum Transport {
     Http = 0,
     Ws = 1,
+    Quic = 2,
 }
 
 impl Transport {
-    pub const ALL: [Transport; 2] = [Transport::Http, Transport::Ws];
+    pub const ALL: [Transport; 3] = [Transport::Http, Transport::Ws, Transport::Quic];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Transport::Http => "http",
             Transport::Ws => "ws",
+            Transport::Quic => "quic",
         }
     }
 
     fn from_u8(value: u8) -> Self {
         match value {
             1 => Transport::Ws,
+            2 => Transport::Quic,
             _ => Transport::Http,
         }
     }

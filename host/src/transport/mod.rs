@@ -1,6 +1,8 @@
 //! Listeners and the byte streams under the protocol: HTTP (hyper, http1 and
-//! http2), WebSocket upgrades, and the byte counting every connection gets.
+//! http2), WebSocket upgrades, QUIC (quinn), TLS identities, and byte counting.
 
 pub mod http;
 pub mod io;
+pub mod quic;
+pub mod tls;
 pub mod ws;

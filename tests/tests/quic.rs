@@ -1,0 +1,150 @@
+//! QUIC against a real relay: the same protocol on a control stream, the
+//! same session, channels and spaces as WebSocket (clients on either
+//! transport see each other), the development certificate, and bad input.
+
+use std::time::Duration;
+
+use serde_json::json;
+use wasmrelay_tests::{QuicTester, TestRelay, WsTester, get_json, quic_client};
+
+#[tokio::test]
+async fn quic_and_websocket_clients_share_channels_and_spaces() {
+    let relay = TestRelay::start().await;
+    let quic_addr = relay.quic_addr.expect("QUIC is on");
+    let mut quic = QuicTester::greeted(quic_addr, &relay.cert_pem)
+        .await
+        .unwrap();
+    quic.send(json!({"type": "subscribe", "channel": "mixed"}))
+        .await
+        .unwrap();
+    assert_eq!(quic.recv_type("subscribed").await.unwrap()["presence"], 1);
+
+    let mut ws = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    ws.send(json!({"type": "publish", "channel": "mixed", "data": "from ws"}))
+        .await
+        .unwrap();
+    let msg = quic.recv_type("message").await.unwrap();
+    assert_eq!(
+        (msg["seq"].as_u64(), msg["data"].as_str()),
+        (Some(1), Some("from ws"))
+    );
+
+    // A service instance over QUIC serves a WebSocket caller.
+    quic.send(json!({"type": "register", "space": "q"}))
+        .await
+        .unwrap();
+    quic.recv_type("registered").await.unwrap();
+    ws.send(json!({"type": "request", "id": "r1", "space": "q", "data": "hi"}))
+        .await
+        .unwrap();
+    let request = quic.recv_type("request").await.unwrap();
+    assert_eq!(request["data"], "hi");
+    quic.send(json!({"type": "response", "id": request["id"], "data": "HI"}))
+        .await
+        .unwrap();
+    let response = ws.recv_type("response").await.unwrap();
+    assert_eq!(
+        (response["id"].as_str(), response["data"].as_str()),
+        (Some("r1"), Some("HI"))
+    );
+
+    let table = get_json(&relay.url("/admin/connections")).await.unwrap();
+    let quic_rows: Vec<_> = table["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["transport"] == "quic")
+        .collect();
+    assert_eq!(quic_rows.len(), 1, "{table}");
+    assert_eq!(quic_rows[0]["state"], "open");
+    assert_eq!(quic_rows[0]["spaces"], json!(["q"]));
+    assert!(quic_rows[0]["msgs_in"].as_u64().unwrap() >= 4);
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_frames_get_errors_and_oversize_frames_close_the_connection() {
+    let relay = TestRelay::start_with(|c| c.limits.max_message_bytes = 4096).await;
+    let quic_addr = relay.quic_addr.unwrap();
+    let mut quic = QuicTester::greeted(quic_addr, &relay.cert_pem)
+        .await
+        .unwrap();
+    let mut bystander = QuicTester::greeted(quic_addr, &relay.cert_pem)
+        .await
+        .unwrap();
+
+    // Garbage inside a well-formed frame: an error, and the connection lives.
+    quic.send_raw(b"\x00\x00\x00\x05{oops").await.unwrap();
+    assert_eq!(quic.recv().await.unwrap()["code"], "bad_frame");
+    quic.send(json!({"type": "teleport", "id": "t"}))
+        .await
+        .unwrap();
+    assert_eq!(quic.recv().await.unwrap()["code"], "unknown_type");
+    quic.send(json!({"type": "ping", "id": "p"})).await.unwrap();
+    assert_eq!(quic.recv_type("pong").await.unwrap()["id"], "p");
+
+    // A frame over the limit closes the connection with TOO_LARGE (0x3).
+    quic.send
+        .write_all(&(1_000_000u32).to_be_bytes())
+        .await
+        .unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(10), quic.connection.closed())
+        .await
+        .expect("closed in time");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, quinn::VarInt::from_u32(0x3), "{close:?}");
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
+    bystander
+        .send(json!({"type": "ping", "id": "still"}))
+        .await
+        .unwrap();
+    assert_eq!(bystander.recv_type("pong").await.unwrap()["id"], "still");
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn wrong_alpn_and_untrusted_certificates_fail_the_handshake() {
+    let relay = TestRelay::start().await;
+    let quic_addr = relay.quic_addr.unwrap();
+    let endpoint = quic_client(&relay.cert_pem, b"h3").unwrap();
+    let attempt = endpoint.connect(quic_addr, "localhost").unwrap().await;
+    assert!(attempt.is_err(), "a wrong ALPN must not connect");
+
+    // Another relay's development certificate is not this one's.
+    let other = TestRelay::start().await;
+    let endpoint = quic_client(&other.cert_pem, b"wasmrelay/1").unwrap();
+    let attempt = endpoint.connect(quic_addr, "localhost").unwrap().await;
+    assert!(
+        attempt.is_err(),
+        "an untrusted certificate must not connect"
+    );
+
+    // The development certificate is reused across restarts of the same data dir.
+    let good = QuicTester::greeted(quic_addr, &relay.cert_pem).await;
+    assert!(good.is_ok());
+    other.stop().await.unwrap();
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_sends_goaway_then_closes_with_shutdown_code() {
+    let relay = TestRelay::start().await;
+    let mut quic = QuicTester::greeted(relay.quic_addr.unwrap(), &relay.cert_pem)
+        .await
+        .unwrap();
+    relay.begin_shutdown();
+    assert_eq!(quic.recv_type("goaway").await.unwrap()["type"], "goaway");
+    let reason = tokio::time::timeout(Duration::from_secs(10), quic.connection.closed())
+        .await
+        .expect("closed in time");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, quinn::VarInt::from_u32(0x1));
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
+    relay.stop().await.unwrap();
+}
