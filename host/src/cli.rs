@@ -460,6 +460,10 @@ pub fn render_table(connections: &serde_json::Value, stats: &serde_json::Value) 
             num(&c["msgs_out"]),
             num(&c["queue_depth"]),
             num(&c["dropped"]),
+            c["quic"]["rtt_us"]
+                .as_u64()
+                .map(|us| format!("{:.1}ms", us as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
             what.join(","),
         ]);
     }

@@ -59,6 +59,27 @@ async fn quic_and_websocket_clients_share_channels_and_spaces() {
     assert_eq!(quic_rows[0]["state"], "open");
     assert_eq!(quic_rows[0]["spaces"], json!(["q"]));
     assert!(quic_rows[0]["msgs_in"].as_u64().unwrap() >= 4);
+    // quinn's path figures appear within a second or so.
+    let figures = wasmrelay_tests::wait_json(
+        "QUIC path figures",
+        &relay.url("/admin/connections"),
+        Duration::from_secs(5),
+        |t| {
+            t["connections"]
+                .as_array()
+                .is_some_and(|rows| rows.iter().any(|r| r["quic"]["rtt_us"].is_u64()))
+        },
+    )
+    .await;
+    let row = figures["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["transport"] == "quic")
+        .unwrap()
+        .clone();
+    assert!(row["quic"]["cwnd_bytes"].as_u64().unwrap() > 0, "{row}");
+    assert!(row["quic"]["sent_packets"].as_u64().unwrap() > 0, "{row}");
     relay.stop().await.unwrap();
 }
 

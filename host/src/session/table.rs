@@ -122,6 +122,21 @@ pub struct Detail {
     pub spaces: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub channels: Vec<String>,
+    /// QUIC connections: path figures from quinn, refreshed every second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quic: Option<QuicFigures>,
+}
+
+/// What quinn reports about a QUIC connection's path.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct QuicFigures {
+    pub rtt_us: u64,
+    pub cwnd_bytes: u64,
+    pub lost_packets: u64,
+    pub sent_packets: u64,
+    pub congestion_events: u64,
+    pub udp_rx_bytes: u64,
+    pub udp_tx_bytes: u64,
 }
 
 impl ConnInfo {

@@ -44,6 +44,8 @@ const LENGTH_BYTES: usize = 4;
 /// control pushes back on the peer) when the session falls behind.
 const INBOUND_FRAMES: usize = 64;
 const WRITE_BATCH: usize = 64;
+/// How often a QUIC row's path figures (RTT, loss, window) are refreshed.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A length-prefixed frame for the control stream.
 pub fn frame(message: &Bytes) -> Bytes {
@@ -186,6 +188,8 @@ async fn serve(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let opened = Instant::now();
     let mut goaway_sent = false;
+    let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
+    stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::debug!("QUIC control stream open");
 
     let close: Option<(u32, &'static str)> = loop {
@@ -236,6 +240,7 @@ async fn serve(
                     break Some((close::NO_HELLO, "no hello within idle_timeout_ms"));
                 }
             }
+            _ = stats_tick.tick() => record_stats(&connection, &conn),
         }
         if outgoing.is_empty() {
             continue;
@@ -271,6 +276,21 @@ async fn serve(
     }
     tracing::debug!("QUIC connection closed");
     drop(guard);
+}
+
+/// Copies quinn's path figures into the connection's table row.
+fn record_stats(connection: &quinn::Connection, conn: &crate::session::table::ConnInfo) {
+    let stats = connection.stats();
+    let figures = crate::session::table::QuicFigures {
+        rtt_us: stats.path.rtt.as_micros() as u64,
+        cwnd_bytes: stats.path.cwnd,
+        lost_packets: stats.path.lost_packets,
+        sent_packets: stats.path.sent_packets,
+        congestion_events: stats.path.congestion_events,
+        udp_rx_bytes: stats.udp_rx.bytes,
+        udp_tx_bytes: stats.udp_tx.bytes,
+    };
+    conn.update_detail(|d| d.quic = Some(figures));
 }
 
 /// quinn's transport settings from the relay's heartbeat configuration.
