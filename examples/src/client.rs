@@ -1,28 +1,65 @@
-//! A minimal protocol client over WebSocket: connect, say `hello`, then send
-//! and receive [`Msg`]s as JSON text frames. Small enough to read in one
-//! sitting; PROTOCOL.md is the reference for writing one in another language.
+//! A minimal protocol client over WebSocket or QUIC: connect, say `hello`,
+//! then send and receive [`Msg`]s. WebSocket uses JSON text frames; QUIC uses
+//! one control stream of length-prefixed binary frames (PROTOCOL.md §1.1).
+//! Small enough to read in one sitting; PROTOCOL.md is the reference for
+//! writing one in another language.
+
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 use wasmrelay::protocol::{Msg, VERSION, codec};
 
+/// How a QUIC client decides to trust the relay's certificate. There is no
+/// "accept anything" option on purpose.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Trust {
+    /// QUIC: a PEM file with the certificate (or CA) to trust, e.g.
+    /// wasmrelay-data/tls/dev-cert.pem.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// QUIC: the SHA-256 of the relay's certificate, hex (the relay logs it).
+    #[arg(long = "pin-sha256")]
+    pub pin_sha256: Option<String>,
+}
+
+enum Link {
+    Ws(WebSocketStream<MaybeTlsStream<TcpStream>>),
+    Quic {
+        connection: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        _endpoint: quinn::Endpoint,
+    },
+}
+
 pub struct Client {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    link: Link,
     /// The relay's answer to our `hello`.
     pub welcome: Msg,
 }
 
 impl Client {
-    /// Connects to `url` (for example `ws://127.0.0.1:8080/ws`) and greets the relay.
-    pub async fn connect(url: &str, client_name: &str) -> anyhow::Result<Self> {
-        let (ws, _) = connect_async(url)
-            .await
-            .with_context(|| format!("cannot connect to {url}"))?;
+    /// Connects to `url` — `ws://HOST:PORT/ws` or `quic://HOST:PORT` — and
+    /// greets the relay. `trust` matters for QUIC only.
+    pub async fn connect(url: &str, client_name: &str, trust: &Trust) -> anyhow::Result<Self> {
+        let link = match url.strip_prefix("quic://") {
+            Some(authority) => connect_quic(authority, trust).await?,
+            None => {
+                let (ws, _) = connect_async(url)
+                    .await
+                    .with_context(|| format!("cannot connect to {url}"))?;
+                Link::Ws(ws)
+            }
+        };
         let mut client = Self {
-            ws,
+            link,
             welcome: Msg::Pong { id: None },
         };
         client
@@ -41,28 +78,209 @@ impl Client {
     }
 
     pub async fn send(&mut self, msg: &Msg) -> anyhow::Result<()> {
-        self.ws
-            .send(Message::Text(codec::encode_text(msg).into()))
-            .await?;
+        match &mut self.link {
+            Link::Ws(ws) => {
+                ws.send(Message::Text(codec::encode_text(msg).into()))
+                    .await?
+            }
+            Link::Quic { send, .. } => {
+                let message = codec::encode_binary(msg);
+                let mut frame = BytesMut::with_capacity(4 + message.len());
+                frame.put_u32(message.len() as u32);
+                frame.put_slice(&message);
+                send.write_all(&frame).await?;
+            }
+        }
         Ok(())
     }
 
     /// The next protocol message; `None` once the relay has closed the connection.
     pub async fn recv(&mut self) -> anyhow::Result<Option<Msg>> {
-        while let Some(frame) = self.ws.next().await {
-            match frame? {
-                Message::Text(text) => return Ok(Some(codec::decode_text(&text)?)),
-                Message::Binary(bytes) => return Ok(Some(codec::decode_binary(&bytes)?)),
-                Message::Close(_) => return Ok(None),
-                // Pings are answered by tungstenite itself.
-                _ => continue,
+        match &mut self.link {
+            Link::Ws(ws) => {
+                while let Some(frame) = ws.next().await {
+                    match frame? {
+                        Message::Text(text) => return Ok(Some(codec::decode_text(&text)?)),
+                        Message::Binary(bytes) => return Ok(Some(codec::decode_binary(&bytes)?)),
+                        Message::Close(_) => return Ok(None),
+                        // Pings are answered by tungstenite itself.
+                        _ => continue,
+                    }
+                }
+                Ok(None)
+            }
+            Link::Quic { recv, .. } => {
+                let mut length = [0u8; 4];
+                match recv.read_exact(&mut length).await {
+                    Ok(()) => {}
+                    Err(quinn::ReadExactError::FinishedEarly(_)) => return Ok(None),
+                    Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(_))) => {
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                let mut body = vec![0u8; u32::from_be_bytes(length) as usize];
+                recv.read_exact(&mut body).await?;
+                Ok(Some(codec::decode_binary(&Bytes::from(body))?))
             }
         }
-        Ok(None)
     }
 
-    pub async fn close(mut self) -> anyhow::Result<()> {
-        self.ws.close(None).await?;
+    pub async fn close(self) -> anyhow::Result<()> {
+        match self.link {
+            Link::Ws(mut ws) => ws.close(None).await?,
+            Link::Quic {
+                connection,
+                mut send,
+                _endpoint,
+                ..
+            } => {
+                let _ = send.finish();
+                connection.close(0u32.into(), b"bye");
+                _endpoint.wait_idle().await;
+            }
+        }
         Ok(())
+    }
+}
+
+async fn connect_quic(authority: &str, trust: &Trust) -> anyhow::Result<Link> {
+    let authority = authority.trim_end_matches('/');
+    let addr = authority
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {authority}"))?
+        .next()
+        .with_context(|| format!("no address for {authority}"))?;
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+        .trim_matches(['[', ']']);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let mut tls = match (&trust.ca, &trust.pin_sha256) {
+        (Some(ca), _) => {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca)
+                .with_context(|| format!("cannot read {}", ca.display()))?
+            {
+                roots.add(cert?)?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        (None, Some(pin)) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(pin::PinnedCert::new(pin, provider)?))
+            .with_no_client_auth(),
+        (None, None) => bail!(
+            "QUIC needs --ca FILE (for example wasmrelay-data/tls/dev-cert.pem) or --pin-sha256 HEX (the relay logs it)"
+        ),
+    };
+    tls.alpn_protocols = vec![b"wasmrelay/1".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let bind: std::net::SocketAddr = if addr.is_ipv6() {
+        "[::]:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    };
+    let mut endpoint = quinn::Endpoint::client(bind)?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connection = endpoint
+        .connect(addr, host)?
+        .await
+        .with_context(|| format!("QUIC handshake with {authority} failed"))?;
+    let (send, recv) = connection.open_bi().await?;
+    Ok(Link::Quic {
+        connection,
+        send,
+        recv,
+        _endpoint: endpoint,
+    })
+}
+
+/// Certificate pinning: the relay's leaf certificate must have the given
+/// SHA-256; the handshake signature is still verified with it.
+mod pin {
+    use std::sync::Arc;
+
+    use rustls::DigitallySignedStruct;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use sha2::{Digest, Sha256};
+
+    #[derive(Debug)]
+    pub struct PinnedCert {
+        sha256: Vec<u8>,
+        provider: Arc<CryptoProvider>,
+    }
+
+    impl PinnedCert {
+        pub fn new(hex: &str, provider: Arc<CryptoProvider>) -> anyhow::Result<Self> {
+            let hex: String = hex.chars().filter(|c| *c != ':').collect();
+            if hex.len() != 64 {
+                anyhow::bail!("--pin-sha256 must be 64 hex digits (colons allowed)");
+            }
+            let sha256 = (0..64)
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+                .collect::<Result<Vec<u8>, _>>()?;
+            Ok(Self { sha256, provider })
+        }
+    }
+
+    impl ServerCertVerifier for PinnedCert {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp_response: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            if Sha256::digest(end_entity.as_ref()).as_slice() == self.sha256.as_slice() {
+                Ok(ServerCertVerified::assertion())
+            } else {
+                Err(rustls::Error::General(
+                    "the relay's certificate does not match --pin-sha256".into(),
+                ))
+            }
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
     }
 }

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use wasmrelay::protocol::{Data, Msg, Request, Response};
 
-use crate::client::Client;
+use crate::client::{Client, Trust};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -21,9 +21,11 @@ use crate::client::Client;
     about = "Example service: registers under a space and upper-cases request bodies"
 )]
 pub struct Options {
-    /// The relay's WebSocket URL.
+    /// The relay: ws://HOST:PORT/ws or quic://HOST:PORT.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     pub relay: String,
+    #[command(flatten)]
+    pub trust: Trust,
     /// The space to register under.
     #[arg(long, default_value = "demo")]
     pub space: String,
@@ -63,7 +65,7 @@ pub async fn run(options: Options, stop: CancellationToken) {
 
 /// One connection's life: connect, register, serve until it drops.
 async fn serve_once(options: &Options, stop: &CancellationToken) -> anyhow::Result<()> {
-    let mut client = Client::connect(&options.relay, "service-app").await?;
+    let mut client = Client::connect(&options.relay, "service-app", &options.trust).await?;
     client
         .send(&Msg::Register {
             space: options.space.clone(),

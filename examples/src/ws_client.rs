@@ -1,5 +1,6 @@
-//! The example WebSocket client: publish to or subscribe to a channel, or send
-//! a request to a space and print its progress and response.
+//! The example command-line client (`ws-client`, and `quic-client` with QUIC
+//! as the default): publish to or subscribe to a channel, or send a request
+//! to a space and print its progress and response.
 
 use std::io::Write as _;
 
@@ -7,14 +8,16 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 use wasmrelay::protocol::{Data, Msg, Request};
 
-use crate::client::Client;
+use crate::client::{Client, Trust};
 
 #[derive(Debug, Parser)]
 #[command(name = "ws-client", about = "Example WebSocket client for wasmrelay")]
 pub struct Options {
-    /// The relay's WebSocket URL.
+    /// The relay: ws://HOST:PORT/ws or quic://HOST:PORT.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     pub relay: String,
+    #[command(flatten)]
+    pub trust: Trust,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -39,7 +42,7 @@ pub enum Command {
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    let mut client = Client::connect(&options.relay, "ws-client").await?;
+    let mut client = Client::connect(&options.relay, "ws-client", &options.trust).await?;
     let mut out = std::io::stdout();
     match options.command {
         Command::Publish { channel, text } => {
@@ -124,7 +127,21 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
 /// Entry point of the `ws-client` binary.
 pub fn main() -> std::process::ExitCode {
-    let options = Options::parse();
+    run_main(Options::parse())
+}
+
+/// Entry point of the `quic-client` binary: the same commands, over QUIC by default.
+pub fn quic_main() -> std::process::ExitCode {
+    use clap::{CommandFactory, FromArgMatches};
+    let command = Options::command()
+        .name("quic-client")
+        .about("Example QUIC client for wasmrelay")
+        .mut_arg("relay", |arg| arg.default_value("quic://127.0.0.1:8443"));
+    let options = Options::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
+    run_main(options)
+}
+
+fn run_main(options: Options) -> std::process::ExitCode {
     crate::init_tracing();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(run(options)) {

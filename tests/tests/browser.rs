@@ -160,6 +160,7 @@ async fn browser_page_shows_spaces_and_relays_a_request() {
     tokio::spawn(service_app::run(
         Options {
             relay: relay.ws_url(),
+            trust: Default::default(),
             space: "demo".into(),
             work_ms: 600,
             steps: 3,

@@ -169,3 +169,71 @@ async fn shutdown_sends_goaway_then_closes_with_shutdown_code() {
     }
     relay.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_example_service_app_serves_over_quic() {
+    use wasmrelay_examples::client::Trust;
+    use wasmrelay_examples::service_app::{self, Options};
+    let relay = TestRelay::start().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(service_app::run(
+        Options {
+            relay: format!("quic://{}", relay.quic_addr.unwrap()),
+            trust: Trust {
+                ca: Some(relay.cert_pem.clone()),
+                pin_sha256: None,
+            },
+            space: "demo".into(),
+            work_ms: 50,
+            steps: 1,
+        },
+        stop.clone(),
+    ));
+    wasmrelay_tests::wait_json(
+        "the QUIC service app to register",
+        &relay.url("/spaces/demo"),
+        Duration::from_secs(10),
+        |info| info["connected"] == true,
+    )
+    .await;
+    let response = reqwest::Client::new()
+        .post(relay.url("/spaces/demo/"))
+        .body("over quic")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "OVER QUIC");
+    stop.cancel();
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn clients_pin_the_certificate_by_sha256() {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use wasmrelay_examples::client::{Client, Trust};
+    let relay = TestRelay::start().await;
+    let url = format!("quic://{}", relay.quic_addr.unwrap());
+    let cert = CertificateDer::from_pem_file(&relay.cert_pem).unwrap();
+    let pin = wasmrelay::transport::tls::fingerprint(&cert);
+    let trust = Trust {
+        ca: None,
+        pin_sha256: Some(pin.clone()),
+    };
+    let client = Client::connect(&url, "pinned", &trust).await.unwrap();
+    client.close().await.unwrap();
+
+    let wrong = Trust {
+        ca: None,
+        pin_sha256: Some("00".repeat(32)),
+    };
+    assert!(Client::connect(&url, "wrong pin", &wrong).await.is_err());
+    let none = Client::connect(&url, "no trust", &Trust::default()).await;
+    let message = format!(
+        "{:#}",
+        none.err().expect("refuses without --ca or --pin-sha256")
+    );
+    assert!(message.contains("--ca"), "{message}");
+    relay.stop().await.unwrap();
+}

@@ -25,6 +25,7 @@ fn start_service(relay: &TestRelay, space: &str, work_ms: u64) -> CancellationTo
     let stop = CancellationToken::new();
     let options = Options {
         relay: relay.ws_url(),
+        trust: Default::default(),
         space: space.to_owned(),
         work_ms,
         steps: 2,
