@@ -104,6 +104,12 @@ pub struct ServeArgs {
     /// Do not serve QUIC [config: server.quic = false].
     #[arg(long, env = "WASMRELAY_NO_QUIC")]
     pub no_quic: bool,
+    /// TCP address for https and wss [config: server.tls_listen; default 127.0.0.1:8444].
+    #[arg(long, env = "WASMRELAY_TLS_LISTEN")]
+    pub tls_listen: Option<SocketAddr>,
+    /// Do not serve https and wss [config: server.tls = false].
+    #[arg(long, env = "WASMRELAY_NO_TLS")]
+    pub no_tls: bool,
     /// Directory for state that survives restarts [config: server.data_dir].
     #[arg(long, env = "WASMRELAY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -156,6 +162,12 @@ impl ServeArgs {
         }
         if self.no_quic {
             config.server.quic = false;
+        }
+        if let Some(addr) = self.tls_listen {
+            config.server.tls_listen = addr;
+        }
+        if self.no_tls {
+            config.server.tls = false;
         }
         if let Some(dir) = &self.data_dir {
             config.server.data_dir = dir.clone();
@@ -432,6 +444,7 @@ pub fn render_table(connections: &serde_json::Value, stats: &serde_json::Value) 
         "Msg-Out",
         "Queue",
         "Drop",
+        "RTT",
         "Space/Channels",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];

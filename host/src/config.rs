@@ -35,15 +35,32 @@ pub struct ServerConfig {
     pub quic: bool,
     /// UDP address for QUIC (ALPN `wasmrelay/1`).
     pub quic_listen: SocketAddr,
+    /// Serve https and wss on `tls_listen` as well.
+    pub tls: bool,
+    /// TCP address for https and wss (the same endpoints as `listen`).
+    pub tls_listen: SocketAddr,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain; with `key`, replaces the generated development certificate.
     pub cert: Option<PathBuf>,
     /// PEM private key for `cert`.
     pub key: Option<PathBuf>,
+    /// How often the certificate files are checked for changes; a changed
+    /// pair is loaded for new connections without touching established ones.
+    pub reload_interval_ms: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            reload_interval_ms: 5_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -150,6 +167,8 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 10_000,
             quic: true,
             quic_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            tls: true,
+            tls_listen: SocketAddr::from(([127, 0, 0, 1], 8444)),
         }
     }
 }
@@ -292,6 +311,9 @@ impl Config {
                 "tls.cert",
                 "give both tls.cert and tls.key, or neither (for the development certificate)",
             ));
+        }
+        if self.tls.reload_interval_ms < 100 {
+            return Err(invalid("tls.reload_interval_ms", "must be at least 100"));
         }
         let p = &self.plugins;
         for name in &p.bundled {

@@ -48,54 +48,74 @@ pub struct Relay {
 /// The sockets `run` serves; bound by the caller so tests can use port 0.
 pub struct Listeners {
     pub http: TcpListener,
+    /// https and wss.
+    pub https: Option<TcpListener>,
     pub quic: Option<quinn::Endpoint>,
-    /// SHA-256 of the certificate QUIC presents, for clients to pin.
-    pub fingerprint: Option<String>,
+    /// The certificate https, wss and QUIC present, reloaded when its files change.
+    pub certificates: Option<Arc<transport::tls::Certificates>>,
 }
 
 impl Listeners {
-    /// Binds TCP, and UDP for QUIC when enabled (loading or generating the
-    /// TLS certificate under `server.data_dir`).
+    /// Binds TCP, and (when enabled) TCP for https/wss and UDP for QUIC,
+    /// loading or generating the TLS certificate under `server.data_dir`.
     pub async fn bind(config: &Config) -> Result<Self, RunError> {
-        let http = TcpListener::bind(config.server.listen)
-            .await
-            .map_err(|source| RunError::Bind {
-                addr: config.server.listen,
-                source,
-            })?;
-        if !config.server.quic {
+        let bind_tcp = |addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind { addr, source })
+        };
+        let http = bind_tcp(config.server.listen).await?;
+        let server = &config.server;
+        if !server.quic && !server.tls {
             return Ok(Self {
                 http,
+                https: None,
                 quic: None,
-                fingerprint: None,
+                certificates: None,
             });
         }
-        let identity = transport::tls::load_or_create(&config.tls, &config.server.data_dir)?;
-        let tls = transport::tls::server_config(&identity)?;
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-            .map_err(|e| transport::tls::TlsError::Rustls(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(Arc::new(transport::quic::transport_config(
-            config.idle_timeout(),
-            config.heartbeat_interval(),
-        )));
-        let endpoint =
-            quinn::Endpoint::server(server, config.server.quic_listen).map_err(|source| {
-                RunError::Bind {
-                    addr: config.server.quic_listen,
-                    source,
-                }
-            })?;
+        let identity = transport::tls::load_or_create(&config.tls, &server.data_dir)?;
+        let https = match server.tls {
+            true => Some(bind_tcp(server.tls_listen).await?),
+            false => None,
+        };
+        let quic = match server.quic {
+            true => {
+                let transport = Arc::new(transport::quic::transport_config(
+                    config.idle_timeout(),
+                    config.heartbeat_interval(),
+                ));
+                let quic_config = transport::tls::quic_server_config(&identity, transport.clone())?;
+                let endpoint =
+                    quinn::Endpoint::server(quic_config, server.quic_listen).map_err(|source| {
+                        RunError::Bind {
+                            addr: server.quic_listen,
+                            source,
+                        }
+                    })?;
+                Some((endpoint, transport))
+            }
+            false => None,
+        };
+        let certificates = transport::tls::Certificates::new(
+            &identity,
+            &config.tls,
+            &server.data_dir,
+            quic.clone(),
+        )?;
         tracing::info!(
             cert = %identity.cert_path.display(),
             sha256 = %identity.fingerprint,
             development = identity.development,
-            "TLS certificate for QUIC"
+            "TLS certificate (clients: --ca {} or --pin-sha256 {})",
+            identity.cert_path.display(),
+            identity.fingerprint
         );
         Ok(Self {
             http,
-            quic: Some(endpoint),
-            fingerprint: Some(identity.fingerprint),
+            https,
+            quic: quic.map(|(endpoint, _)| endpoint),
+            certificates: Some(certificates),
         })
     }
 }
@@ -219,7 +239,28 @@ pub async fn run(
         "listening for HTTP and WebSocket"
     );
 
-    let accept = tokio::spawn(transport::http::accept_loop(relay.clone(), listeners.http));
+    let accept = tokio::spawn(transport::http::accept_loop(
+        relay.clone(),
+        listeners.http,
+        None,
+    ));
+    let https_accept = match (listeners.https, &listeners.certificates) {
+        (Some(listener), Some(certificates)) => {
+            tracing::info!(
+                addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                "listening for https and wss"
+            );
+            Some(tokio::spawn(transport::http::accept_loop(
+                relay.clone(),
+                listener,
+                Some(certificates.clone()),
+            )))
+        }
+        _ => None,
+    };
+    if let Some(certificates) = &listeners.certificates {
+        tokio::spawn(certificates.clone().watch(relay.draining.clone()));
+    }
     let quic_accept = listeners.quic.map(|endpoint| {
         tracing::info!(
             addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -250,6 +291,9 @@ pub async fn run(
     );
     relay.draining.cancel();
     let _ = accept.await;
+    if let Some(https_accept) = https_accept {
+        let _ = https_accept.await;
+    }
     if let Some(quic_accept) = quic_accept {
         let _ = quic_accept.await;
     }

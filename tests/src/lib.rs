@@ -30,6 +30,7 @@ pub fn test_config(data_dir: &Path) -> Config {
     config.server.data_dir = data_dir.to_owned();
     config.server.shutdown_grace_ms = 3_000;
     config.server.quic_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.server.tls_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.plugins.bundled = Vec::new();
     config.plugins.dir = std::path::PathBuf::new();
     config.plugins.cache_dir = shared_plugin_cache();
@@ -47,6 +48,8 @@ pub struct TestRelay {
     pub addr: SocketAddr,
     /// The QUIC endpoint, unless the test turned QUIC off.
     pub quic_addr: Option<SocketAddr>,
+    /// The https/wss listener, unless the test turned TLS off.
+    pub https_addr: Option<SocketAddr>,
     /// The development certificate QUIC presents (PEM).
     pub cert_pem: std::path::PathBuf,
     shutdown: CancellationToken,
@@ -77,12 +80,17 @@ impl TestRelay {
             .quic
             .as_ref()
             .map(|endpoint| endpoint.local_addr().expect("quic local addr"));
+        let https_addr = listeners
+            .https
+            .as_ref()
+            .map(|listener| listener.local_addr().expect("https local addr"));
         let cert_pem = data_dir.path().join("tls/dev-cert.pem");
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(wasmrelay::run(config, listeners, shutdown.clone()));
         Self {
             addr,
             quic_addr,
+            https_addr,
             cert_pem,
             shutdown,
             handle,
@@ -395,6 +403,8 @@ impl RelayProcess {
             "--listen",
             &listen,
             "--quic-listen",
+            "127.0.0.1:0",
+            "--tls-listen",
             "127.0.0.1:0",
             "--data-dir",
             &data,

@@ -255,6 +255,7 @@ async fn environment_variables_configure_serve() {
             ("WASMRELAY_DATA_DIR", data_dir.path().to_str().unwrap()),
             ("WASMRELAY_ADMIN_TOKEN", "from-env"),
             ("WASMRELAY_QUIC_LISTEN", "127.0.0.1:0"),
+            ("WASMRELAY_TLS_LISTEN", "127.0.0.1:0"),
         ],
     )
     .unwrap();

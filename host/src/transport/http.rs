@@ -15,10 +15,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use serde::Serialize;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use super::io::CountingIo;
+use super::tls::Certificates;
 use crate::admin;
 use crate::hooks::{Route, RouteInput};
 use crate::protocol::{Data, ErrorCode, Request};
@@ -35,8 +36,12 @@ pub const TIMEOUT_HEADER: &str = "x-wasmrelay-timeout-ms";
 /// How long an HTTP connection may take to finish once the relay is closing.
 const HTTP_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-/// Accepts connections until the relay starts draining.
-pub async fn accept_loop(relay: Arc<Relay>, listener: TcpListener) {
+/// How long a TLS client may take to finish its handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections until the relay starts draining; with `tls`, each
+/// connection is a TLS one (https, wss) using the current certificate.
+pub async fn accept_loop(relay: Arc<Relay>, listener: TcpListener, tls: Option<Arc<Certificates>>) {
     loop {
         let accepted = tokio::select! {
             _ = relay.draining().cancelled() => break,
@@ -56,15 +61,31 @@ pub async fn accept_loop(relay: Arc<Relay>, listener: TcpListener) {
         let guard = Arc::new(relay.table.open(peer, local));
         relay.metrics.connection_accepted();
         let span = tracing::debug_span!("conn", id = guard.info().id, %peer);
-        relay.tasks.spawn(tracing::Instrument::instrument(
-            serve_connection(relay.clone(), stream, guard),
-            span,
-        ));
+        let relay_tasks = relay.tasks.clone();
+        let tls = tls.clone();
+        let relay = relay.clone();
+        let connection = async move {
+            match tls {
+                None => serve_connection(relay, stream, guard).await,
+                Some(tls) => {
+                    let handshake = tls.acceptor().accept(stream);
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(stream)) => serve_connection(relay, stream, guard).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
+        };
+        relay_tasks.spawn(tracing::Instrument::instrument(connection, span));
     }
     tracing::info!("stopped accepting connections");
 }
 
-async fn serve_connection(relay: Arc<Relay>, stream: TcpStream, guard: Arc<ConnGuard>) {
+async fn serve_connection<S>(relay: Arc<Relay>, stream: S, guard: Arc<ConnGuard>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(CountingIo::new(
         stream,
         guard.info().clone(),

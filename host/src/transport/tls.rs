@@ -24,6 +24,7 @@ pub struct Identity {
     pub fingerprint: String,
     /// The PEM file clients can trust (`--ca`).
     pub cert_path: PathBuf,
+    pub key_path: PathBuf,
     /// Whether it is the generated development certificate.
     pub development: bool,
 }
@@ -84,6 +85,7 @@ pub fn load_or_create(config: &TlsConfig, data_dir: &Path) -> Result<Identity, T
         key,
         fingerprint,
         cert_path,
+        key_path,
         development,
     })
 }
@@ -112,15 +114,145 @@ fn generate(dir: &Path, cert_path: &Path, key_path: &Path) -> Result<(), TlsErro
     Ok(())
 }
 
-/// rustls with the ring provider, TLS 1.3 only (QUIC requires it).
+/// rustls for QUIC: the ring provider, TLS 1.3 only (QUIC requires it), ALPN `wasmrelay/1`.
 pub fn server_config(identity: &Identity) -> Result<rustls::ServerConfig, TlsError> {
+    build(identity, &[&rustls::version::TLS13], vec![ALPN.to_vec()])
+}
+
+/// rustls for https and wss: TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`.
+pub fn https_config(identity: &Identity) -> Result<rustls::ServerConfig, TlsError> {
+    build(
+        identity,
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    )
+}
+
+fn build(
+    identity: &Identity,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    alpn: Vec<Vec<u8>>,
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(versions)
         .map_err(|e| TlsError::Rustls(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(identity.certs.clone(), identity.key.clone_key())
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = alpn;
     Ok(config)
+}
+
+/// The certificate in use, swapped when its files change: new TLS and QUIC
+/// connections get the new one, established connections keep theirs.
+pub struct Certificates {
+    https: arc_swap::ArcSwap<rustls::ServerConfig>,
+    quic: Option<(quinn::Endpoint, Arc<quinn::TransportConfig>)>,
+    config: TlsConfig,
+    data_dir: PathBuf,
+    watched: std::sync::Mutex<(PathBuf, PathBuf, Option<Stamp>)>,
+    pub fingerprint: arc_swap::ArcSwap<String>,
+}
+
+/// Modification times and sizes of the certificate and key files.
+type Stamp = (std::time::SystemTime, u64, std::time::SystemTime, u64);
+
+fn stamp(cert: &Path, key: &Path) -> Option<Stamp> {
+    let c = std::fs::metadata(cert).ok()?;
+    let k = std::fs::metadata(key).ok()?;
+    Some((c.modified().ok()?, c.len(), k.modified().ok()?, k.len()))
+}
+
+/// quinn's server configuration for an identity.
+pub fn quic_server_config(
+    identity: &Identity,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_config(identity)?)
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(transport);
+    Ok(server)
+}
+
+impl Certificates {
+    pub fn new(
+        identity: &Identity,
+        config: &TlsConfig,
+        data_dir: &Path,
+        quic: Option<(quinn::Endpoint, Arc<quinn::TransportConfig>)>,
+    ) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self {
+            https: arc_swap::ArcSwap::from_pointee(https_config(identity)?),
+            quic,
+            config: config.clone(),
+            data_dir: data_dir.to_owned(),
+            watched: std::sync::Mutex::new((
+                identity.cert_path.clone(),
+                identity.key_path.clone(),
+                stamp(&identity.cert_path, &identity.key_path),
+            )),
+            fingerprint: arc_swap::ArcSwap::from_pointee(identity.fingerprint.clone()),
+        }))
+    }
+
+    /// An acceptor with the current certificate.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.https.load_full())
+    }
+
+    /// Reloads when the files changed; a pair that fails to load is logged
+    /// and the current certificate stays.
+    pub fn reload_if_changed(&self) {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let now = stamp(&watched.0, &watched.1);
+        if now.is_none() || now == watched.2 {
+            return;
+        }
+        watched.2 = now;
+        drop(watched);
+        let reloaded = load_or_create(&self.config, &self.data_dir).and_then(|identity| {
+            let https = https_config(&identity)?;
+            let quic = match &self.quic {
+                Some((endpoint, transport)) => {
+                    Some((endpoint, quic_server_config(&identity, transport.clone())?))
+                }
+                None => None,
+            };
+            Ok((identity, https, quic))
+        });
+        match reloaded {
+            Ok((identity, https, quic)) => {
+                self.https.store(Arc::new(https));
+                if let Some((endpoint, server)) = quic {
+                    endpoint.set_server_config(Some(server));
+                }
+                self.fingerprint
+                    .store(Arc::new(identity.fingerprint.clone()));
+                tracing::info!(sha256 = %identity.fingerprint, "TLS certificate reloaded for new connections");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "certificate files changed but cannot be loaded; keeping the current certificate")
+            }
+        }
+    }
+
+    /// Checks the files every `tls.reload_interval_ms` until `stop`.
+    pub async fn watch(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(
+            self.config.reload_interval_ms,
+        ));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    let certificates = self.clone();
+                    // File reads and key parsing are blocking work.
+                    let _ = tokio::task::spawn_blocking(move || certificates.reload_if_changed()).await;
+                }
+            }
+        }
+    }
 }
