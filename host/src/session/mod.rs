@@ -22,7 +22,7 @@ pub use outbound::Outbound;
 use crate::channels::Subscriber;
 use crate::hooks::{Filtered, Route, RouteInput};
 use crate::metrics::Metrics;
-use crate::protocol::{ErrorCode, Msg, Request, VERSION};
+use crate::protocol::{DecodeError, ErrorCode, Msg, Request, VERSION};
 use crate::relay::Relay;
 use crate::spaces::{Caller, Instance};
 use table::{ConnInfo, ConnState};
@@ -35,6 +35,35 @@ pub fn deliver(conn: &ConnInfo, tx: &mpsc::Sender<Outbound>, out: Outbound, metr
         conn.dropped.fetch_add(1, Ordering::Relaxed);
         metrics.message_dropped();
     }
+}
+
+/// Moves `first` and whatever else is queued (up to `max` in all) into
+/// `batch`, so one flush carries many messages.
+pub fn take_batch(
+    rx: &mut mpsc::Receiver<Outbound>,
+    first: Outbound,
+    batch: &mut Vec<Outbound>,
+    max: usize,
+) {
+    batch.push(first);
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(out) => batch.push(out),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Counts messages a connection has written, and the errors among them.
+pub fn account_sent(conn: &ConnInfo, metrics: &Metrics, batch: &[Outbound]) {
+    for out in batch {
+        if let Msg::Error { code, .. } = out.msg() {
+            metrics.error_sent(*code);
+        }
+    }
+    let count = batch.len() as u64;
+    conn.msgs_out.fetch_add(count, Ordering::Relaxed);
+    metrics.messages_out(count);
 }
 
 /// Channel names: 1–256 bytes, no control characters.
@@ -77,6 +106,18 @@ impl Session {
 
     pub fn conn(&self) -> &Arc<ConnInfo> {
         &self.conn
+    }
+
+    /// Counts one inbound message and acts on it, or on why it could not be
+    /// decoded; returns the direct reply, if any. What every transport calls.
+    pub fn receive(&mut self, decoded: Result<Msg, DecodeError>) -> Option<Outbound> {
+        self.conn.msgs_in.fetch_add(1, Ordering::Relaxed);
+        self.relay.metrics.message_in();
+        let reply = match decoded {
+            Ok(msg) => self.handle(msg),
+            Err(e) => Some(Msg::error(e.code, e.message, e.id)),
+        };
+        reply.map(Outbound::new)
     }
 
     /// Acts on one inbound message; returns the direct reply, if any.

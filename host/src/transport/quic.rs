@@ -20,7 +20,7 @@ use crate::hooks::{Admit, Handshake};
 use crate::protocol::{Msg, codec};
 use crate::relay::Relay;
 use crate::session::table::{ConnGuard, ConnState, Transport};
-use crate::session::{Outbound, Session};
+use crate::session::{Outbound, Session, account_sent, take_batch};
 
 /// QUIC application error codes the relay closes connections with.
 pub mod close {
@@ -212,29 +212,15 @@ async fn serve(
                 }
                 Some(Err(ReadEnd::Truncated)) => break Some((close::PROTOCOL, "control stream ended mid-frame")),
                 Some(Ok(message)) => {
-                    conn.msgs_in.fetch_add(1, Ordering::Relaxed);
                     let wire = (LENGTH_BYTES + message.len()) as u64;
                     conn.bytes_in.fetch_add(wire, Ordering::Relaxed);
                     relay.metrics.bytes_in(wire);
-                    relay.metrics.message_in();
-                    let reply = match codec::decode_binary(&message) {
-                        Ok(msg) => session.handle(msg),
-                        Err(e) => Some(Msg::error(e.code, e.message, e.id)),
-                    };
-                    if let Some(reply) = reply {
-                        outgoing.push(Outbound::new(reply));
+                    if let Some(reply) = session.receive(codec::decode_binary(&message)) {
+                        outgoing.push(reply);
                     }
                 }
             },
-            Some(out) = rx.recv() => {
-                outgoing.push(out);
-                while outgoing.len() < WRITE_BATCH {
-                    match rx.try_recv() {
-                        Ok(out) => outgoing.push(out),
-                        Err(_) => break,
-                    }
-                }
-            }
+            Some(out) = rx.recv() => take_batch(&mut rx, out, &mut outgoing, WRITE_BATCH),
             _ = tick.tick() => {
                 if !session.greeted() && opened.elapsed() >= idle_timeout {
                     break Some((close::NO_HELLO, "no hello within idle_timeout_ms"));
@@ -245,12 +231,8 @@ async fn serve(
         if outgoing.is_empty() {
             continue;
         }
-        let count = outgoing.len() as u64;
         let mut batch = BytesMut::new();
         for out in &outgoing {
-            if let Msg::Error { code, .. } = out.msg() {
-                relay.metrics.error_sent(*code);
-            }
             batch.put_slice(&frame(&out.binary()));
         }
         let bytes = batch.len() as u64;
@@ -260,9 +242,8 @@ async fn serve(
             Ok(Ok(())) => {}
             _ => break None,
         }
-        conn.msgs_out.fetch_add(count, Ordering::Relaxed);
+        account_sent(&conn, &relay.metrics, &outgoing);
         conn.bytes_out.fetch_add(bytes, Ordering::Relaxed);
-        relay.metrics.messages_out(count);
         relay.metrics.bytes_out(bytes);
     };
 

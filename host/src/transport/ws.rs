@@ -27,7 +27,7 @@ use crate::hooks::{Admit, Handshake};
 use crate::protocol::{Encoding, ErrorCode, Msg, codec};
 use crate::relay::Relay;
 use crate::session::table::{ConnGuard, ConnState, Transport};
-use crate::session::{Outbound, Session};
+use crate::session::{Outbound, Session, account_sent, take_batch};
 
 /// At most this many queued messages are written before one flush, so a busy
 /// connection batches syscalls but still gets to its heartbeat and inbound.
@@ -224,27 +224,11 @@ where
                     }
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
                 };
-                if let Some(decoded) = decoded {
-                    conn.msgs_in.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    relay.metrics.message_in();
-                    let reply = match decoded {
-                        Ok(msg) => session.handle(msg),
-                        Err(e) => Some(Msg::error(e.code, e.message, e.id)),
-                    };
-                    if let Some(reply) = reply {
-                        outgoing.push(Outbound::new(reply));
-                    }
+                if let Some(reply) = decoded.and_then(|decoded| session.receive(decoded)) {
+                    outgoing.push(reply);
                 }
             }
-            Some(out) = rx.recv() => {
-                outgoing.push(out);
-                while outgoing.len() < WRITE_BATCH {
-                    match rx.try_recv() {
-                        Ok(out) => outgoing.push(out),
-                        Err(_) => break,
-                    }
-                }
-            }
+            Some(out) = rx.recv() => take_batch(&mut rx, out, &mut outgoing, WRITE_BATCH),
             _ = heartbeat.tick() => {
                 // Libraries answer pings by themselves, so a client that never
                 // says hello would otherwise look alive forever.
@@ -263,12 +247,7 @@ where
         if outgoing.is_empty() {
             continue;
         }
-        let count = outgoing.len() as u64;
-        for out in &outgoing {
-            if let Msg::Error { code, .. } = out.msg() {
-                relay.metrics.error_sent(*code);
-            }
-        }
+        account_sent(&conn, &relay.metrics, &outgoing);
         let frames = outgoing.into_iter().map(|out| match encoding {
             Encoding::Text => Message::Text(out.text()),
             Encoding::Binary => Message::Binary(out.binary()),
@@ -277,9 +256,6 @@ where
             tracing::debug!("peer stopped reading; dropping the connection");
             break None;
         }
-        conn.msgs_out
-            .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
-        relay.metrics.messages_out(count);
     };
 
     conn.set_state(ConnState::Closing);
