@@ -168,6 +168,16 @@ impl ConnInfo {
             .unwrap_or(0)
     }
 
+    /// Shows the user and tier admission gave this connection.
+    pub fn record_grant(&self, grant: Option<crate::hooks::Grant>) {
+        if let Some(grant) = grant {
+            self.update_detail(|d| {
+                d.user = Some(grant.user);
+                d.tier = Some(grant.tier);
+            });
+        }
+    }
+
     /// Edits the descriptive part; the closure must not block.
     pub fn update_detail(&self, edit: impl FnOnce(&mut Detail)) {
         let mut detail = self.detail.lock().unwrap_or_else(|e| e.into_inner());

@@ -98,14 +98,7 @@ async fn handle(relay: Arc<Relay>, incoming: quinn::Incoming, guard: Arc<ConnGua
         headers: &headers,
     };
     match relay.admission().admit(&handshake) {
-        Admit::Allow(grant) => {
-            if let Some(grant) = grant {
-                guard.info().update_detail(|d| {
-                    d.user = Some(grant.user);
-                    d.tier = Some(grant.tier);
-                });
-            }
-        }
+        Admit::Allow(grant) => guard.info().record_grant(grant),
         Admit::Deny { code, reason, .. } => {
             connection.close(
                 close::REFUSED.into(),

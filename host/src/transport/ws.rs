@@ -89,14 +89,7 @@ pub fn upgrade(
         headers,
     };
     match relay.admission().admit(&handshake) {
-        Admit::Allow(grant) => {
-            if let Some(grant) = grant {
-                guard.info().update_detail(|d| {
-                    d.user = Some(grant.user);
-                    d.tier = Some(grant.tier);
-                });
-            }
-        }
+        Admit::Allow(grant) => guard.info().record_grant(grant),
         Admit::Deny {
             status,
             code,
