@@ -54,6 +54,14 @@ pub fn take_batch(
     }
 }
 
+/// The `goaway` every connection is sent when the relay starts draining.
+pub fn goaway(relay: &Relay) -> Outbound {
+    Outbound::new(Msg::Goaway {
+        reason: "relay shutting down".to_owned(),
+        reconnect_ms: relay.config.server.shutdown_grace_ms,
+    })
+}
+
 /// Counts messages a connection has written, and the errors among them.
 pub fn account_sent(conn: &ConnInfo, metrics: &Metrics, batch: &[Outbound]) {
     for out in batch {
@@ -88,6 +96,13 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session for `conn` with its bounded outbound queue; the transport
+    /// drains the returned receiver.
+    pub fn open(relay: Arc<Relay>, conn: Arc<ConnInfo>) -> (Self, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(relay.config.limits.outbound_queue);
+        (Self::new(relay, conn, tx), rx)
+    }
+
     pub fn new(relay: Arc<Relay>, conn: Arc<ConnInfo>, tx: mpsc::Sender<Outbound>) -> Self {
         conn.attach_queue(tx.clone());
         Self {

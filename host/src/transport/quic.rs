@@ -17,10 +17,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::hooks::{Admit, Handshake};
-use crate::protocol::{Msg, codec};
+use crate::protocol::codec;
 use crate::relay::Relay;
 use crate::session::table::{ConnGuard, ConnState, Transport};
-use crate::session::{Outbound, Session, account_sent, take_batch};
+use crate::session::{Outbound, Session, account_sent, goaway, take_batch};
 
 /// QUIC application error codes the relay closes connections with.
 pub mod close {
@@ -173,8 +173,7 @@ async fn serve(
     let max = relay.config.limits.max_message_bytes;
     let (frames_tx, mut frames) = mpsc::channel(INBOUND_FRAMES);
     let reader = tokio::spawn(read_frames(recv, max, frames_tx));
-    let (tx, mut rx) = mpsc::channel::<Outbound>(relay.config.limits.outbound_queue);
-    let mut session = Session::new(relay.clone(), conn.clone(), tx);
+    let (mut session, mut rx) = Session::open(relay.clone(), conn.clone());
     let idle_timeout = relay.config.idle_timeout();
     let interval = relay.config.heartbeat_interval();
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -192,10 +191,7 @@ async fn serve(
             _ = relay.draining().cancelled(), if !goaway_sent => {
                 goaway_sent = true;
                 conn.set_state(ConnState::Draining);
-                outgoing.push(Outbound::new(Msg::Goaway {
-                    reason: "relay shutting down".to_owned(),
-                    reconnect_ms: relay.config.server.shutdown_grace_ms,
-                }));
+                outgoing.push(goaway(&relay));
             }
             inbound = frames.recv() => match inbound {
                 None | Some(Err(ReadEnd::Closed)) => break None,

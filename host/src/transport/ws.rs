@@ -14,7 +14,6 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -24,10 +23,10 @@ use tracing::Instrument;
 
 use super::http::{Body, json_error};
 use crate::hooks::{Admit, Handshake};
-use crate::protocol::{Encoding, ErrorCode, Msg, codec};
+use crate::protocol::{Encoding, ErrorCode, codec};
 use crate::relay::Relay;
 use crate::session::table::{ConnGuard, ConnState, Transport};
-use crate::session::{Outbound, Session, account_sent, take_batch};
+use crate::session::{Outbound, Session, account_sent, goaway, take_batch};
 
 /// At most this many queued messages are written before one flush, so a busy
 /// connection batches syscalls but still gets to its heartbeat and inbound.
@@ -162,8 +161,7 @@ where
 {
     let conn = guard.info().clone();
     conn.set_transport(Transport::Ws);
-    let (tx, mut rx) = mpsc::channel::<Outbound>(relay.config.limits.outbound_queue);
-    let mut session = Session::new(relay.clone(), conn.clone(), tx);
+    let (mut session, mut rx) = Session::open(relay.clone(), conn.clone());
     let mut encoding = Encoding::Text;
     let idle_timeout = relay.config.idle_timeout();
     let interval = relay.config.heartbeat_interval();
@@ -185,10 +183,7 @@ where
             _ = relay.draining().cancelled(), if !goaway_sent => {
                 goaway_sent = true;
                 conn.set_state(ConnState::Draining);
-                outgoing.push(Outbound::new(Msg::Goaway {
-                    reason: "relay shutting down".to_owned(),
-                    reconnect_ms: relay.config.server.shutdown_grace_ms,
-                }));
+                outgoing.push(goaway(&relay));
             }
             inbound = ws.next() => {
                 let message = match inbound {
