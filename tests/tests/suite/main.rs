@@ -1,0 +1,16 @@
+//! The end-to-end suite, one test binary: every integration test links the
+//! whole relay (wasmtime, quinn, rustls), and one binary instead of ten keeps
+//! the build several gigabytes smaller and links once instead of ten times.
+//!
+//! Run one area with `cargo test -p wasmrelay-tests --test suite quic::`.
+
+mod admin;
+mod browser;
+mod e2e;
+mod hot_swap;
+mod leak;
+mod plugins;
+mod protocol;
+mod quic;
+mod spaces;
+mod tls;
