@@ -1,6 +1,7 @@
 //! A minimal protocol client over WebSocket or QUIC: connect, say `hello`,
 //! then send and receive [`Msg`]s. WebSocket uses JSON text frames; QUIC uses
-//! one control stream of length-prefixed binary frames (PROTOCOL.md §1.1).
+//! one control stream of length-prefixed binary frames, plus a stream of its
+//! own for each bulk body in either direction (PROTOCOL.md §1.1).
 //! Small enough to read in one sitting; PROTOCOL.md is the reference for
 //! writing one in another language.
 
@@ -9,12 +10,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 use wasmrelay::protocol::{Msg, VERSION, codec};
+use wasmrelay::transport::quic::{self, FrameError};
+
+/// The largest frame a client accepts: the most `max_message_bytes` can be.
+const MAX_FRAME: usize = 64 * 1024 * 1024;
 
 /// How a QUIC client decides to trust the relay's certificate. There is no
 /// "accept anything" option on purpose.
@@ -34,7 +40,7 @@ enum Link {
     Quic {
         connection: quinn::Connection,
         send: quinn::SendStream,
-        recv: quinn::RecvStream,
+        inbox: mpsc::Receiver<Result<QuicFrame, FrameError>>,
         _endpoint: quinn::Endpoint,
     },
 }
@@ -83,12 +89,17 @@ impl Client {
                 ws.send(Message::Text(codec::encode_text(msg).into()))
                     .await?
             }
-            Link::Quic { send, .. } => {
-                let message = codec::encode_binary(msg);
-                let mut frame = BytesMut::with_capacity(4 + message.len());
-                frame.put_u32(message.len() as u32);
-                frame.put_slice(&message);
-                send.write_all(&frame).await?;
+            Link::Quic {
+                send, connection, ..
+            } => {
+                let frame = quic::frame(&codec::encode_binary(msg));
+                if quic::is_bulk(msg) {
+                    let mut bulk = connection.open_uni().await?;
+                    bulk.write_all(&frame).await?;
+                    bulk.finish()?;
+                } else {
+                    send.write_all(&frame).await?;
+                }
             }
         }
         Ok(())
@@ -109,20 +120,11 @@ impl Client {
                 }
                 Ok(None)
             }
-            Link::Quic { recv, .. } => {
-                let mut length = [0u8; 4];
-                match recv.read_exact(&mut length).await {
-                    Ok(()) => {}
-                    Err(quinn::ReadExactError::FinishedEarly(_)) => return Ok(None),
-                    Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(_))) => {
-                        return Ok(None);
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-                let mut body = vec![0u8; u32::from_be_bytes(length) as usize];
-                recv.read_exact(&mut body).await?;
-                Ok(Some(codec::decode_binary(&Bytes::from(body))?))
-            }
+            Link::Quic { inbox, .. } => match inbox.recv().await {
+                Some(Ok(frame)) => Ok(Some(codec::decode_binary(&frame.message)?)),
+                None | Some(Err(FrameError::Lost)) => Ok(None),
+                Some(Err(e)) => Err(e.into()),
+            },
         }
     }
 
@@ -193,11 +195,58 @@ async fn connect_quic(authority: &str, trust: &Trust) -> anyhow::Result<Link> {
         .with_context(|| format!("QUIC handshake with {authority} failed"))?;
     let (send, recv) = connection.open_bi().await?;
     Ok(Link::Quic {
+        inbox: quic_inbox(connection.clone(), recv),
         connection,
         send,
-        recv,
         _endpoint: endpoint,
     })
+}
+
+/// One message received over QUIC, and whether it came on a bulk stream.
+#[derive(Debug)]
+pub struct QuicFrame {
+    pub message: Bytes,
+    pub bulk: bool,
+}
+
+/// Whole frames from the control stream and from every bulk stream the relay
+/// opens, in arrival order. Ends once the connection does.
+pub fn quic_inbox(
+    connection: quinn::Connection,
+    mut control: quinn::RecvStream,
+) -> mpsc::Receiver<Result<QuicFrame, FrameError>> {
+    let tag = |bulk| move |message| QuicFrame { message, bulk };
+    let (tx, rx) = mpsc::channel(64);
+    let control_tx = tx.clone();
+    tokio::spawn(async move {
+        loop {
+            let frame = quic::read_frame(&mut control, MAX_FRAME, None).await;
+            let ended = !matches!(frame, Ok(Some(_)));
+            if let Some(item) = frame.transpose().map(|r| r.map(tag(false)))
+                && control_tx.send(item).await.is_err()
+            {
+                return;
+            }
+            if ended {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok(mut bulk) = connection.accept_uni().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Some(item) = quic::read_frame(&mut bulk, MAX_FRAME, None)
+                    .await
+                    .transpose()
+                    .map(|r| r.map(tag(true)))
+                {
+                    let _ = tx.send(item).await;
+                }
+            });
+        }
+    });
+    rx
 }
 
 /// Certificate pinning: the relay's leaf certificate must have the given

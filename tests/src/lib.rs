@@ -16,7 +16,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 use tokio_util::sync::CancellationToken;
+use wasmrelay::transport::quic::FrameError;
 use wasmrelay::{Config, Listeners, RunError};
+use wasmrelay_examples::client::{QuicFrame, quic_inbox};
 
 /// How long a test waits for any single expected event before failing.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -214,11 +216,14 @@ impl WsTester {
 }
 
 /// A QUIC client speaking raw frames: `u32 length | u32 header length |
-/// JSON header | payload`, as a client in another language would.
+/// JSON header | payload`, as a client in another language would. Frames
+/// arrive from the control stream and from the relay's bulk streams.
 pub struct QuicTester {
     pub connection: quinn::Connection,
     pub send: quinn::SendStream,
-    pub recv: quinn::RecvStream,
+    inbox: tokio::sync::mpsc::Receiver<Result<QuicFrame, FrameError>>,
+    /// Messages that arrived on bulk streams so far.
+    pub bulk_received: usize,
     _endpoint: quinn::Endpoint,
 }
 
@@ -261,48 +266,43 @@ impl QuicTester {
         let connection = endpoint.connect(addr, "localhost")?.await?;
         let (send, recv) = connection.open_bi().await?;
         Ok(Self {
+            inbox: quic_inbox(connection.clone(), recv),
+            bulk_received: 0,
             connection,
             send,
-            recv,
             _endpoint: endpoint,
         })
     }
 
-    /// Sends `msg` as a binary message (JSON header, `data` moved to the payload).
-    pub async fn send(&mut self, mut msg: Value) -> anyhow::Result<()> {
-        let payload = match msg.as_object_mut().and_then(|m| m.remove("data")) {
-            Some(Value::String(text)) => text.into_bytes(),
-            Some(other) => bail!("test helper sends string data only, not {other}"),
-            None => Vec::new(),
-        };
-        let header = msg.to_string();
-        let mut message = Vec::new();
-        message.extend_from_slice(&(header.len() as u32).to_be_bytes());
-        message.extend_from_slice(header.as_bytes());
-        message.extend_from_slice(&payload);
+    /// Sends `msg` on the control stream as a binary message (JSON header,
+    /// `data` moved to the payload).
+    pub async fn send(&mut self, msg: Value) -> anyhow::Result<()> {
+        let message = binary_message(msg)?;
         self.send_raw(&message).await
+    }
+
+    /// Sends `msg` as the one frame of a new unidirectional (bulk) stream.
+    pub async fn send_bulk(&mut self, msg: Value) -> anyhow::Result<()> {
+        let mut stream = self.connection.open_uni().await?;
+        stream.write_all(&frame(&binary_message(msg)?)).await?;
+        stream.finish()?;
+        Ok(())
     }
 
     /// Sends one length-prefixed frame with `message` as its body.
     pub async fn send_raw(&mut self, message: &[u8]) -> anyhow::Result<()> {
-        let mut frame = (message.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(message);
-        self.send.write_all(&frame).await?;
+        self.send.write_all(&frame(message)).await?;
         Ok(())
     }
 
     /// The next message; a payload comes back as `data` (lossy UTF-8).
     pub async fn recv(&mut self) -> anyhow::Result<Value> {
-        let read = async {
-            let mut length = [0u8; 4];
-            self.recv.read_exact(&mut length).await?;
-            let mut body = vec![0u8; u32::from_be_bytes(length) as usize];
-            self.recv.read_exact(&mut body).await?;
-            anyhow::Ok(body)
-        };
-        let body = tokio::time::timeout(STEP_TIMEOUT, read)
+        let frame = tokio::time::timeout(STEP_TIMEOUT, self.inbox.recv())
             .await
-            .context("timed out waiting for a QUIC frame")??;
+            .context("timed out waiting for a QUIC frame")?
+            .context("the connection ended")??;
+        self.bulk_received += usize::from(frame.bulk);
+        let body = frame.message;
         let header_len = u32::from_be_bytes(body[..4].try_into()?) as usize;
         let mut msg: Value = serde_json::from_slice(&body[4..4 + header_len])?;
         let payload = &body[4 + header_len..];
@@ -320,6 +320,29 @@ impl QuicTester {
             }
         }
     }
+}
+
+/// `msg` as a binary message: JSON header, `data` (a string) as the payload.
+pub fn binary_message(mut msg: Value) -> anyhow::Result<Vec<u8>> {
+    let payload = match msg.as_object_mut().and_then(|m| m.remove("data")) {
+        Some(Value::String(text)) => text.into_bytes(),
+        Some(other) => bail!("test helper sends string data only, not {other}"),
+        None => Vec::new(),
+    };
+    let header = msg.to_string();
+    let mut message = Vec::with_capacity(4 + header.len() + payload.len());
+    message.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    message.extend_from_slice(header.as_bytes());
+    message.extend_from_slice(&payload);
+    Ok(message)
+}
+
+/// `message` with its `u32` big-endian length in front, as QUIC streams carry it.
+pub fn frame(message: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(4 + message.len());
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
+    frame
 }
 
 /// Polls `check` until it returns `Some`, failing after `limit`.
@@ -353,21 +376,24 @@ pub async fn wait_json(
     .await
 }
 
-/// The relay as a child process (`wasmrelay serve`) on a port of its own.
+/// The relay as a child process (`wasmrelay serve`) on ports of its own.
 pub struct RelayProcess {
     pub process: ChildProcess,
+    /// The HTTP / WebSocket port.
     pub port: u16,
-    _data_dir: tempfile::TempDir,
+    /// The QUIC (UDP) port.
+    pub quic_port: u16,
+    /// The https / wss port.
+    pub tls_port: u16,
+    exe: String,
+    args: Vec<String>,
+    data_dir: tempfile::TempDir,
 }
 
 impl RelayProcess {
     /// Starts `exe serve` with `extra` flags and waits for `/healthz`.
     pub async fn start(exe: &str, extra: &[&str]) -> Self {
-        Self::start_on(exe, free_port(), extra).await
-    }
-
-    pub async fn start_on(exe: &str, port: u16, extra: &[&str]) -> Self {
-        Self::start_configured(exe, port, "", extra).await
+        Self::start_configured(exe, free_port(), "", extra).await
     }
 
     /// Starts the relay with `plugins_toml` (lines for the `[plugins]` table)
@@ -379,7 +405,8 @@ impl RelayProcess {
         extra: &[&str],
     ) -> Self {
         let data_dir = tempfile::tempdir().expect("temp dir");
-        let listen = format!("127.0.0.1:{port}");
+        let quic_port = free_udp_port();
+        let tls_port = free_port();
         let data = data_dir
             .path()
             .to_str()
@@ -397,28 +424,41 @@ impl RelayProcess {
             ),
         )
         .expect("write the test relay's config");
-        let config_arg = config_path.display().to_string();
-        let mut args = vec![
-            "serve",
-            "--listen",
-            &listen,
-            "--quic-listen",
-            "127.0.0.1:0",
-            "--tls-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &data,
-            "--config",
-            &config_arg,
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--quic-listen".into(),
+            format!("127.0.0.1:{quic_port}"),
+            "--tls-listen".into(),
+            format!("127.0.0.1:{tls_port}"),
+            "--data-dir".into(),
+            data,
+            "--config".into(),
+            config_path.display().to_string(),
         ];
-        args.extend_from_slice(extra);
-        let process = ChildProcess::spawn(exe, &args).expect("start the relay");
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let process = Self::spawn(exe, &args);
         let relay = Self {
             process,
             port,
-            _data_dir: data_dir,
+            quic_port,
+            tls_port,
+            exe: exe.to_owned(),
+            args,
+            data_dir,
         };
-        let health = relay.url("/healthz");
+        relay.wait_healthy().await;
+        relay
+    }
+
+    fn spawn(exe: &str, args: &[String]) -> ChildProcess {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ChildProcess::spawn(exe, &args).expect("start the relay")
+    }
+
+    async fn wait_healthy(&self) {
+        let health = self.url("/healthz");
         wait_for(
             "the relay to answer /healthz",
             Duration::from_secs(60),
@@ -428,7 +468,15 @@ impl RelayProcess {
             },
         )
         .await;
-        relay
+    }
+
+    /// Kills the relay (SIGKILL) and starts it again on the same ports, with
+    /// the same data directory (so the same development certificate).
+    pub async fn restart(mut self) -> Self {
+        self.process.kill();
+        self.process = Self::spawn(&self.exe, &self.args);
+        self.wait_healthy().await;
+        self
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -437,6 +485,33 @@ impl RelayProcess {
 
     pub fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    /// Where a client reaches the relay over `via`.
+    pub fn client_url(&self, via: Via) -> String {
+        match via {
+            Via::Ws => self.ws_url(),
+            Via::Quic => format!("quic://127.0.0.1:{}", self.quic_port),
+        }
+    }
+
+    pub fn quic_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.quic_port))
+    }
+
+    /// The development certificate the relay generated on start.
+    pub fn cert_pem(&self) -> std::path::PathBuf {
+        self.data_dir.path().join("tls").join("dev-cert.pem")
+    }
+
+    /// A greeted raw client over `via`.
+    pub async fn tester(&self, via: Via) -> anyhow::Result<Tester> {
+        Ok(match via {
+            Via::Ws => Tester::Ws(WsTester::greeted(&self.ws_url()).await?),
+            Via::Quic => {
+                Tester::Quic(QuicTester::greeted(self.quic_addr(), &self.cert_pem()).await?)
+            }
+        })
     }
 
     /// Waits until `GET /spaces/{space}` reports `connected` as given.
@@ -448,6 +523,75 @@ impl RelayProcess {
             |info| info["connected"] == connected,
         )
         .await
+    }
+}
+
+/// The transport a client under test uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Ws,
+    Quic,
+}
+
+/// A raw protocol client over either transport, for tests written once and
+/// run over both.
+pub enum Tester {
+    Ws(WsTester),
+    Quic(QuicTester),
+}
+
+/// How the relay ended a connection: a WebSocket close code, or a QUIC
+/// application error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    Ws(u16),
+    Quic(u64),
+}
+
+impl Tester {
+    pub async fn send(&mut self, msg: Value) -> anyhow::Result<()> {
+        match self {
+            Tester::Ws(ws) => ws.send(msg).await,
+            Tester::Quic(quic) => quic.send(msg).await,
+        }
+    }
+
+    pub async fn recv(&mut self) -> anyhow::Result<Value> {
+        match self {
+            Tester::Ws(ws) => ws.recv().await,
+            Tester::Quic(quic) => quic.recv().await,
+        }
+    }
+
+    /// Skips messages until one with `type` == `kind` arrives.
+    pub async fn recv_type(&mut self, kind: &str) -> anyhow::Result<Value> {
+        loop {
+            let msg = self.recv().await?;
+            if msg["type"] == kind {
+                return Ok(msg);
+            }
+        }
+    }
+
+    /// Waits (bounded) for the relay to close the connection.
+    pub async fn expect_close(&mut self) -> anyhow::Result<Closed> {
+        match self {
+            Tester::Ws(ws) => {
+                let frame = ws.expect_close().await?.context("no close frame")?;
+                Ok(Closed::Ws(u16::from(frame.code)))
+            }
+            Tester::Quic(quic) => {
+                let reason = tokio::time::timeout(STEP_TIMEOUT, quic.connection.closed())
+                    .await
+                    .context("timed out waiting for the relay to close")?;
+                match reason {
+                    quinn::ConnectionError::ApplicationClosed(close) => {
+                        Ok(Closed::Quic(close.error_code.into_inner()))
+                    }
+                    other => bail!("expected an application close, got {other}"),
+                }
+            }
+        }
     }
 }
 
@@ -560,6 +704,14 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// A loopback UDP port that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port")
 }
 
 /// Resident memory of process `pid` in bytes, from /proc.

@@ -204,6 +204,18 @@ impl Msg {
         }
     }
 
+    /// The payload of this message, if its type has one.
+    pub fn data(&self) -> Option<&Data> {
+        match self {
+            Msg::Publish { data, .. }
+            | Msg::Message { data, .. }
+            | Msg::Progress { data, .. }
+            | Msg::Request(Request { data, .. })
+            | Msg::Response(Response { data, .. }) => Some(data),
+            _ => None,
+        }
+    }
+
     pub fn error(code: ErrorCode, message: impl Into<String>, id: Option<String>) -> Self {
         Msg::Error {
             code,
@@ -243,6 +255,10 @@ pub const KNOWN_TYPES: &[&str] = &[
 pub struct Data(pub Bytes);
 
 impl Data {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

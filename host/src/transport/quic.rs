@@ -1,12 +1,18 @@
-//! QUIC (quinn, ALPN `wasmrelay/1`): the same protocol as WebSocket over one
-//! bidirectional control stream per connection, carrying length-prefixed
+//! QUIC (quinn, ALPN `wasmrelay/1`): the same protocol as WebSocket. One
+//! bidirectional control stream per connection carries length-prefixed
 //! binary frames (`u32 big-endian length | binary message`, the binary
-//! message being exactly a WebSocket binary frame). One task per connection
-//! runs a [`Session`]; a reader task turns the stream into whole frames so
-//! the session's `select!` never cancels a half-read frame. QUIC's own
-//! keep-alive and idle timeout replace WebSocket pings.
+//! message being exactly a WebSocket binary frame). Every bulk body — a
+//! `request` or `response` whose payload reaches [`BULK_THRESHOLD`] — travels
+//! as one frame on a unidirectional stream of its own, in either direction,
+//! so a large body never holds control messages up behind it. QUIC's flow
+//! control is the backpressure on both kinds of stream.
 //!
-//! Application close codes are in [`close`] and PROTOCOL.md.
+//! One task per connection runs a [`Session`]; reader tasks turn streams into
+//! whole frames so the session's `select!` never cancels a half-read frame.
+//! QUIC's own keep-alive and idle timeout replace WebSocket pings.
+//!
+//! Application close codes are in [`close`], stream error codes in
+//! [`stream_code`], and both in PROTOCOL.md §1.1.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,12 +21,20 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::hooks::{Admit, Handshake};
-use crate::protocol::codec;
+use crate::protocol::{ErrorCode, Msg, codec};
 use crate::relay::Relay;
-use crate::session::table::{ConnGuard, ConnState, Transport};
+use crate::session::table::{ConnGuard, ConnInfo, ConnState, Transport};
 use crate::session::{Outbound, Session, account_sent, goaway, take_batch};
+
+/// A `request` or `response` whose payload is at least this many bytes is a
+/// bulk body: it travels on a unidirectional stream of its own.
+pub const BULK_THRESHOLD: usize = 16 * 1024;
+/// Bulk streams a peer may have open towards the relay at once (and the most
+/// the relay opens towards a peer); more wait for QUIC stream credit.
+pub const MAX_BULK_STREAMS: u32 = 16;
 
 /// QUIC application error codes the relay closes connections with.
 pub mod close {
@@ -39,13 +53,26 @@ pub mod close {
     pub const NO_CONTROL_STREAM: u32 = 0x6;
 }
 
+/// QUIC application error codes on single bulk streams (STOP_SENDING and
+/// RESET_STREAM); the connection carries on.
+pub mod stream_code {
+    /// The frame on this stream is over `max_message_bytes`.
+    pub const TOO_LARGE: u32 = 0x3;
+    /// The stream made no progress for `idle_timeout_ms`.
+    pub const STALLED: u32 = 0x7;
+}
+
 const LENGTH_BYTES: usize = 4;
-/// Whole frames waiting for the session; the reader blocks (and QUIC flow
+/// Whole frames waiting for the session; readers block (and QUIC flow
 /// control pushes back on the peer) when the session falls behind.
 const INBOUND_FRAMES: usize = 64;
 const WRITE_BATCH: usize = 64;
+/// Bulk bodies are written in pieces so a stalled peer is noticed per piece.
+const BULK_WRITE_CHUNK: usize = 64 * 1024;
 /// How often a QUIC row's path figures (RTT, loss, window) are refreshed.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// How long bulk writes still in flight get when the relay closes a connection.
+const BULK_FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
 
 /// A length-prefixed frame for the control stream.
 pub fn frame(message: &Bytes) -> Bytes {
@@ -53,6 +80,76 @@ pub fn frame(message: &Bytes) -> Bytes {
     out.put_u32(message.len() as u32);
     out.put_slice(message);
     out.freeze()
+}
+
+/// Whether `msg` travels on a bulk stream of its own.
+pub fn is_bulk(msg: &Msg) -> bool {
+    matches!(msg, Msg::Request(_) | Msg::Response(_))
+        && msg.data().is_some_and(|data| data.len() >= BULK_THRESHOLD)
+}
+
+/// Why a frame could not be read from a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("a frame of {0} bytes is over max_message_bytes")]
+    TooLarge(usize),
+    #[error("the stream ended in the middle of a frame")]
+    Truncated,
+    #[error("the sender reset the stream (code {0}) in the middle of a frame")]
+    Reset(u64),
+    #[error("the stream made no progress for the idle timeout")]
+    Stalled,
+    #[error("the connection was lost")]
+    Lost,
+}
+
+/// Reads one frame from `recv`: `Ok(None)` when the stream finished cleanly
+/// before a frame began. With `stall`, each read must make progress within it.
+pub async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    stall: Option<Duration>,
+) -> Result<Option<Bytes>, FrameError> {
+    let mut length = [0u8; LENGTH_BYTES];
+    match read_full(recv, &mut length, stall).await? {
+        0 => return Ok(None),
+        LENGTH_BYTES => {}
+        _ => return Err(FrameError::Truncated),
+    }
+    let length = u32::from_be_bytes(length) as usize;
+    if length > max {
+        return Err(FrameError::TooLarge(length));
+    }
+    let mut body = vec![0u8; length];
+    if read_full(recv, &mut body, stall).await? < length {
+        return Err(FrameError::Truncated);
+    }
+    Ok(Some(Bytes::from(body)))
+}
+
+/// Fills `buf` unless the stream finishes first; returns the bytes read.
+async fn read_full(
+    recv: &mut quinn::RecvStream,
+    buf: &mut [u8],
+    stall: Option<Duration>,
+) -> Result<usize, FrameError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let read = recv.read(&mut buf[filled..]);
+        let read = match stall {
+            Some(limit) => tokio::time::timeout(limit, read)
+                .await
+                .map_err(|_| FrameError::Stalled)?,
+            None => read.await,
+        };
+        match read {
+            Ok(Some(n)) => filled += n,
+            Ok(None) => break,
+            Err(quinn::ReadError::Reset(code)) => return Err(FrameError::Reset(code.into_inner())),
+            Err(_) => return Err(FrameError::Lost),
+        }
+    }
+    Ok(filled)
 }
 
 /// Accepts QUIC connections until the relay starts draining.
@@ -122,44 +219,130 @@ async fn handle(relay: Arc<Relay>, incoming: quinn::Incoming, guard: Arc<ConnGua
     serve(relay, connection, send, recv, guard).await;
 }
 
-/// Why the reader stopped.
-enum ReadEnd {
-    /// The peer finished the stream or the connection ended.
-    Closed,
-    TooLarge(usize),
-    /// The stream ended in the middle of a frame.
-    Truncated,
+/// What the reader tasks hand the connection task.
+enum Inbound {
+    /// A whole frame, from the control stream or a bulk stream.
+    Frame(Bytes),
+    /// The control stream ended: cleanly (`None`) or not.
+    ControlEnd(Option<FrameError>),
+    /// A bulk stream failed; only its message is lost.
+    BulkFailed(FrameError),
 }
 
-/// Reads whole frames from the control stream into `frames`.
-async fn read_frames(
-    mut recv: quinn::RecvStream,
-    max: usize,
-    frames: mpsc::Sender<Result<Bytes, ReadEnd>>,
-) {
-    let end = loop {
-        let mut length = [0u8; LENGTH_BYTES];
-        match recv.read_exact(&mut length).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(0)) => break ReadEnd::Closed,
-            Err(quinn::ReadExactError::FinishedEarly(_)) => break ReadEnd::Truncated,
-            Err(quinn::ReadExactError::ReadError(_)) => break ReadEnd::Closed,
-        }
-        let length = u32::from_be_bytes(length) as usize;
-        if length > max {
-            break ReadEnd::TooLarge(length);
-        }
-        let mut body = vec![0u8; length];
-        match recv.read_exact(&mut body).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(_)) => break ReadEnd::Truncated,
-            Err(quinn::ReadExactError::ReadError(_)) => break ReadEnd::Closed,
-        }
-        if frames.send(Ok(Bytes::from(body))).await.is_err() {
+/// Reads whole frames from the control stream until it ends.
+async fn read_control(mut recv: quinn::RecvStream, max: usize, inbound: mpsc::Sender<Inbound>) {
+    loop {
+        let item = match read_frame(&mut recv, max, None).await {
+            Ok(Some(frame)) => Inbound::Frame(frame),
+            Ok(None) => Inbound::ControlEnd(None),
+            Err(e) => Inbound::ControlEnd(Some(e)),
+        };
+        let ended = matches!(item, Inbound::ControlEnd(_));
+        if inbound.send(item).await.is_err() || ended {
             return;
         }
+    }
+}
+
+/// Reads the one frame of a bulk stream.
+async fn read_bulk(
+    mut recv: quinn::RecvStream,
+    max: usize,
+    stall: Duration,
+    inbound: mpsc::Sender<Inbound>,
+) {
+    let item = match read_frame(&mut recv, max, Some(stall)).await {
+        Ok(Some(frame)) => Inbound::Frame(frame),
+        Ok(None) => Inbound::BulkFailed(FrameError::Truncated),
+        Err(e) => {
+            let code = match e {
+                FrameError::TooLarge(_) => Some(stream_code::TOO_LARGE),
+                FrameError::Stalled => Some(stream_code::STALLED),
+                _ => None,
+            };
+            if let Some(code) = code {
+                let _ = recv.stop(code.into());
+            }
+            Inbound::BulkFailed(e)
+        }
     };
-    let _ = frames.send(Err(end)).await;
+    let _ = inbound.send(item).await;
+}
+
+/// The `error` a client gets for a bulk stream that carried no whole message.
+fn bulk_failure(error: &FrameError, max: usize) -> Option<Msg> {
+    let (code, message) = match error {
+        FrameError::Lost => return None,
+        FrameError::TooLarge(length) => (
+            ErrorCode::TooLarge,
+            format!(
+                "bulk stream frame of {length} bytes is over max_message_bytes ({max}); \
+                 the stream was stopped with code 0x3"
+            ),
+        ),
+        FrameError::Stalled => (
+            ErrorCode::BadFrame,
+            "bulk stream made no progress for idle_timeout_ms; stopped with code 0x7".to_owned(),
+        ),
+        other => (
+            ErrorCode::BadFrame,
+            format!("bulk stream discarded: {other}; nothing of it was delivered"),
+        ),
+    };
+    Some(Msg::error(code, message, None))
+}
+
+/// Why a bulk write did not complete.
+#[derive(Debug, thiserror::Error)]
+enum BulkWriteError {
+    #[error("no stream credit or no progress within the idle timeout")]
+    Stalled,
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Write(#[from] quinn::WriteError),
+    #[error(transparent)]
+    Closed(#[from] quinn::ClosedStream),
+}
+
+/// Sends one message as the single frame of a new unidirectional stream;
+/// returns the bytes written.
+async fn write_bulk(
+    connection: quinn::Connection,
+    message: Bytes,
+    stall: Duration,
+) -> Result<u64, BulkWriteError> {
+    let mut send = tokio::time::timeout(stall, connection.open_uni())
+        .await
+        .map_err(|_| BulkWriteError::Stalled)??;
+    let length = (message.len() as u32).to_be_bytes();
+    let pieces = std::iter::once(&length[..]).chain(message.chunks(BULK_WRITE_CHUNK));
+    for piece in pieces {
+        match tokio::time::timeout(stall, send.write_all(piece)).await {
+            Ok(written) => written?,
+            Err(_) => {
+                let _ = send.reset(stream_code::STALLED.into());
+                return Err(BulkWriteError::Stalled);
+            }
+        }
+    }
+    send.finish()?;
+    Ok((LENGTH_BYTES + message.len()) as u64)
+}
+
+fn record_bulk_write(
+    done: Result<Result<u64, BulkWriteError>, tokio::task::JoinError>,
+    conn: &ConnInfo,
+    relay: &Relay,
+) {
+    match done {
+        Ok(Ok(bytes)) => {
+            conn.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+            relay.metrics.bytes_out(bytes);
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "bulk write failed"),
+        Err(e) => tracing::debug!(error = %e, "bulk writer ended"),
+    }
 }
 
 async fn serve(
@@ -171,10 +354,14 @@ async fn serve(
 ) {
     let conn = guard.info().clone();
     let max = relay.config.limits.max_message_bytes;
-    let (frames_tx, mut frames) = mpsc::channel(INBOUND_FRAMES);
-    let reader = tokio::spawn(read_frames(recv, max, frames_tx));
-    let (mut session, mut rx) = Session::open(relay.clone(), conn.clone());
     let idle_timeout = relay.config.idle_timeout();
+    let (inbound_tx, mut inbound) = mpsc::channel(INBOUND_FRAMES);
+    let control_reader = tokio::spawn(read_control(recv, max, inbound_tx.clone()));
+    // Dropping these sets aborts the bulk readers and writers with the connection.
+    let mut bulk_readers = JoinSet::new();
+    let mut bulk_writers: JoinSet<Result<u64, BulkWriteError>> = JoinSet::new();
+    let mut accepting_bulk = true;
+    let (mut session, mut rx) = Session::open(relay.clone(), conn.clone());
     let interval = relay.config.heartbeat_interval();
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -193,14 +380,23 @@ async fn serve(
                 conn.set_state(ConnState::Draining);
                 outgoing.push(goaway(&relay));
             }
-            inbound = frames.recv() => match inbound {
-                None | Some(Err(ReadEnd::Closed)) => break None,
-                Some(Err(ReadEnd::TooLarge(length))) => {
+            item = inbound.recv() => match item {
+                None | Some(Inbound::ControlEnd(None | Some(FrameError::Lost))) => break None,
+                Some(Inbound::ControlEnd(Some(FrameError::TooLarge(length)))) => {
                     tracing::info!(length, max, "frame over the size limit");
                     break Some((close::TOO_LARGE, "frame larger than max_message_bytes"));
                 }
-                Some(Err(ReadEnd::Truncated)) => break Some((close::PROTOCOL, "control stream ended mid-frame")),
-                Some(Ok(message)) => {
+                Some(Inbound::ControlEnd(Some(e))) => {
+                    tracing::debug!(error = %e, "control stream broken");
+                    break Some((close::PROTOCOL, "control stream ended mid-frame"));
+                }
+                Some(Inbound::BulkFailed(e)) => {
+                    tracing::debug!(error = %e, "bulk stream failed");
+                    if let Some(reply) = bulk_failure(&e, max) {
+                        outgoing.push(reply.into());
+                    }
+                }
+                Some(Inbound::Frame(message)) => {
                     let wire = (LENGTH_BYTES + message.len()) as u64;
                     conn.bytes_in.fetch_add(wire, Ordering::Relaxed);
                     relay.metrics.bytes_in(wire);
@@ -209,6 +405,17 @@ async fn serve(
                     }
                 }
             },
+            stream = connection.accept_uni(), if accepting_bulk => match stream {
+                Ok(recv) => {
+                    bulk_readers.spawn(read_bulk(recv, max, idle_timeout, inbound_tx.clone()));
+                }
+                // The connection is going; the control reader reports how.
+                Err(_) => accepting_bulk = false,
+            },
+            Some(_) = bulk_readers.join_next(), if !bulk_readers.is_empty() => {}
+            Some(done) = bulk_writers.join_next(), if !bulk_writers.is_empty() => {
+                record_bulk_write(done, &conn, &relay);
+            }
             Some(out) = rx.recv() => take_batch(&mut rx, out, &mut outgoing, WRITE_BATCH),
             _ = tick.tick() => {
                 if !session.greeted() && opened.elapsed() >= idle_timeout {
@@ -222,7 +429,22 @@ async fn serve(
         }
         let mut batch = BytesMut::new();
         for out in &outgoing {
-            batch.put_slice(&frame(&out.binary()));
+            if !is_bulk(out.msg()) {
+                batch.put_slice(&frame(&out.binary()));
+                continue;
+            }
+            if bulk_writers.len() >= MAX_BULK_STREAMS as usize {
+                // Every bulk stream is busy: wait for one, as a full control
+                // stream would make us wait.
+                if let Some(done) = bulk_writers.join_next().await {
+                    record_bulk_write(done, &conn, &relay);
+                }
+            }
+            bulk_writers.spawn(write_bulk(connection.clone(), out.binary(), idle_timeout));
+        }
+        account_sent(&conn, &relay.metrics, &outgoing);
+        if batch.is_empty() {
+            continue;
         }
         let bytes = batch.len() as u64;
         // QUIC flow control is the backpressure: a peer that stops reading
@@ -231,16 +453,22 @@ async fn serve(
             Ok(Ok(())) => {}
             _ => break None,
         }
-        account_sent(&conn, &relay.metrics, &outgoing);
         conn.bytes_out.fetch_add(bytes, Ordering::Relaxed);
         relay.metrics.bytes_out(bytes);
     };
 
     conn.set_state(ConnState::Closing);
     drop(session);
-    reader.abort();
+    control_reader.abort();
     if let Some((code, reason)) = close {
         tracing::debug!(code, reason, "closing");
+        // A response already on its way gets a moment to arrive.
+        let _ = tokio::time::timeout(BULK_FLUSH_ON_CLOSE, async {
+            while let Some(done) = bulk_writers.join_next().await {
+                record_bulk_write(done, &conn, &relay);
+            }
+        })
+        .await;
         let _ = send.finish();
         connection.close(code.into(), reason.as_bytes());
     }
@@ -249,7 +477,7 @@ async fn serve(
 }
 
 /// Copies quinn's path figures into the connection's table row.
-fn record_stats(connection: &quinn::Connection, conn: &crate::session::table::ConnInfo) {
+fn record_stats(connection: &quinn::Connection, conn: &ConnInfo) {
     let stats = connection.stats();
     let figures = crate::session::table::QuicFigures {
         rtt_us: stats.path.rtt.as_micros() as u64,
@@ -269,8 +497,9 @@ pub fn transport_config(idle_timeout: Duration, keep_alive: Duration) -> quinn::
     transport
         .max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok())
         .keep_alive_interval(Some(keep_alive))
-        // One control stream plus room for bulk streams; more are refused by flow control.
-        .max_concurrent_bidi_streams(16u32.into())
-        .max_concurrent_uni_streams(0u32.into());
+        // The control stream is the only bidirectional one; bulk bodies get
+        // unidirectional streams. Past these limits a peer waits for credit.
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(MAX_BULK_STREAMS.into());
     transport
 }

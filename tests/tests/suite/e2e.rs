@@ -1,34 +1,64 @@
 //! The requirements §1 checklist with real processes: the `wasmrelay` binary,
 //! the example `service-app` binary (killed with SIGKILL mid-request), HTTP
-//! and WebSocket callers; plus `wasmrelay conns` and SIGTERM handling.
+//! callers and protocol callers; plus `wasmrelay conns` and SIGTERM handling.
+//!
+//! The scenarios are written once and run over both transports: the service
+//! app and the protocol caller connect over WebSocket in `over_ws` and over
+//! QUIC in `over_quic`.
 
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use wasmrelay_tests::{
-    ChildProcess, RelayProcess, WsTester, free_port, get_json, wait_for, wait_json,
+    ChildProcess, Closed, RelayProcess, Via, free_port, get_json, wait_for, wait_json,
 };
 
 const RELAY: &str = env!("CARGO_BIN_EXE_test-wasmrelay");
 const SERVICE: &str = env!("CARGO_BIN_EXE_test-service-app");
 
-fn start_service(relay: &RelayProcess, space: &str, work_ms: u64) -> ChildProcess {
+/// Runs each scenario once per transport, as `over_ws::NAME` and `over_quic::NAME`.
+macro_rules! over_both_transports {
+    ($($scenario:ident),* $(,)?) => {
+        mod over_ws {
+            $(#[tokio::test]
+            async fn $scenario() {
+                super::$scenario(wasmrelay_tests::Via::Ws).await
+            })*
+        }
+        mod over_quic {
+            $(#[tokio::test]
+            async fn $scenario() {
+                super::$scenario(wasmrelay_tests::Via::Quic).await
+            })*
+        }
+    };
+}
+
+over_both_transports!(
+    requirements_1_checklist_with_real_processes,
+    service_app_reconnects_when_the_relay_restarts,
+    conns_prints_the_connection_table,
+    sigterm_drains_and_exits_zero,
+);
+
+fn start_service(relay: &RelayProcess, via: Via, space: &str, work_ms: u64) -> ChildProcess {
     let work_ms = work_ms.to_string();
-    let url = relay.ws_url();
-    ChildProcess::spawn(
-        SERVICE,
-        &[
-            "--relay",
-            &url,
-            "--space",
-            space,
-            "--work-ms",
-            &work_ms,
-            "--steps",
-            "2",
-        ],
-    )
-    .unwrap()
+    let url = relay.client_url(via);
+    let cert = relay.cert_pem().display().to_string();
+    let mut args = vec![
+        "--relay",
+        &url,
+        "--space",
+        space,
+        "--work-ms",
+        &work_ms,
+        "--steps",
+        "2",
+    ];
+    if via == Via::Quic {
+        args.extend(["--ca", &cert]);
+    }
+    ChildProcess::spawn(SERVICE, &args).unwrap()
 }
 
 async fn http_call(url: String, body: &'static str) -> (u16, String) {
@@ -41,9 +71,13 @@ async fn http_call(url: String, body: &'static str) -> (u16, String) {
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
-#[tokio::test]
-async fn requirements_1_checklist_with_real_processes() {
-    let relay = RelayProcess::start(RELAY, &[]).await;
+/// Quick heartbeats, so that over QUIC a killed service is noticed quickly:
+/// a process killed with SIGKILL sends nothing over UDP (TCP gets a reset
+/// from the kernel), so the relay learns of it at the QUIC idle timeout.
+const QUICK_HEARTBEATS: [&str; 4] = ["--heartbeat-ms", "500", "--idle-timeout-ms", "2000"];
+
+async fn requirements_1_checklist_with_real_processes(via: Via) {
+    let relay = RelayProcess::start(RELAY, &QUICK_HEARTBEATS).await;
     // The demo space is declared: it shows before any app connects.
     let info = get_json(&relay.url("/spaces/demo")).await.unwrap();
     assert_eq!(info["name"], "demo");
@@ -51,31 +85,34 @@ async fn requirements_1_checklist_with_real_processes() {
     assert_eq!(info["instances"], 0);
 
     // A service registers.
-    let mut service = start_service(&relay, "demo", 1_500);
+    let mut service = start_service(&relay, via, "demo", 1_500);
     relay.wait_space("demo", true).await;
     let info = get_json(&relay.url("/spaces/demo")).await.unwrap();
     assert_eq!(info["instances"], 1);
 
-    // Three clients submit at once — two over HTTP, one over WebSocket — and
-    // each gets its own result.
+    // Three clients submit at once — two over HTTP, one over the protocol —
+    // and each gets its own result.
     let first = tokio::spawn(http_call(relay.url("/spaces/demo/"), "first caller"));
     let second = tokio::spawn(http_call(relay.url("/spaces/demo/"), "second caller"));
-    let mut ws = WsTester::greeted(&relay.ws_url()).await.unwrap();
-    ws.send(json!({"type": "request", "id": "third", "space": "demo", "data": "third caller"}))
+    let mut caller = relay.tester(via).await.unwrap();
+    caller
+        .send(json!({"type": "request", "id": "third", "space": "demo", "data": "third caller"}))
         .await
         .unwrap();
-    let progress = ws.recv().await.unwrap();
+    let progress = caller.recv().await.unwrap();
     assert_eq!(progress["type"], "progress", "{progress}");
     assert_eq!(progress["id"], "third");
-    let response = ws.recv_type("response").await.unwrap();
+    let response = caller.recv_type("response").await.unwrap();
     assert_eq!(response["data"], "THIRD CALLER");
     assert_eq!(first.await.unwrap(), (200, "FIRST CALLER".to_owned()));
     assert_eq!(second.await.unwrap(), (200, "SECOND CALLER".to_owned()));
 
     // The service is killed mid-request: the space reports not connected and
-    // the pending requests fail within one second.
+    // the pending requests fail within one second (over QUIC: within the
+    // idle timeout plus that second).
     let pending_http = tokio::spawn(http_call(relay.url("/spaces/demo/"), "doomed"));
-    ws.send(json!({"type": "request", "id": "doomed", "space": "demo", "data": "x"}))
+    caller
+        .send(json!({"type": "request", "id": "doomed", "space": "demo", "data": "x"}))
         .await
         .unwrap();
     wait_json(
@@ -87,14 +124,18 @@ async fn requirements_1_checklist_with_real_processes() {
     .await;
     let killed_at = Instant::now();
     service.kill();
-    let err = ws.recv_type("error").await.unwrap();
+    let err = caller.recv_type("error").await.unwrap();
     assert_eq!(err["code"], "instance_lost");
     assert_eq!(err["id"], "doomed");
     let (status, body) = pending_http.await.unwrap();
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("instance_lost"), "{body}");
+    let allowed = match via {
+        Via::Ws => Duration::from_secs(1),
+        Via::Quic => Duration::from_secs(3),
+    };
     assert!(
-        killed_at.elapsed() < Duration::from_secs(1),
+        killed_at.elapsed() < allowed,
         "pending requests failed after {:?}",
         killed_at.elapsed()
     );
@@ -103,7 +144,7 @@ async fn requirements_1_checklist_with_real_processes() {
     assert_eq!(status, 503, "{body}");
 
     // The service comes back: requests succeed again with no operator action.
-    let _service = start_service(&relay, "demo", 100);
+    let _service = start_service(&relay, via, "demo", 100);
     relay.wait_space("demo", true).await;
     assert_eq!(
         http_call(relay.url("/spaces/demo/"), "back again").await,
@@ -111,29 +152,26 @@ async fn requirements_1_checklist_with_real_processes() {
     );
 }
 
-#[tokio::test]
-async fn service_app_reconnects_when_the_relay_restarts() {
-    let first = RelayProcess::start(RELAY, &[]).await;
-    let port = first.port;
-    let _service = start_service(&first, "demo", 50);
-    first.wait_space("demo", true).await;
-    drop(first);
+async fn service_app_reconnects_when_the_relay_restarts(via: Via) {
+    let relay = RelayProcess::start(RELAY, &QUICK_HEARTBEATS).await;
+    let _service = start_service(&relay, via, "demo", 50);
+    relay.wait_space("demo", true).await;
 
-    // A new relay on the same port: the app finds it by itself.
-    let second = RelayProcess::start_on(RELAY, port, &[]).await;
-    second.wait_space("demo", true).await;
+    // Killed and started again on the same ports: the app finds it by itself.
+    let relay = relay.restart().await;
+    relay.wait_space("demo", true).await;
 }
 
-#[tokio::test]
-async fn conns_prints_the_connection_table() {
+async fn conns_prints_the_connection_table(via: Via) {
     let relay = RelayProcess::start(RELAY, &["--admin-token", "s3cret"]).await;
-    let _service = start_service(&relay, "demo", 50);
+    let _service = start_service(&relay, via, "demo", 50);
     relay.wait_space("demo", true).await;
-    let mut ws = WsTester::greeted(&relay.ws_url()).await.unwrap();
-    ws.send(json!({"type": "subscribe", "channel": "lobby"}))
+    let mut caller = relay.tester(via).await.unwrap();
+    caller
+        .send(json!({"type": "subscribe", "channel": "lobby"}))
         .await
         .unwrap();
-    ws.recv_type("subscribed").await.unwrap();
+    caller.recv_type("subscribed").await.unwrap();
 
     let base = relay.url("");
     let output = tokio::task::spawn_blocking(move || {
@@ -165,10 +203,14 @@ async fn conns_prints_the_connection_table() {
     }
     assert!(table.contains("space:demo"), "{table}");
     assert!(table.contains("#lobby"), "{table}");
+    let transport = match via {
+        Via::Ws => " ws ",
+        Via::Quic => " quic ",
+    };
     assert!(
         table
             .lines()
-            .any(|l| l.contains(" open ") && l.contains(" ws ")),
+            .any(|l| l.contains(" open ") && l.contains(transport)),
         "{table}"
     );
     assert!(table.contains("Total:"), "{table}");
@@ -188,28 +230,31 @@ async fn conns_prints_the_connection_table() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("401"));
 }
 
-#[tokio::test]
-async fn sigterm_drains_and_exits_zero() {
+async fn sigterm_drains_and_exits_zero(via: Via) {
     let mut relay = RelayProcess::start(RELAY, &["--shutdown-grace-ms", "5000"]).await;
-    let _service = start_service(&relay, "demo", 700);
+    let _service = start_service(&relay, via, "demo", 700);
     relay.wait_space("demo", true).await;
-    let mut ws = WsTester::greeted(&relay.ws_url()).await.unwrap();
-    ws.send(json!({"type": "request", "id": "last", "space": "demo", "data": "finish me"}))
+    let mut caller = relay.tester(via).await.unwrap();
+    caller
+        .send(json!({"type": "request", "id": "last", "space": "demo", "data": "finish me"}))
         .await
         .unwrap();
-    ws.recv_type("progress").await.unwrap();
+    caller.recv_type("progress").await.unwrap();
 
     let terminate = tokio::task::spawn_blocking(move || {
         let status = relay.process.terminate(Duration::from_secs(15));
         (relay, status)
     });
-    // In order: goaway, the in-flight response, then close 1001.
-    let goaway = ws.recv_type("goaway").await.unwrap();
+    // In order: goaway, the in-flight response, then the close.
+    let goaway = caller.recv_type("goaway").await.unwrap();
     assert!(goaway["reconnect_ms"].as_u64().is_some());
-    let response = ws.recv_type("response").await.unwrap();
+    let response = caller.recv_type("response").await.unwrap();
     assert_eq!(response["data"], "FINISH ME");
-    let close = ws.expect_close().await.unwrap().expect("close frame");
-    assert_eq!(u16::from(close.code), 1001);
+    let expected = match via {
+        Via::Ws => Closed::Ws(1001),
+        Via::Quic => Closed::Quic(0x1),
+    };
+    assert_eq!(caller.expect_close().await.unwrap(), expected);
     let (_relay, status) = terminate.await.unwrap();
     let status = status.unwrap();
     assert!(status.success(), "exit status {status:?}");

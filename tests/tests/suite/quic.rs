@@ -237,3 +237,178 @@ async fn clients_pin_the_certificate_by_sha256() {
     assert!(message.contains("--ca"), "{message}");
     relay.stop().await.unwrap();
 }
+
+/// A caller and a service instance, both over QUIC, on `relay`.
+async fn quic_caller_and_instance(relay: &TestRelay, space: &str) -> (QuicTester, QuicTester) {
+    let addr = relay.quic_addr.unwrap();
+    let mut instance = QuicTester::greeted(addr, &relay.cert_pem).await.unwrap();
+    instance
+        .send(json!({"type": "register", "space": space}))
+        .await
+        .unwrap();
+    instance.recv_type("registered").await.unwrap();
+    let caller = QuicTester::greeted(addr, &relay.cert_pem).await.unwrap();
+    (caller, instance)
+}
+
+#[tokio::test]
+async fn bulk_bodies_travel_on_their_own_streams_and_never_block_control() {
+    let relay = TestRelay::start().await;
+    let (mut caller, mut instance) = quic_caller_and_instance(&relay, "bulk").await;
+    let body = "b".repeat(200 * 1024);
+
+    // The caller starts a bulk request but holds back its last bytes: the
+    // control stream stays responsive meanwhile.
+    let message = wasmrelay_tests::binary_message(
+        json!({"type": "request", "id": "big", "space": "bulk", "data": body}),
+    )
+    .unwrap();
+    let frame = wasmrelay_tests::frame(&message);
+    let mut stream = caller.connection.open_uni().await.unwrap();
+    stream.write_all(&frame[..frame.len() - 10]).await.unwrap();
+    caller
+        .send(json!({"type": "ping", "id": "during"}))
+        .await
+        .unwrap();
+    assert_eq!(caller.recv_type("pong").await.unwrap()["id"], "during");
+    stream.write_all(&frame[frame.len() - 10..]).await.unwrap();
+    stream.finish().unwrap();
+
+    // The relay hands the instance the request on a bulk stream.
+    let request = instance.recv_type("request").await.unwrap();
+    assert_eq!(request["data"].as_str().unwrap().len(), body.len());
+    assert_eq!(instance.bulk_received, 1);
+
+    // A bulk response comes back to the caller on a bulk stream as well.
+    let reply = "R".repeat(300 * 1024);
+    instance
+        .send_bulk(json!({"type": "response", "id": request["id"], "data": reply}))
+        .await
+        .unwrap();
+    let response = caller.recv_type("response").await.unwrap();
+    assert_eq!(response["id"], "big");
+    assert_eq!(response["data"].as_str().unwrap(), reply);
+    assert_eq!(caller.bulk_received, 1);
+
+    // Small bodies stay on the control stream.
+    caller
+        .send(json!({"type": "request", "id": "small", "space": "bulk", "data": "hi"}))
+        .await
+        .unwrap();
+    let request = instance.recv_type("request").await.unwrap();
+    instance
+        .send(json!({"type": "response", "id": request["id"], "data": "HI"}))
+        .await
+        .unwrap();
+    assert_eq!(caller.recv_type("response").await.unwrap()["data"], "HI");
+    assert_eq!((caller.bulk_received, instance.bulk_received), (1, 1));
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn too_many_bulk_streams_wait_for_credit_and_nothing_else_suffers() {
+    let relay = TestRelay::start().await;
+    let addr = relay.quic_addr.unwrap();
+    let mut greedy = QuicTester::greeted(addr, &relay.cert_pem).await.unwrap();
+    let mut bystander = QuicTester::greeted(addr, &relay.cert_pem).await.unwrap();
+
+    // Sixteen bulk streams, each stuck after its length prefix.
+    let mut held = Vec::new();
+    for _ in 0..wasmrelay::transport::quic::MAX_BULK_STREAMS {
+        let mut stream = greedy.connection.open_uni().await.unwrap();
+        stream.write_all(&1000u32.to_be_bytes()).await.unwrap();
+        held.push(stream);
+    }
+    // A seventeenth gets no credit from the relay...
+    let extra =
+        tokio::time::timeout(Duration::from_millis(500), greedy.connection.open_uni()).await;
+    assert!(extra.is_err(), "the relay granted a 17th bulk stream");
+    // ...while the control stream and other connections carry on.
+    greedy
+        .send(json!({"type": "ping", "id": "still here"}))
+        .await
+        .unwrap();
+    assert_eq!(greedy.recv_type("pong").await.unwrap()["id"], "still here");
+    bystander
+        .send(json!({"type": "ping", "id": "b"}))
+        .await
+        .unwrap();
+    assert_eq!(bystander.recv_type("pong").await.unwrap()["id"], "b");
+
+    // Resetting held streams costs only their messages and frees credit
+    // (quinn grants it in batches: once 1/8 of the limit, here 3 streams, is free).
+    for _ in 0..3 {
+        held.pop().unwrap().reset(0x42u32.into()).unwrap();
+        let error = greedy.recv_type("error").await.unwrap();
+        assert_eq!(error["code"], "bad_frame", "{error}");
+        assert!(
+            error["message"].as_str().unwrap().contains("reset"),
+            "{error}"
+        );
+    }
+    let extra = tokio::time::timeout(Duration::from_secs(5), greedy.connection.open_uni())
+        .await
+        .expect("credit comes back once a stream ends");
+    assert!(extra.is_ok());
+    greedy
+        .send(json!({"type": "ping", "id": "after"}))
+        .await
+        .unwrap();
+    assert_eq!(greedy.recv_type("pong").await.unwrap()["id"], "after");
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bulk_stream_reset_or_oversize_loses_only_its_own_message() {
+    let relay = TestRelay::start_with(|c| c.limits.max_message_bytes = 64 * 1024).await;
+    let (mut caller, mut instance) = quic_caller_and_instance(&relay, "reset").await;
+
+    // Reset mid-body: the caller hears why, the instance sees nothing of it.
+    let message = wasmrelay_tests::binary_message(
+        json!({"type": "request", "id": "doomed", "space": "reset", "data": "x".repeat(40_000)}),
+    )
+    .unwrap();
+    let frame = wasmrelay_tests::frame(&message);
+    let mut stream = caller.connection.open_uni().await.unwrap();
+    stream.write_all(&frame[..frame.len() / 2]).await.unwrap();
+    stream.reset(0x42u32.into()).unwrap();
+    let error = caller.recv_type("error").await.unwrap();
+    assert_eq!(error["code"], "bad_frame", "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("code 66"),
+        "{error}"
+    );
+
+    // A bulk frame over max_message_bytes: too_large, and the relay stops the
+    // stream with code 0x3 without reading it.
+    let mut stream = caller.connection.open_uni().await.unwrap();
+    stream.write_all(&1_000_000u32.to_be_bytes()).await.unwrap();
+    let error = caller.recv_type("error").await.unwrap();
+    assert_eq!(error["code"], "too_large", "{error}");
+    let stopped = tokio::time::timeout(Duration::from_secs(5), stream.stopped())
+        .await
+        .expect("the relay stops the oversize stream");
+    assert_eq!(stopped.unwrap(), Some(quinn::VarInt::from_u32(0x3)));
+
+    // The next request is the first thing the instance sees, and the
+    // connections are unharmed.
+    caller
+        .send_bulk(
+            json!({"type": "request", "id": "fine", "space": "reset", "data": "y".repeat(40_000)}),
+        )
+        .await
+        .unwrap();
+    let request = instance.recv().await.unwrap();
+    assert_eq!(request["type"], "request", "{request}");
+    assert_eq!(request["data"].as_str().unwrap().len(), 40_000);
+    instance
+        .send(json!({"type": "response", "id": request["id"], "data": "ok"}))
+        .await
+        .unwrap();
+    let response = caller.recv_type("response").await.unwrap();
+    assert_eq!(
+        (response["id"].as_str(), response["data"].as_str()),
+        (Some("fine"), Some("ok"))
+    );
+    relay.stop().await.unwrap();
+}

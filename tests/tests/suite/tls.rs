@@ -166,3 +166,66 @@ async fn changed_certificate_files_are_served_to_new_connections_only() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     relay.stop().await.unwrap();
 }
+
+/// A self-signed certificate for `names`, valid only in `validity`, written
+/// to `dir`; returns the certificate and key paths.
+fn write_certificate(
+    dir: &Path,
+    name: &str,
+    names: &[&str],
+    validity: Option<(i32, i32)>,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    if let Some((from, until)) = validity {
+        params.not_before = rcgen::date_time_ymd(from, 1, 1);
+        params.not_after = rcgen::date_time_ymd(until, 1, 1);
+    }
+    let cert = params.self_signed(&key).unwrap();
+    let cert_path = dir.join(format!("{name}-cert.pem"));
+    let key_path = dir.join(format!("{name}-key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path, key_path)
+}
+
+#[tokio::test]
+async fn expired_or_mismatched_certificates_fail_the_handshake_on_both_transports() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("expired", ["localhost"], Some((2020, 2021)), "expired"),
+        ("mismatched", ["example.com"], None, "not valid for name"),
+    ];
+    for (name, names, validity, expected) in cases {
+        let (cert, key) = write_certificate(dir.path(), name, &names, validity);
+        let relay = TestRelay::start_with(|c| {
+            c.tls.cert = Some(cert.clone());
+            c.tls.key = Some(key);
+        })
+        .await;
+
+        // wss/https: the client's verifier refuses and says why.
+        let error = tls_stream(relay.https_addr.unwrap(), &cert)
+            .await
+            .expect_err("a bad certificate must not be accepted")
+            .to_string();
+        assert!(error.to_lowercase().contains(expected), "{name}: {error}");
+
+        // QUIC: the same certificate, the same refusal.
+        let endpoint = wasmrelay_tests::quic_client(&cert, b"wasmrelay/1").unwrap();
+        let error = endpoint
+            .connect(relay.quic_addr.unwrap(), "localhost")
+            .unwrap()
+            .await
+            .expect_err("a bad certificate must not be accepted over QUIC")
+            .to_string();
+        assert!(error.to_lowercase().contains(expected), "{name}: {error}");
+
+        // Nothing else is affected: plain HTTP still answers.
+        let health = reqwest::get(relay.url("/healthz")).await.unwrap();
+        assert_eq!(health.status(), 200);
+        relay.stop().await.unwrap();
+    }
+}
