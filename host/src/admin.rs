@@ -92,11 +92,26 @@ pub struct Stats {
     pub bytes_out: u64,
     pub dropped_messages: u64,
     pub requests: RequestCounts,
+    pub limits: LimitCounts,
     pub spaces: usize,
     pub spaces_connected: usize,
     pub channels: usize,
     /// Resident memory of the relay process, where the OS reports it.
     pub memory_rss_bytes: Option<u64>,
+}
+
+/// What the caps and rates refused, throttled and closed since start.
+#[derive(Debug, Serialize)]
+pub struct LimitCounts {
+    /// Refusals before a connection (or HTTP request) started, by reason:
+    /// `global_cap`, `user_cap`, `ip_cap`, `policy`.
+    pub refused: BTreeMap<&'static str, u64>,
+    /// Publishes and requests dropped for being over a rate.
+    pub throttled: u64,
+    /// Connections closed for repeated rate violations (1008).
+    pub policy_closes: u64,
+    /// Users whose buckets the relay currently keeps.
+    pub tracked_users: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -143,6 +158,20 @@ pub fn stats(relay: &Relay) -> Stats {
             pending: relay.spaces.pending_count(),
             ok: totals.requests_ok.load(Ordering::Relaxed),
             failed: totals.requests_failed.load(Ordering::Relaxed),
+        },
+        limits: LimitCounts {
+            refused: BTreeMap::from([
+                (
+                    "global_cap",
+                    totals.refused_global_cap.load(Ordering::Relaxed),
+                ),
+                ("user_cap", totals.refused_user_cap.load(Ordering::Relaxed)),
+                ("ip_cap", totals.refused_ip_cap.load(Ordering::Relaxed)),
+                ("policy", totals.refused_policy.load(Ordering::Relaxed)),
+            ]),
+            throttled: totals.throttled.load(Ordering::Relaxed),
+            policy_closes: totals.policy_closes.load(Ordering::Relaxed),
+            tracked_users: relay.quotas.users(),
         },
         spaces_connected: spaces.iter().filter(|s| s.connected).count(),
         spaces: spaces.len(),

@@ -78,6 +78,16 @@ pub struct LimitsConfig {
     pub max_requests_per_connection: usize,
     /// Channels one connection may subscribe to.
     pub max_subscriptions_per_connection: usize,
+    /// Connections across the relay; past it new ones get 503 `overloaded`.
+    pub max_connections: usize,
+    /// Connections per IP address for clients no policy identified (with a
+    /// policy, its tier's per-user cap applies instead).
+    pub max_connections_per_ip: usize,
+    /// Publishes and requests per connection, whoever the client is; off
+    /// (`per_second = 0, burst = 0`) by default.
+    pub connection_rate: crate::rate::Rate,
+    /// Rate-limited messages in a row after which the connection is closed (1008).
+    pub rate_violations_before_close: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -182,6 +192,15 @@ impl Default for LimitsConfig {
             max_pending_requests: 10_000,
             max_requests_per_connection: 256,
             max_subscriptions_per_connection: 256,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            // Off: rates come from the policy's tiers unless an operator
+            // wants a floor for everyone.
+            connection_rate: crate::rate::Rate {
+                per_second: 0,
+                burst: 0,
+            },
+            rate_violations_before_close: 100,
         }
     }
 }
@@ -269,6 +288,8 @@ impl Config {
                 l.max_subscriptions_per_connection,
             ),
             ("spaces.max_spaces", self.spaces.max_spaces),
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip),
         ] {
             if value == 0 {
                 return Err(invalid(field, "must be greater than 0"));

@@ -22,6 +22,8 @@ pub struct Handshake<'a> {
 pub struct Grant {
     pub user: String,
     pub tier: String,
+    /// The tier's caps and rates, which the relay enforces (`quota`).
+    pub limits: Option<crate::quota::TierLimits>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -15,6 +15,8 @@ pub mod hooks;
 pub mod metrics;
 pub mod plugin;
 pub mod protocol;
+pub mod quota;
+pub mod rate;
 pub mod relay;
 pub mod session;
 pub mod shutdown;

@@ -29,6 +29,9 @@ pub struct Metrics {
     request_latency: Histogram,
     dropped: Counter,
     accepted: Counter,
+    refused: Family<Labels1, Counter>,
+    throttled: Counter,
+    policy_closes: Counter,
     // Mirrors of the hot counters, read by `/admin/stats` without encoding.
     pub totals: Totals,
 }
@@ -44,6 +47,36 @@ pub struct Totals {
     pub accepted: AtomicU64,
     pub requests_ok: AtomicU64,
     pub requests_failed: AtomicU64,
+    pub refused_global_cap: AtomicU64,
+    pub refused_user_cap: AtomicU64,
+    pub refused_ip_cap: AtomicU64,
+    pub refused_policy: AtomicU64,
+    pub throttled: AtomicU64,
+    pub policy_closes: AtomicU64,
+}
+
+/// Why a connection or HTTP request was refused before it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusedFor {
+    /// The relay-wide connection cap.
+    GlobalCap,
+    /// The user's tier cap.
+    UserCap,
+    /// The per-address cap for unidentified clients.
+    IpCap,
+    /// The policy plugin said no (or failed).
+    Policy,
+}
+
+impl RefusedFor {
+    fn label(self) -> &'static str {
+        match self {
+            RefusedFor::GlobalCap => "global_cap",
+            RefusedFor::UserCap => "user_cap",
+            RefusedFor::IpCap => "ip_cap",
+            RefusedFor::Policy => "policy",
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -104,9 +137,30 @@ impl Metrics {
             "Connections accepted since start",
             accepted.clone(),
         );
+        let refused = Family::<Labels1, Counter>::default();
+        registry.register(
+            "refused",
+            "Connections and HTTP requests refused before they started, by reason",
+            refused.clone(),
+        );
+        let throttled = Counter::default();
+        registry.register(
+            "throttled_messages",
+            "Publishes and requests dropped for being over a rate (answered rate_limited / 429)",
+            throttled.clone(),
+        );
+        let policy_closes = Counter::default();
+        registry.register(
+            "policy_closes",
+            "Connections closed for breaking rate limits repeatedly (1008)",
+            policy_closes.clone(),
+        );
         Self {
             registry,
             connections,
+            refused,
+            throttled,
+            policy_closes,
             messages,
             bytes,
             errors,
@@ -146,6 +200,27 @@ impl Metrics {
 
     pub fn error_sent(&self, code: ErrorCode) {
         self.errors.get_or_create(&[("code", code.as_str())]).inc();
+    }
+
+    pub fn refused(&self, why: RefusedFor) {
+        self.refused.get_or_create(&[("reason", why.label())]).inc();
+        let total = match why {
+            RefusedFor::GlobalCap => &self.totals.refused_global_cap,
+            RefusedFor::UserCap => &self.totals.refused_user_cap,
+            RefusedFor::IpCap => &self.totals.refused_ip_cap,
+            RefusedFor::Policy => &self.totals.refused_policy,
+        };
+        total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn message_throttled(&self) {
+        self.throttled.inc();
+        self.totals.throttled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn policy_close(&self) {
+        self.policy_closes.inc();
+        self.totals.policy_closes.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn message_dropped(&self) {

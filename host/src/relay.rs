@@ -13,10 +13,11 @@ use tokio_util::task::TaskTracker;
 use crate::bus::{Bus, LocalBus};
 use crate::channels::Channels;
 use crate::config::{Config, ConfigError};
-use crate::hooks::{Admission, Filter, Router};
-use crate::metrics::Metrics;
+use crate::hooks::{Admission, Admit, Filter, Grant, Handshake, Router};
+use crate::metrics::{Metrics, RefusedFor};
 use crate::plugin::host_api::{HostServices, KvStore};
 use crate::plugin::{Registry, Runtime, Source, bundled};
+use crate::quota::{ConnQuota, Quotas, Refusal};
 use crate::session::table::ConnTable;
 use crate::spaces::Spaces;
 use crate::transport;
@@ -36,6 +37,8 @@ pub struct Relay {
     pub metrics: Arc<Metrics>,
     /// Loaded plugins; also the admission, router and filter hooks.
     pub plugins: Arc<Registry>,
+    /// Connection caps and rate buckets, enforcing what admission granted.
+    pub quotas: Arc<Quotas>,
     /// Cancelled when shutdown starts: stop accepting, send goaway, refuse new work.
     draining: CancellationToken,
     /// Cancelled when the grace period ends: close every connection.
@@ -173,6 +176,7 @@ impl Relay {
             table: Arc::new(ConnTable::default()),
             metrics,
             plugins,
+            quotas: Arc::new(Quotas::new(&config.limits)),
             config: Arc::new(config),
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),
@@ -183,6 +187,38 @@ impl Relay {
 
     pub fn admission(&self) -> &dyn Admission {
         self.plugins.as_ref()
+    }
+
+    /// Admission for a new connection: the policy's verdict, then the
+    /// connection caps. The quota holds the connection's slot until dropped.
+    pub fn admit_connection(
+        &self,
+        handshake: &Handshake<'_>,
+    ) -> Result<(Option<Grant>, ConnQuota), Refusal> {
+        let grant = match self.admission().admit(handshake) {
+            Admit::Allow(grant) => grant,
+            Admit::Deny {
+                status,
+                code,
+                reason,
+            } => {
+                self.metrics.refused(RefusedFor::Policy);
+                return Err(Refusal {
+                    why: RefusedFor::Policy,
+                    status,
+                    code,
+                    reason,
+                    retry_after: None,
+                });
+            }
+        };
+        match self.quotas.open(handshake.peer.ip(), grant.as_ref()) {
+            Ok(quota) => Ok((grant, quota)),
+            Err(refusal) => {
+                self.metrics.refused(refusal.why);
+                Err(refusal)
+            }
+        }
     }
 
     pub fn router(&self) -> &dyn Router {
@@ -268,7 +304,7 @@ pub async fn run(
         );
         tokio::spawn(transport::quic::accept_loop(relay.clone(), endpoint))
     });
-    let expiry = tokio::spawn(expire_requests(relay.clone()));
+    let expiry = tokio::spawn(housekeeping(relay.clone()));
     let watcher = relay
         .config
         .plugins
@@ -329,14 +365,23 @@ pub async fn run(
     Ok(())
 }
 
-async fn expire_requests(relay: Arc<Relay>) {
+/// Expires requests past their deadline; now and then forgets idle users' buckets.
+async fn housekeeping(relay: Arc<Relay>) {
     let mut tick = tokio::time::interval(EXPIRY_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Forgotten users' buckets are swept far less often than requests expire.
+    const SWEEP_EVERY: u32 = 100;
+    let mut sweep_due = SWEEP_EVERY;
     loop {
         tick.tick().await;
         let expired = relay.spaces.expire(Instant::now());
         if expired > 0 {
             tracing::debug!(expired, "requests timed out");
+        }
+        sweep_due -= 1;
+        if sweep_due == 0 {
+            sweep_due = SWEEP_EVERY;
+            relay.quotas.sweep();
         }
     }
 }

@@ -146,7 +146,9 @@ fn hook_costs(settings: &Settings) {
 /// per channel; returns delivered messages per second.
 async fn throughput(relay: &RelayProcess, settings: &Settings) -> f64 {
     const WINDOW: usize = 128;
-    let url = relay.ws_url();
+    // The demo policy's `service` tier: a guest's 5 messages a second would
+    // measure the rate limit, not the plugins.
+    let url = format!("{}?token=service-demo-token", relay.ws_url());
     let mut subscribers = Vec::new();
     for p in 0..settings.publishers {
         let mut subscriber = WsTester::greeted(&url).await.unwrap();

@@ -44,6 +44,7 @@ const BULK_BODY: usize = 1024 * 1024;
 const BULK_IN_FLIGHT: usize = 4;
 const WINDOW: u64 = 512;
 const FLUSH_EVERY: u64 = 64;
+const COPY_BUFFER: usize = 256 * 1024;
 
 struct Settings {
     bulk_requests: usize,
@@ -171,7 +172,9 @@ async fn connect(relay: &RelayProcess, path: Path) -> anyhow::Result<(Tx, Rx)> {
     let (mut tx, mut rx) = match path {
         Path::Tcp => bail!("bare TCP does not speak the protocol"),
         Path::Ws => {
-            let (ws, _) = tokio_tungstenite::connect_async(relay.ws_url()).await?;
+            // Nagle off, as the relay and the TLS client below have it.
+            let (ws, _) =
+                tokio_tungstenite::connect_async_with_config(relay.ws_url(), None, true).await?;
             let (sink, source) = ws.split();
             (Tx::Ws(Box::pin(sink)), Rx::Ws(Box::pin(source)))
         }
@@ -352,7 +355,15 @@ async fn run_forwarder(target: SocketAddr) -> anyhow::Result<()> {
             let mut outbound = TcpStream::connect(target).await?;
             inbound.set_nodelay(true)?;
             outbound.set_nodelay(true)?;
-            tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await?;
+            // tokio's default 8 KiB buffers would make the baseline, not the
+            // relay, the bottleneck.
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut inbound,
+                &mut outbound,
+                COPY_BUFFER,
+                COPY_BUFFER,
+            )
+            .await?;
             anyhow::Ok(())
         });
     }
@@ -491,7 +502,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(settings: Settings, quick: bool) -> anyhow::Result<()> {
-    let relay = RelayProcess::start(RELAY, &["--max-message-bytes", "4194304"]).await;
+    // Transports only: no plugins, so no policy rates or filters in the way
+    // (the plugins benchmark measures those).
+    let relay = RelayProcess::start_configured(
+        RELAY,
+        wasmrelay_tests::free_port(),
+        "bundled = []",
+        &["--max-message-bytes", "4194304"],
+    )
+    .await;
     let forwarder = start_forwarder().await?;
     let paths = [Path::Tcp, Path::Ws, Path::Wss, Path::Quic];
     let mut bulk: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];

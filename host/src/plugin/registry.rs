@@ -369,6 +369,7 @@ impl AdmissionHook for Registry {
             Ok(Admission::Allow(grant)) => Admit::Allow(Some(Grant {
                 user: grant.user,
                 tier: grant.tier,
+                limits: Some(tier_limits(grant.limits)),
             })),
             Ok(Admission::Deny(denial)) => Admit::Deny {
                 status: denial.status,
@@ -382,6 +383,22 @@ impl AdmissionHook for Registry {
                 reason: failure(&plugin, e),
             },
         }
+    }
+}
+
+fn tier_limits(limits: super::bindings::types::Limits) -> crate::quota::TierLimits {
+    let rate = |r: super::bindings::types::Rate| crate::rate::Rate {
+        per_second: r.per_second,
+        burst: r.burst,
+    };
+    crate::quota::TierLimits {
+        max_connections: limits.max_connections,
+        messages: rate(limits.messages),
+        classes: limits
+            .classes
+            .into_iter()
+            .map(|c| (c.name, rate(c.rate)))
+            .collect(),
     }
 }
 

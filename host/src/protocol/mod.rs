@@ -114,6 +114,9 @@ pub enum Msg {
         message: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<String>,
+        /// With `rate_limited`: when the next such message would be accepted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// Relay → client: the relay is shutting down; reconnect after `reconnect_ms`.
     Goaway {
@@ -221,8 +224,30 @@ impl Msg {
             code,
             message: message.into(),
             id,
+            retry_after_ms: None,
         }
     }
+
+    /// A `rate_limited` error for the message `id`, which was dropped.
+    pub fn rate_limited(
+        message: impl Into<String>,
+        id: Option<String>,
+        retry_after: std::time::Duration,
+    ) -> Self {
+        Msg::Error {
+            code: ErrorCode::RateLimited,
+            message: message.into(),
+            id,
+            retry_after_ms: Some(retry_after_ms(retry_after)),
+        }
+    }
+}
+
+/// A wait in whole milliseconds, rounded up so a client that waits exactly
+/// this long is not refused again; "never" saturates.
+pub fn retry_after_ms(wait: std::time::Duration) -> u64 {
+    let nanos = wait.as_nanos();
+    u64::try_from(nanos.div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
 /// Every `type` the protocol defines, for telling "unknown type" from "malformed".
@@ -363,8 +388,15 @@ pub enum ErrorCode {
     BadResponse,
     /// The request's deadline passed.
     Timeout,
-    /// A limit was reached (pending requests, subscriptions, queue space).
+    /// A limit was reached (pending requests, subscriptions, queue space, the
+    /// relay's connection cap).
     Overloaded,
+    /// The message was over its rate (per connection, user or class) and was
+    /// dropped; `retry_after_ms` says when the next one would pass.
+    RateLimited,
+    /// The user (or, for unidentified clients, the IP address) already holds
+    /// as many connections as allowed.
+    TooManyConnections,
     /// The relay is draining for shutdown and takes no new work.
     ShuttingDown,
     /// The router, filter or admission hook refused the message.
@@ -405,6 +437,8 @@ impl ErrorCode {
             ErrorCode::BadResponse => "bad_response",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Rejected => "rejected",
             ErrorCode::PluginFailed => "plugin_failed",
@@ -431,6 +465,7 @@ impl ErrorCode {
             ErrorCode::UnknownSpace | ErrorCode::NotFound | ErrorCode::UnknownRequest => 404,
             ErrorCode::DuplicateId => 409,
             ErrorCode::PluginRefused => 422,
+            ErrorCode::RateLimited | ErrorCode::TooManyConnections => 429,
             ErrorCode::TooLarge => 413,
             ErrorCode::Internal | ErrorCode::PluginFailed => 500,
             ErrorCode::InstanceLost | ErrorCode::BadResponse => 502,

@@ -23,6 +23,7 @@ use crate::channels::Subscriber;
 use crate::hooks::{Filtered, Route, RouteInput};
 use crate::metrics::Metrics;
 use crate::protocol::{DecodeError, ErrorCode, Msg, Request, VERSION};
+use crate::quota::{ConnQuota, Verdict};
 use crate::relay::Relay;
 use crate::spaces::{Caller, Instance};
 use table::{ConnInfo, ConnState};
@@ -93,26 +94,58 @@ pub struct Session {
     greeted: bool,
     subscriptions: HashSet<String>,
     instances: Vec<Arc<Instance>>,
+    /// This connection's slot and rate buckets.
+    quota: ConnQuota,
+    /// Set when the connection broke policy badly enough to be closed.
+    must_close: bool,
 }
 
 impl Session {
     /// A session for `conn` with its bounded outbound queue; the transport
     /// drains the returned receiver.
-    pub fn open(relay: Arc<Relay>, conn: Arc<ConnInfo>) -> (Self, mpsc::Receiver<Outbound>) {
+    pub fn open(
+        relay: Arc<Relay>,
+        conn: Arc<ConnInfo>,
+        quota: ConnQuota,
+    ) -> (Self, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(relay.config.limits.outbound_queue);
-        (Self::new(relay, conn, tx), rx)
-    }
-
-    pub fn new(relay: Arc<Relay>, conn: Arc<ConnInfo>, tx: mpsc::Sender<Outbound>) -> Self {
         conn.attach_queue(tx.clone());
-        Self {
+        let session = Self {
             relay,
             conn,
             tx,
             greeted: false,
             subscriptions: HashSet::new(),
             instances: Vec::new(),
-        }
+            quota,
+            must_close: false,
+        };
+        (session, rx)
+    }
+
+    /// Whether the transport should close the connection (policy, 1008).
+    pub fn must_close(&self) -> bool {
+        self.must_close
+    }
+
+    /// Charges a publish or request to `name`'s rates; the error to answer
+    /// with when it is over them (the message is then dropped).
+    fn charge(&mut self, name: &str, id: Option<String>) -> Option<Msg> {
+        let throttled = match self.quota.charge(name) {
+            Verdict::Pass => return None,
+            Verdict::Throttle(throttled) => throttled,
+            Verdict::Close(throttled) => {
+                self.must_close = true;
+                self.relay.metrics.policy_close();
+                throttled
+            }
+        };
+        self.relay.metrics.message_throttled();
+        Some(Msg::rate_limited(
+            format!("over the {} rate; the message was dropped", throttled.scope),
+            id,
+            throttled.retry_after,
+        ))
     }
 
     pub fn greeted(&self) -> bool {
@@ -255,6 +288,9 @@ impl Session {
         if let Err(reason) = validate_channel_name(&channel) {
             return Some(Msg::error(ErrorCode::InvalidName, reason, id));
         }
+        if let Some(throttled) = self.charge(&channel, id.clone()) {
+            return Some(throttled);
+        }
         let target = match self
             .relay
             .router()
@@ -310,6 +346,9 @@ impl Session {
 
     fn request(&mut self, mut req: Request) -> Option<Msg> {
         let id = req.id.clone();
+        if let Some(throttled) = self.charge(&req.space, Some(id.clone())) {
+            return Some(throttled);
+        }
         if self.relay.is_draining() {
             return Some(Msg::error(
                 ErrorCode::ShuttingDown,

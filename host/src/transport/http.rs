@@ -21,7 +21,8 @@ use tokio::sync::oneshot;
 use super::io::CountingIo;
 use super::tls::Certificates;
 use crate::admin;
-use crate::hooks::{Route, RouteInput};
+use crate::hooks::{Admit, Handshake, Route, RouteInput};
+use crate::metrics::RefusedFor;
 use crate::protocol::{Data, ErrorCode, Request};
 use crate::relay::Relay;
 use crate::session::table::{ConnGuard, ConnState};
@@ -137,11 +138,11 @@ async fn route(
         },
         (_, ["spaces", name]) => {
             let name = (*name).to_owned();
-            ingress(relay, name, "/".to_owned(), req).await
+            ingress(relay, guard, name, "/".to_owned(), req).await
         }
         (_, ["spaces", name, rest]) => {
             let (name, rest) = ((*name).to_owned(), format!("/{rest}"));
-            ingress(relay, name, rest, req).await
+            ingress(relay, guard, name, rest, req).await
         }
         (_, ["admin", "plugins", ..]) => {
             if let Err(denied) = admin::authorize(&relay, req.headers()) {
@@ -195,6 +196,7 @@ fn health(relay: &Relay) -> hyper::Response<Body> {
 /// Relays an HTTP request to an instance of `space` and returns its response.
 async fn ingress(
     relay: Arc<Relay>,
+    guard: Arc<ConnGuard>,
     space: String,
     path: String,
     req: hyper::Request<Incoming>,
@@ -206,6 +208,37 @@ async fn ingress(
             "the relay is shutting down and takes no new requests",
         );
     }
+    // Every HTTP request is admitted and charged like a WebSocket request:
+    // keep-alive connections must not carry one verdict for all their requests.
+    let handshake = Handshake {
+        peer: guard.info().peer,
+        path: req.uri().path(),
+        query: req.uri().query().unwrap_or(""),
+        headers: req.headers(),
+    };
+    let grant = match relay.admission().admit(&handshake) {
+        Admit::Allow(grant) => grant,
+        Admit::Deny {
+            status,
+            code,
+            reason,
+        } => {
+            relay.metrics.refused(RefusedFor::Policy);
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+            return json_error(status, code, &reason);
+        }
+    };
+    if let Err(throttled) = relay.quotas.check_request(grant.as_ref(), &space) {
+        relay.metrics.message_throttled();
+        let mut response = json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            &format!("over the {} rate; try again later", throttled.scope),
+        );
+        set_retry_after(&mut response, throttled.retry_after);
+        return response;
+    }
+    guard.info().record_grant(grant);
     let timeout_ms = match req.headers().get(TIMEOUT_HEADER).map(parse_timeout) {
         None => None,
         Some(Ok(ms)) => Some(ms),
@@ -369,6 +402,27 @@ pub fn json(status: StatusCode, value: &impl Serialize) -> hyper::Response<Body>
 }
 
 /// The JSON error body every HTTP endpoint uses: `{"error":{"code","message"}}`.
+/// The answer to a refused connection or request: its status and JSON
+/// error, with Retry-After (whole seconds, rounded up) when there is one.
+pub fn refusal_response(refusal: &crate::quota::Refusal) -> hyper::Response<Body> {
+    let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
+    let mut response = json_error(status, refusal.code, &refusal.reason);
+    if let Some(wait) = refusal.retry_after {
+        set_retry_after(&mut response, wait);
+    }
+    response
+}
+
+/// Retry-After in whole seconds, rounded up (HTTP has no finer unit).
+fn set_retry_after(response: &mut hyper::Response<Body>, wait: Duration) {
+    let seconds = u64::try_from(wait.as_millis().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+}
+
 pub fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> hyper::Response<Body> {
     #[derive(Serialize)]
     struct Wrapper<'a> {

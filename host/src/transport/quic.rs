@@ -23,8 +23,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::hooks::{Admit, Handshake};
+use crate::hooks::Handshake;
 use crate::protocol::{ErrorCode, Msg, codec};
+use crate::quota::ConnQuota;
 use crate::relay::Relay;
 use crate::session::table::{ConnGuard, ConnInfo, ConnState, Transport};
 use crate::session::{Outbound, Session, account_sent, goaway, take_batch};
@@ -51,6 +52,8 @@ pub mod close {
     pub const REFUSED: u32 = 0x5;
     /// No control stream opened within the idle timeout.
     pub const NO_CONTROL_STREAM: u32 = 0x6;
+    /// Policy violation: rate-limited messages kept coming.
+    pub const POLICY: u32 = 0x7;
 }
 
 /// QUIC application error codes on single bulk streams (STOP_SENDING and
@@ -194,16 +197,19 @@ async fn handle(relay: Arc<Relay>, incoming: quinn::Incoming, guard: Arc<ConnGua
         query: "",
         headers: &headers,
     };
-    match relay.admission().admit(&handshake) {
-        Admit::Allow(grant) => guard.info().record_grant(grant),
-        Admit::Deny { code, reason, .. } => {
+    let quota = match relay.admit_connection(&handshake) {
+        Ok((grant, quota)) => {
+            guard.info().record_grant(grant);
+            quota
+        }
+        Err(refusal) => {
             connection.close(
                 close::REFUSED.into(),
-                format!("{code}: {reason}").as_bytes(),
+                format!("{}: {}", refusal.code, refusal.reason).as_bytes(),
             );
             return;
         }
-    }
+    };
     let idle = relay.config.idle_timeout();
     let (send, recv) = match tokio::time::timeout(idle, connection.accept_bi()).await {
         Ok(Ok(streams)) => streams,
@@ -216,7 +222,7 @@ async fn handle(relay: Arc<Relay>, incoming: quinn::Incoming, guard: Arc<ConnGua
             return;
         }
     };
-    serve(relay, connection, send, recv, guard).await;
+    serve(relay, connection, send, recv, guard, quota).await;
 }
 
 /// What the reader tasks hand the connection task.
@@ -351,6 +357,7 @@ async fn serve(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     guard: Arc<ConnGuard>,
+    quota: ConnQuota,
 ) {
     let conn = guard.info().clone();
     let max = relay.config.limits.max_message_bytes;
@@ -361,7 +368,7 @@ async fn serve(
     let mut bulk_readers = JoinSet::new();
     let mut bulk_writers: JoinSet<Result<u64, BulkWriteError>> = JoinSet::new();
     let mut accepting_bulk = true;
-    let (mut session, mut rx) = Session::open(relay.clone(), conn.clone());
+    let (mut session, mut rx) = Session::open(relay.clone(), conn.clone(), quota);
     let interval = relay.config.heartbeat_interval();
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -372,6 +379,10 @@ async fn serve(
     tracing::debug!("QUIC control stream open");
 
     let close: Option<(u32, &'static str)> = loop {
+        // Checked here, after the previous turn wrote the last error out.
+        if session.must_close() {
+            break Some((close::POLICY, "rate limits exceeded repeatedly"));
+        }
         let mut outgoing: Vec<Outbound> = Vec::new();
         tokio::select! {
             _ = relay.closing().cancelled() => break Some((close::SHUTDOWN, "relay shutting down")),

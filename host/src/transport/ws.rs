@@ -21,9 +21,10 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
-use super::http::{Body, json_error};
-use crate::hooks::{Admit, Handshake};
+use super::http::{Body, json_error, refusal_response};
+use crate::hooks::Handshake;
 use crate::protocol::{Encoding, ErrorCode, codec};
+use crate::quota::ConnQuota;
 use crate::relay::Relay;
 use crate::session::table::{ConnGuard, ConnState, Transport};
 use crate::session::{Outbound, Session, account_sent, goaway, take_batch};
@@ -87,17 +88,13 @@ pub fn upgrade(
         query: req.uri().query().unwrap_or(""),
         headers,
     };
-    match relay.admission().admit(&handshake) {
-        Admit::Allow(grant) => guard.info().record_grant(grant),
-        Admit::Deny {
-            status,
-            code,
-            reason,
-        } => {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
-            return json_error(status, code, &reason);
+    let quota = match relay.admit_connection(&handshake) {
+        Ok((grant, quota)) => {
+            guard.info().record_grant(grant);
+            quota
         }
-    }
+        Err(refusal) => return refusal_response(&refusal),
+    };
     let accept = derive_accept_key(key.as_bytes());
 
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -115,7 +112,7 @@ pub fn upgrade(
                         Some(config),
                     )
                     .await;
-                    serve(task_relay, ws, guard).await;
+                    serve(task_relay, ws, guard, quota).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
@@ -155,13 +152,17 @@ fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame {
 }
 
 /// Runs one WebSocket connection to its end.
-pub async fn serve<S>(relay: Arc<Relay>, mut ws: WebSocketStream<S>, guard: Arc<ConnGuard>)
-where
+pub async fn serve<S>(
+    relay: Arc<Relay>,
+    mut ws: WebSocketStream<S>,
+    guard: Arc<ConnGuard>,
+    quota: ConnQuota,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let conn = guard.info().clone();
     conn.set_transport(Transport::Ws);
-    let (mut session, mut rx) = Session::open(relay.clone(), conn.clone());
+    let (mut session, mut rx) = Session::open(relay.clone(), conn.clone(), quota);
     let mut encoding = Encoding::Text;
     let idle_timeout = relay.config.idle_timeout();
     let interval = relay.config.heartbeat_interval();
@@ -173,6 +174,13 @@ where
     tracing::debug!("websocket open");
 
     let close = loop {
+        // Checked here, after the previous turn wrote the last error out.
+        if session.must_close() {
+            break Some(close_frame(
+                CloseCode::Policy,
+                "rate limits exceeded repeatedly",
+            ));
+        }
         let mut outgoing: Vec<Outbound> = Vec::new();
         // Unbiased: a peer that never stops sending must not starve its own
         // deliveries or its heartbeat.

@@ -553,7 +553,9 @@ async fn repeated_memory_hogs_leave_the_host_memory_bounded() {
         wasmrelay_tests::put_plugin(&relay.url(""), "evil", EVIL, &evil_manifest("1.0.0", ""))
             .await;
     assert_eq!(status, 200, "{report}");
-    let mut client = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    // As the demo VIP: a guest's 5 messages a second would throttle the hogs.
+    let url = format!("{}?token=vip-demo-token", relay.ws_url());
+    let mut client = WsTester::greeted(&url).await.unwrap();
     let rss = || wasmrelay_tests::rss_of(relay.process.pid()).expect("relay RSS");
     // Warm up: the first hog touches its pooled memory slot.
     publish(&mut client, "evil/x", "oom").await;

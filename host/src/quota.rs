@@ -1,0 +1,340 @@
+//! Quotas: how many connections, and how many messages per second, a client
+//! may have. Admission (the policy plugin) decides the user, tier and the
+//! tier's limits; this module enforces them natively and cheaply:
+//!
+//! - connection caps: global, per user for its tier, and per IP address for
+//!   clients no policy identified — checked before a WebSocket upgrade or a
+//!   QUIC control stream, released when the connection ends;
+//! - token buckets per connection, per user across all their connections,
+//!   and per user and message class (a class is the first segment of a
+//!   channel or space name that the tier names, e.g. `chat/lobby` → `chat`).
+//!
+//! Users' buckets outlive their connections (reconnecting does not refill a
+//! bucket) and are forgotten only once full again, by [`Quotas::sweep`].
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::time::Instant;
+
+use crate::config::LimitsConfig;
+use crate::hooks::Grant;
+use crate::metrics::RefusedFor;
+use crate::protocol::ErrorCode;
+use crate::rate::{Bucket, Rate};
+
+/// What a tier allows, as the policy decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TierLimits {
+    /// Connections one user may hold at once.
+    pub max_connections: u32,
+    /// Messages of no particular class, per user.
+    pub messages: Rate,
+    /// Per-class rates, per user.
+    pub classes: Vec<(String, Rate)>,
+}
+
+/// Why a connection was refused before it opened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub why: RefusedFor,
+    pub status: u16,
+    pub code: ErrorCode,
+    pub reason: String,
+    /// For a full cap: when trying again is reasonable (HTTP Retry-After).
+    pub retry_after: Option<Duration>,
+}
+
+/// A message over its rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Throttled {
+    /// Which bucket ran dry: `connection`, `user` or `class:NAME`.
+    pub scope: String,
+    pub retry_after: Duration,
+}
+
+/// One user's shared state.
+#[derive(Debug)]
+struct UserState {
+    connections: AtomicUsize,
+    buckets: Mutex<UserBuckets>,
+}
+
+#[derive(Debug)]
+struct UserBuckets {
+    messages: Bucket,
+    classes: HashMap<String, Bucket>,
+}
+
+impl UserBuckets {
+    fn new(limits: &TierLimits) -> Self {
+        Self {
+            messages: Bucket::new(limits.messages),
+            classes: limits
+                .classes
+                .iter()
+                .map(|(name, rate)| (name.clone(), Bucket::new(*rate)))
+                .collect(),
+        }
+    }
+
+    /// Follows a policy change: buckets whose rate changed start afresh.
+    fn conform(&mut self, limits: &TierLimits) {
+        if self.messages.rate() != limits.messages {
+            self.messages = Bucket::new(limits.messages);
+        }
+        self.classes
+            .retain(|name, _| limits.classes.iter().any(|(n, _)| n == name));
+        for (name, rate) in &limits.classes {
+            match self.classes.get(name) {
+                Some(bucket) if bucket.rate() == *rate => {}
+                _ => {
+                    self.classes.insert(name.clone(), Bucket::new(*rate));
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Quotas {
+    max_connections: usize,
+    max_connections_per_ip: usize,
+    per_connection: Option<Rate>,
+    violations_before_close: u32,
+    connections: AtomicUsize,
+    per_ip: DashMap<IpAddr, usize>,
+    users: DashMap<String, Arc<UserState>>,
+}
+
+/// Retry-After for refusals: caps free up when someone disconnects, which
+/// the relay cannot predict, so this is a polite back-off rather than a promise.
+const CAP_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+impl Quotas {
+    pub fn new(limits: &LimitsConfig) -> Self {
+        Self {
+            max_connections: limits.max_connections,
+            max_connections_per_ip: limits.max_connections_per_ip,
+            per_connection: (limits.connection_rate.per_second > 0
+                || limits.connection_rate.burst > 0)
+                .then_some(limits.connection_rate),
+            violations_before_close: limits.rate_violations_before_close,
+            connections: AtomicUsize::new(0),
+            per_ip: DashMap::new(),
+            users: DashMap::new(),
+        }
+    }
+
+    /// Connections currently holding a quota.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    fn user(&self, grant: &Grant, limits: &TierLimits) -> Arc<UserState> {
+        let state = self
+            .users
+            .entry(grant.user.clone())
+            .or_insert_with(|| {
+                Arc::new(UserState {
+                    connections: AtomicUsize::new(0),
+                    buckets: Mutex::new(UserBuckets::new(limits)),
+                })
+            })
+            .clone();
+        lock(&state.buckets).conform(limits);
+        state
+    }
+
+    /// Takes a connection slot, or says which cap is full. The slot is given
+    /// back when the returned quota is dropped.
+    pub fn open(
+        self: &Arc<Self>,
+        peer: IpAddr,
+        grant: Option<&Grant>,
+    ) -> Result<ConnQuota, Refusal> {
+        if self.connections.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal {
+                why: RefusedFor::GlobalCap,
+                status: 503,
+                code: ErrorCode::Overloaded,
+                reason: format!(
+                    "the relay holds its maximum of {} connections",
+                    self.max_connections
+                ),
+                retry_after: Some(CAP_RETRY_AFTER),
+            });
+        }
+        // From here on, dropping `quota` undoes what was taken.
+        let mut quota = ConnQuota {
+            quotas: self.clone(),
+            ip: None,
+            user: None,
+            connection: self.per_connection.map(Bucket::new),
+            violations: 0,
+        };
+        match grant.and_then(|g| g.limits.as_ref().map(|l| (g, l))) {
+            Some((grant, limits)) => {
+                let user = self.user(grant, limits);
+                let cap = limits.max_connections as usize;
+                let held = user.connections.fetch_add(1, Ordering::AcqRel);
+                quota.user = Some(user);
+                if held >= cap {
+                    return Err(Refusal {
+                        why: RefusedFor::UserCap,
+                        status: 429,
+                        code: ErrorCode::TooManyConnections,
+                        reason: format!(
+                            "user {} already holds the {} connections tier {} allows",
+                            grant.user, cap, grant.tier
+                        ),
+                        retry_after: Some(CAP_RETRY_AFTER),
+                    });
+                }
+            }
+            None => {
+                let mut held = self.per_ip.entry(peer).or_insert(0);
+                if *held >= self.max_connections_per_ip {
+                    drop(held);
+                    return Err(Refusal {
+                        why: RefusedFor::IpCap,
+                        status: 429,
+                        code: ErrorCode::TooManyConnections,
+                        reason: format!(
+                            "{peer} already holds the {} connections allowed per address",
+                            self.max_connections_per_ip
+                        ),
+                        retry_after: Some(CAP_RETRY_AFTER),
+                    });
+                }
+                *held += 1;
+                quota.ip = Some(peer);
+            }
+        }
+        Ok(quota)
+    }
+
+    /// Rate check for one HTTP ingress request, which has no connection: the
+    /// user's buckets (or nothing, when no policy identified the caller).
+    pub fn check_request(&self, grant: Option<&Grant>, name: &str) -> Result<(), Throttled> {
+        let Some((grant, limits)) = grant.and_then(|g| g.limits.as_ref().map(|l| (g, l))) else {
+            return Ok(());
+        };
+        let user = self.user(grant, limits);
+        take_user(&user, name)
+    }
+
+    /// Forgets users with no connections whose buckets are full again, so the
+    /// table does not grow with every address that ever called.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.users.retain(|_, user| {
+            if user.connections.load(Ordering::Acquire) > 0 {
+                return true;
+            }
+            let mut buckets = lock(&user.buckets);
+            let full = buckets.messages.is_full_at(now)
+                && buckets.classes.values_mut().all(|b| b.is_full_at(now));
+            !full
+        });
+        self.per_ip.retain(|_, held| *held > 0);
+    }
+
+    /// Users the relay currently remembers (connected or still refilling).
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The class a channel or space name belongs to: its first segment.
+pub fn class_of(name: &str) -> &str {
+    name.split(['/', ':', '.']).next().unwrap_or(name)
+}
+
+/// Takes from the class bucket when the tier names the class, else from the
+/// user's general message bucket.
+fn take_user(user: &UserState, name: &str) -> Result<(), Throttled> {
+    let class = class_of(name);
+    let mut buckets = lock(&user.buckets);
+    let (scope, bucket) = match buckets.classes.get_mut(class) {
+        Some(bucket) => (format!("class:{class}"), bucket),
+        None => ("user".to_owned(), &mut buckets.messages),
+    };
+    bucket
+        .take()
+        .map_err(|retry_after| Throttled { scope, retry_after })
+}
+
+/// One connection's slot and buckets; gives the slot back when dropped.
+#[derive(Debug)]
+pub struct ConnQuota {
+    quotas: Arc<Quotas>,
+    ip: Option<IpAddr>,
+    user: Option<Arc<UserState>>,
+    connection: Option<Bucket>,
+    violations: u32,
+}
+
+/// The verdict on one rate-limited message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Pass,
+    /// Drop the message; tell the sender.
+    Throttle(Throttled),
+    /// Drop it and close the connection: too many violations in a row.
+    Close(Throttled),
+}
+
+impl ConnQuota {
+    /// Charges one publish or request addressed to `name` (channel or space).
+    pub fn charge(&mut self, name: &str) -> Verdict {
+        let result = match &mut self.connection {
+            Some(bucket) => bucket.take().map_err(|retry_after| Throttled {
+                scope: "connection".to_owned(),
+                retry_after,
+            }),
+            None => Ok(()),
+        };
+        let result = result.and_then(|()| match &self.user {
+            Some(user) => take_user(user, name),
+            None => Ok(()),
+        });
+        match result {
+            Ok(()) => {
+                self.violations = 0;
+                Verdict::Pass
+            }
+            Err(throttled) => {
+                self.violations += 1;
+                if self.violations > self.quotas.violations_before_close {
+                    Verdict::Close(throttled)
+                } else {
+                    Verdict::Throttle(throttled)
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ConnQuota {
+    fn drop(&mut self) {
+        self.quotas.connections.fetch_sub(1, Ordering::AcqRel);
+        if let Some(user) = &self.user {
+            user.connections.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(ip) = self.ip
+            && let Some(mut held) = self.quotas.per_ip.get_mut(&ip)
+        {
+            *held = held.saturating_sub(1);
+        }
+    }
+}
