@@ -338,3 +338,147 @@ impl Drop for ConnQuota {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn quotas(max_connections: usize, per_ip: usize, violations: u32) -> Arc<Quotas> {
+        let limits = LimitsConfig {
+            max_connections,
+            max_connections_per_ip: per_ip,
+            rate_violations_before_close: violations,
+            ..LimitsConfig::default()
+        };
+        Arc::new(Quotas::new(&limits))
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+    }
+
+    fn grant(user: &str, max_connections: u32, per_second: u32, burst: u32) -> Grant {
+        Grant {
+            user: user.to_owned(),
+            tier: "t".to_owned(),
+            limits: Some(TierLimits {
+                max_connections,
+                messages: Rate { per_second, burst },
+                classes: vec![(
+                    "chat".to_owned(),
+                    Rate {
+                        per_second: 1,
+                        burst: 1,
+                    },
+                )],
+            }),
+        }
+    }
+
+    #[test]
+    fn caps_count_connections_and_free_them_when_dropped() {
+        let quotas = quotas(3, 2, 10);
+        let a1 = quotas.open(ip(1), None).unwrap();
+        let _a2 = quotas.open(ip(1), None).unwrap();
+        let refused = quotas.open(ip(1), None).unwrap_err();
+        assert_eq!(
+            (refused.why, refused.status, refused.code),
+            (RefusedFor::IpCap, 429, ErrorCode::TooManyConnections)
+        );
+        let _b = quotas.open(ip(2), None).unwrap();
+        let refused = quotas.open(ip(3), None).unwrap_err();
+        assert_eq!(
+            (refused.why, refused.status, refused.code),
+            (RefusedFor::GlobalCap, 503, ErrorCode::Overloaded)
+        );
+        assert_eq!(quotas.connections(), 3);
+        drop(a1);
+        assert!(quotas.open(ip(3), None).is_ok());
+        assert!(
+            quotas.open(ip(1), None).is_ok(),
+            "a1's address slot is free"
+        );
+    }
+
+    #[test]
+    fn a_tier_caps_each_user_not_each_address() {
+        let quotas = quotas(100, 1, 10);
+        let alice = grant("alice", 2, 10, 10);
+        // Identified users are not held to the per-address cap.
+        let first = quotas.open(ip(1), Some(&alice)).unwrap();
+        let _second = quotas.open(ip(1), Some(&alice)).unwrap();
+        let refused = quotas.open(ip(2), Some(&alice)).unwrap_err();
+        assert_eq!((refused.why, refused.status), (RefusedFor::UserCap, 429));
+        assert!(refused.reason.contains("alice"), "{}", refused.reason);
+        assert!(quotas.open(ip(1), Some(&grant("bob", 2, 10, 10))).is_ok());
+        drop(first);
+        assert!(quotas.open(ip(2), Some(&alice)).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_users_buckets_are_shared_and_survive_reconnecting() {
+        let quotas = quotas(100, 10, 100);
+        let alice = grant("alice", 5, 1, 2);
+        let mut one = quotas.open(ip(1), Some(&alice)).unwrap();
+        let mut two = quotas.open(ip(2), Some(&alice)).unwrap();
+        assert_eq!(one.charge("news"), Verdict::Pass);
+        assert_eq!(two.charge("news"), Verdict::Pass);
+        let Verdict::Throttle(throttled) = one.charge("news") else {
+            panic!("the third message in a burst of 2 must be throttled");
+        };
+        assert_eq!(throttled.scope, "user");
+        assert_eq!(throttled.retry_after, Duration::from_secs(1));
+        drop((one, two));
+        let mut again = quotas.open(ip(1), Some(&alice)).unwrap();
+        assert!(matches!(again.charge("news"), Verdict::Throttle(_)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(again.charge("news"), Verdict::Pass);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn classes_have_their_own_buckets() {
+        let quotas = quotas(100, 10, 100);
+        let mut conn = quotas
+            .open(ip(1), Some(&grant("alice", 5, 100, 100)))
+            .unwrap();
+        assert_eq!(conn.charge("chat/lobby"), Verdict::Pass);
+        match conn.charge("chat:other") {
+            Verdict::Throttle(t) => assert_eq!(t.scope, "class:chat"),
+            other => panic!("expected the chat class to be dry, got {other:?}"),
+        }
+        // Other names use the general bucket, which is full.
+        assert_eq!(conn.charge("news/today"), Verdict::Pass);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn violations_in_a_row_close_and_a_pass_forgives() {
+        let quotas = quotas(100, 10, 2);
+        let mut conn = quotas.open(ip(1), Some(&grant("alice", 5, 1, 1))).unwrap();
+        assert_eq!(conn.charge("x"), Verdict::Pass);
+        assert!(matches!(conn.charge("x"), Verdict::Throttle(_)));
+        assert!(matches!(conn.charge("x"), Verdict::Throttle(_)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(conn.charge("x"), Verdict::Pass, "the count starts over");
+        assert!(matches!(conn.charge("x"), Verdict::Throttle(_)));
+        assert!(matches!(conn.charge("x"), Verdict::Throttle(_)));
+        assert!(matches!(conn.charge("x"), Verdict::Close(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweep_forgets_only_idle_users_with_full_buckets() {
+        let quotas = quotas(100, 10, 100);
+        let alice = grant("alice", 5, 1, 1);
+        let mut conn = quotas.open(ip(1), Some(&alice)).unwrap();
+        assert_eq!(conn.charge("x"), Verdict::Pass);
+        quotas.sweep();
+        assert_eq!(quotas.users(), 1, "connected");
+        drop(conn);
+        quotas.sweep();
+        assert_eq!(quotas.users(), 1, "bucket still refilling");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        quotas.sweep();
+        assert_eq!(quotas.users(), 0);
+    }
+}

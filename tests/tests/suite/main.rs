@@ -9,6 +9,7 @@ mod browser;
 mod e2e;
 mod hot_swap;
 mod leak;
+mod limits;
 mod plugins;
 mod protocol;
 mod quic;

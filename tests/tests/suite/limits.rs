@@ -1,0 +1,350 @@
+//! Caps and rates against a real relay: connections refused before the
+//! upgrade with their status, code and Retry-After; messages over a rate
+//! answered `rate_limited` and dropped while the connection lives; repeated
+//! violations closed with 1008 (QUIC 0x7); HTTP ingress answered 429.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite;
+use wasmrelay::rate::Rate;
+use wasmrelay_tests::{QuicTester, TestRelay, WsTester, get_json};
+
+/// A WebSocket handshake from source address `from`: the upgraded client,
+/// or the refusal's status, Retry-After and JSON body.
+async fn ws_from(
+    relay: &TestRelay,
+    from: Ipv4Addr,
+    query: &str,
+) -> Result<WsTester, (u16, Option<String>, Value)> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(IpAddr::V4(from), 0)).unwrap();
+    let stream = socket.connect(relay.addr).await.unwrap();
+    let url = format!("{}{query}", relay.ws_url());
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    match tokio_tungstenite::client_async(url, stream).await {
+        Ok((ws, _)) => {
+            let mut tester = WsTester { ws };
+            tester.send(json!({"type": "hello", "v": 1})).await.unwrap();
+            assert_eq!(
+                tester.recv_type("welcome").await.unwrap()["type"],
+                "welcome"
+            );
+            Ok(tester)
+        }
+        Err(tungstenite::Error::Http(response)) => {
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body = response.body().as_deref().unwrap_or_default();
+            Err((
+                response.status().as_u16(),
+                retry_after,
+                serde_json::from_slice(body).unwrap_or(Value::Null),
+            ))
+        }
+        Err(e) => panic!("unexpected handshake failure: {e}"),
+    }
+}
+
+const HOME: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+
+#[tokio::test]
+async fn connection_caps_refuse_before_the_upgrade_with_a_reason() {
+    let relay = TestRelay::start_with(|c| {
+        c.limits.max_connections = 4;
+        c.limits.max_connections_per_ip = 2;
+    })
+    .await;
+    let mut first = ws_from(&relay, HOME, "").await.unwrap();
+    let _second = ws_from(&relay, HOME, "").await.unwrap();
+
+    // A third from the same address: 429 before the upgrade.
+    let (status, retry_after, body) = ws_from(&relay, HOME, "").await.err().unwrap();
+    assert_eq!(status, 429, "{body}");
+    assert!(retry_after.is_some(), "Retry-After is set");
+    assert_eq!(body["error"]["code"], "too_many_connections", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1"),
+        "{body}"
+    );
+    // Over QUIC the same address is over the same cap: closed with 0x5.
+    let quic = QuicTester::connect(relay.quic_addr.unwrap(), &relay.cert_pem)
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), quic.connection.closed())
+        .await
+        .unwrap()
+    {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, quinn::VarInt::from_u32(0x5));
+            let reason = String::from_utf8_lossy(&close.reason).into_owned();
+            assert!(reason.starts_with("too_many_connections"), "{reason}");
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
+
+    // Other addresses fill the relay-wide cap of 4; the fifth gets 503.
+    let _third = ws_from(&relay, Ipv4Addr::new(127, 0, 0, 2), "")
+        .await
+        .unwrap();
+    let _fourth = ws_from(&relay, Ipv4Addr::new(127, 0, 0, 3), "")
+        .await
+        .unwrap();
+    let (status, retry_after, body) = ws_from(&relay, Ipv4Addr::new(127, 0, 0, 4), "")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(retry_after.is_some());
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+
+    // Those already in are untouched, and a slot that frees up is reusable.
+    first.assert_alive().await.unwrap();
+    first.ws.close(None).await.unwrap();
+    let _ = first.expect_close().await;
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(tester) = ws_from(&relay, Ipv4Addr::new(127, 0, 0, 4), "").await {
+            again = Some(tester);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    again.expect("a freed slot is given to the next client");
+
+    let stats = get_json(&relay.url("/admin/stats")).await.unwrap();
+    assert!(
+        stats["limits"]["refused"]["ip_cap"].as_u64().unwrap() >= 2,
+        "{stats}"
+    );
+    assert!(
+        stats["limits"]["refused"]["global_cap"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    let metrics = reqwest::get(relay.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("wasmrelay_refused_total{reason=\"ip_cap\"}"),
+        "{metrics}"
+    );
+    relay.stop().await.unwrap();
+}
+
+fn with_demo_policy() -> impl FnOnce(&mut wasmrelay::Config) {
+    |c| c.plugins.bundled = vec!["tiered-policy".to_owned()]
+}
+
+#[tokio::test]
+async fn the_demo_policy_caps_each_guest_address_and_each_user() {
+    let relay = TestRelay::start_with(with_demo_policy()).await;
+    // Guests are keyed by address: the guest tier allows 10.
+    let mut guests = Vec::new();
+    for _ in 0..10 {
+        guests.push(ws_from(&relay, HOME, "").await.unwrap());
+    }
+    let (status, _, body) = ws_from(&relay, HOME, "").await.err().unwrap();
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_connections");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("anon:127.0.0.1"),
+        "{body}"
+    );
+    // A user with a token is counted as that user, not as the address.
+    let mut vip = ws_from(&relay, HOME, "?token=vip-demo-token")
+        .await
+        .unwrap();
+    vip.assert_alive().await.unwrap();
+    guests[0].assert_alive().await.unwrap();
+    let table = get_json(&relay.url("/admin/connections")).await.unwrap();
+    assert!(
+        table["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|row| row["user"] == "alice" && row["tier"] == "vip"),
+        "{table}"
+    );
+    relay.stop().await.unwrap();
+}
+
+/// Publishes `count` messages with ids as fast as possible; returns the acks
+/// and errors in the order they came, and how long sending took.
+async fn publish_burst(
+    client: &mut WsTester,
+    channel: &str,
+    count: usize,
+) -> (Vec<Value>, Vec<Value>, Duration) {
+    let started = Instant::now();
+    for i in 0..count {
+        client
+            .send(
+                json!({"type": "publish", "channel": channel, "id": format!("m{i}"), "data": "x"}),
+            )
+            .await
+            .unwrap();
+    }
+    let elapsed = started.elapsed();
+    let (mut acks, mut errors) = (Vec::new(), Vec::new());
+    while acks.len() + errors.len() < count {
+        let msg = client.recv().await.unwrap();
+        match msg["type"].as_str() {
+            Some("ack") => acks.push(msg),
+            Some("error") => errors.push(msg),
+            _ => {}
+        }
+    }
+    (acks, errors, elapsed)
+}
+
+#[tokio::test]
+async fn messages_over_a_rate_are_dropped_with_retry_after_and_the_connection_lives() {
+    let relay = TestRelay::start_with(with_demo_policy()).await;
+    let mut guest = ws_from(&relay, HOME, "").await.unwrap();
+    let mut listener = ws_from(&relay, HOME, "?token=vip-demo-token")
+        .await
+        .unwrap();
+    listener
+        .send(json!({"type": "subscribe", "channel": "news"}))
+        .await
+        .unwrap();
+    listener.recv_type("subscribed").await.unwrap();
+
+    // The guest tier: 5 a second, bursts of 10.
+    let (acks, errors, elapsed) = publish_burst(&mut guest, "news", 40).await;
+    let most = 10 + (5.0 * (elapsed.as_secs_f64() + 0.5)).ceil() as usize;
+    assert!(
+        acks.len() >= 10 && acks.len() <= most,
+        "{} acks after {elapsed:?}",
+        acks.len()
+    );
+    for error in &errors {
+        assert_eq!(error["code"], "rate_limited", "{error}");
+        assert!(error["id"].as_str().unwrap().starts_with('m'), "{error}");
+        let wait = error["retry_after_ms"].as_u64().unwrap();
+        assert!(wait > 0 && wait <= 200, "{error}");
+    }
+    // Only what passed was delivered.
+    let mut delivered = 0;
+    while let Ok(msg) = listener.recv_within(Duration::from_millis(300)).await {
+        if msg["type"] == "message" {
+            delivered += 1;
+        }
+    }
+    assert_eq!(delivered, acks.len());
+    guest.assert_alive().await.unwrap();
+
+    // A class has its own budget: the guest's `chat` allows bursts of 5.
+    let (acks, errors, _) = publish_burst(&mut guest, "chat/lobby", 12).await;
+    assert!(
+        acks.len() >= 5 && acks.len() < 12,
+        "{} chat acks",
+        acks.len()
+    );
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("class:chat"),
+        "{}",
+        errors[0]
+    );
+    let stats = get_json(&relay.url("/admin/stats")).await.unwrap();
+    assert!(
+        stats["limits"]["throttled"].as_u64().unwrap() >= 7,
+        "{stats}"
+    );
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_burst_of_http_requests_from_a_guest_sees_429_with_retry_after() {
+    let relay = TestRelay::start_with(with_demo_policy()).await;
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..300 {
+        let response = client
+            .post(relay.url("/spaces/demo/"))
+            .body("hi")
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 429 {
+            retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+            statuses.push(429);
+        } else {
+            statuses.push(response.status().as_u16());
+        }
+    }
+    let elapsed = started.elapsed();
+    let passed = statuses.iter().filter(|s| **s != 429).count();
+    let most = 10 + (5.0 * (elapsed.as_secs_f64() + 0.5)).ceil() as usize;
+    assert!(
+        passed >= 10 && passed <= most,
+        "{passed} passed in {elapsed:?}"
+    );
+    assert!(statuses.contains(&429));
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn repeated_violations_close_the_connection_with_1008_or_quic_0x7() {
+    let relay = TestRelay::start_with(|c| {
+        c.limits.connection_rate = Rate {
+            per_second: 1,
+            burst: 1,
+        };
+        c.limits.rate_violations_before_close = 3;
+    })
+    .await;
+    let mut bystander = WsTester::greeted(&relay.ws_url()).await.unwrap();
+
+    let mut ws = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    let (acks, errors, _) = publish_burst(&mut ws, "flood", 5).await;
+    assert_eq!((acks.len(), errors.len()), (1, 4));
+    let close = ws.expect_close().await.unwrap().expect("a close frame");
+    assert_eq!(u16::from(close.code), 1008);
+    assert!(close.reason.contains("rate limits"), "{close:?}");
+
+    let mut quic = QuicTester::greeted(relay.quic_addr.unwrap(), &relay.cert_pem)
+        .await
+        .unwrap();
+    for i in 0..5 {
+        quic.send(json!({"type": "publish", "channel": "flood", "id": format!("q{i}")}))
+            .await
+            .unwrap();
+    }
+    match tokio::time::timeout(Duration::from_secs(10), quic.connection.closed())
+        .await
+        .unwrap()
+    {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, quinn::VarInt::from_u32(0x7));
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
+    bystander.assert_alive().await.unwrap();
+    let stats = get_json(&relay.url("/admin/stats")).await.unwrap();
+    assert_eq!(stats["limits"]["policy_closes"], 2, "{stats}");
+    relay.stop().await.unwrap();
+}
