@@ -93,11 +93,22 @@ pub struct Stats {
     pub dropped_messages: u64,
     pub requests: RequestCounts,
     pub limits: LimitCounts,
+    pub outbound: OutboundCounts,
     pub spaces: usize,
     pub spaces_connected: usize,
     pub channels: usize,
     /// Resident memory of the relay process, where the OS reports it.
     pub memory_rss_bytes: Option<u64>,
+}
+
+/// The outbound queues together, against their shared budget.
+#[derive(Debug, Serialize)]
+pub struct OutboundCounts {
+    /// Bytes queued for all consumers now.
+    pub queued_bytes: usize,
+    pub budget_bytes: usize,
+    /// Consumers closed to stay within the budget, since start.
+    pub shed: usize,
 }
 
 /// What the caps and rates refused, throttled and closed since start.
@@ -158,6 +169,11 @@ pub fn stats(relay: &Relay) -> Stats {
             pending: relay.spaces.pending_count(),
             ok: totals.requests_ok.load(Ordering::Relaxed),
             failed: totals.requests_failed.load(Ordering::Relaxed),
+        },
+        outbound: OutboundCounts {
+            queued_bytes: relay.budget.used(),
+            budget_bytes: relay.config.limits.outbound_budget_bytes,
+            shed: relay.budget.shed_count(),
         },
         limits: LimitCounts {
             refused: BTreeMap::from([

@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
-use tokio::sync::mpsc;
 
+use crate::config::{ChannelsConfig, SlowConsumer};
 use crate::metrics::Metrics;
 use crate::protocol::{Data, Msg};
+use crate::session::queue::{OutboundQueue, Overflow};
 use crate::session::table::ConnInfo;
 use crate::session::{Outbound, deliver};
 
@@ -20,13 +21,14 @@ use crate::session::{Outbound, deliver};
 #[derive(Debug, Clone)]
 pub struct Subscriber {
     pub conn: Arc<ConnInfo>,
-    pub tx: mpsc::Sender<Outbound>,
+    pub queue: Arc<OutboundQueue>,
 }
 
 /// One channel. Numbering, delivery and presence announcements all happen
 /// under its one lock, so every subscriber sees messages in `seq` order and
-/// presence counts in the order they changed. Delivery never waits (it is a
-/// `try_send`), so the lock is held only for the fan-out itself.
+/// presence counts in the order they changed. Delivery never waits (a full
+/// queue gets the channel's slow-consumer policy), so the lock is held only
+/// for the fan-out itself.
 #[derive(Debug, Default)]
 struct Channel {
     state: Mutex<ChannelState>,
@@ -41,13 +43,15 @@ struct ChannelState {
 pub struct Channels {
     map: DashMap<String, Arc<Channel>>,
     metrics: Arc<Metrics>,
+    policies: ChannelsConfig,
 }
 
 impl Channels {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, policies: ChannelsConfig) -> Self {
         Self {
             map: DashMap::new(),
             metrics,
+            policies,
         }
     }
 
@@ -100,8 +104,12 @@ impl Channels {
             seq,
             data,
         });
+        let overflow = match self.policies.slow_consumer(channel) {
+            SlowConsumer::DropOldest => Overflow::DropOldest,
+            SlowConsumer::Disconnect => Overflow::Disconnect,
+        };
         for sub in state.subscribers.values() {
-            deliver(&sub.conn, &sub.tx, out.clone(), &self.metrics);
+            deliver(&sub.conn, &sub.queue, out.clone(), overflow, &self.metrics);
         }
         seq
     }
@@ -143,7 +151,13 @@ impl Channels {
             count,
         });
         for (_, sub) in others {
-            deliver(&sub.conn, &sub.tx, out.clone(), &self.metrics);
+            deliver(
+                &sub.conn,
+                &sub.queue,
+                out.clone(),
+                Overflow::DropNewest,
+                &self.metrics,
+            );
         }
     }
 }

@@ -18,6 +18,7 @@ pub struct Config {
     pub heartbeat: HeartbeatConfig,
     pub admin: AdminConfig,
     pub spaces: SpacesConfig,
+    pub channels: ChannelsConfig,
     pub plugins: PluginsConfig,
     pub tls: TlsConfig,
 }
@@ -88,6 +89,58 @@ pub struct LimitsConfig {
     pub connection_rate: crate::rate::Rate,
     /// Rate-limited messages in a row after which the connection is closed (1008).
     pub rate_violations_before_close: u32,
+    /// Bytes one connection's outbound queue holds (payloads plus a 64-byte
+    /// estimate per message) before its channels' slow-consumer policy applies.
+    pub outbound_queue_bytes: usize,
+    /// Bytes all outbound queues together may hold; past it the consumer
+    /// with the most queued is closed (1013) to make room.
+    pub outbound_budget_bytes: usize,
+}
+
+/// What happens to a subscriber that falls behind on a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowConsumer {
+    /// Drop its oldest queued messages; it is sent `lost` with the count.
+    DropOldest,
+    /// Close it with 1013 (QUIC 0x8).
+    Disconnect,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelsConfig {
+    /// The slow-consumer policy of channels no override names.
+    pub slow_consumer: SlowConsumer,
+    /// Policies by channel-name prefix; the longest matching prefix wins.
+    pub overrides: Vec<ChannelOverride>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelOverride {
+    pub prefix: String,
+    pub slow_consumer: SlowConsumer,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        Self {
+            slow_consumer: SlowConsumer::DropOldest,
+            overrides: Vec::new(),
+        }
+    }
+}
+
+impl ChannelsConfig {
+    /// The policy for `channel`.
+    pub fn slow_consumer(&self, channel: &str) -> SlowConsumer {
+        self.overrides
+            .iter()
+            .filter(|o| channel.starts_with(&o.prefix))
+            .max_by_key(|o| o.prefix.len())
+            .map_or(self.slow_consumer, |o| o.slow_consumer)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -201,6 +254,8 @@ impl Default for LimitsConfig {
                 burst: 0,
             },
             rate_violations_before_close: 100,
+            outbound_queue_bytes: 4 * 1024 * 1024,
+            outbound_budget_bytes: 512 * 1024 * 1024,
         }
     }
 }
@@ -290,6 +345,8 @@ impl Config {
             ("spaces.max_spaces", self.spaces.max_spaces),
             ("limits.max_connections", l.max_connections),
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
+            ("limits.outbound_queue_bytes", l.outbound_queue_bytes),
+            ("limits.outbound_budget_bytes", l.outbound_budget_bytes),
         ] {
             if value == 0 {
                 return Err(invalid(field, "must be greater than 0"));

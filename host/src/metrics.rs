@@ -223,9 +223,9 @@ impl Metrics {
         self.totals.policy_closes.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn message_dropped(&self) {
-        self.dropped.inc();
-        self.totals.dropped.fetch_add(1, Ordering::Relaxed);
+    pub fn messages_dropped(&self, count: u64) {
+        self.dropped.inc_by(count);
+        self.totals.dropped.fetch_add(count, Ordering::Relaxed);
     }
 
     pub fn connection_accepted(&self) {

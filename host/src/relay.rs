@@ -18,6 +18,7 @@ use crate::metrics::{Metrics, RefusedFor};
 use crate::plugin::host_api::{HostServices, KvStore};
 use crate::plugin::{Registry, Runtime, Source, bundled};
 use crate::quota::{ConnQuota, Quotas, Refusal};
+use crate::session::queue::Budget;
 use crate::session::table::ConnTable;
 use crate::spaces::Spaces;
 use crate::transport;
@@ -39,6 +40,8 @@ pub struct Relay {
     pub plugins: Arc<Registry>,
     /// Connection caps and rate buckets, enforcing what admission granted.
     pub quotas: Arc<Quotas>,
+    /// The byte budget all outbound queues share.
+    pub budget: Arc<Budget>,
     /// Cancelled when shutdown starts: stop accepting, send goaway, refuse new work.
     draining: CancellationToken,
     /// Cancelled when the grace period ends: close every connection.
@@ -151,7 +154,7 @@ pub enum RunError {
 impl Relay {
     pub fn new(config: Config) -> Result<Arc<Self>, RunError> {
         let metrics = Arc::new(Metrics::new());
-        let channels = Arc::new(Channels::new(metrics.clone()));
+        let channels = Arc::new(Channels::new(metrics.clone(), config.channels.clone()));
         let spaces = Arc::new(Spaces::new(&config.spaces, &config.limits, metrics.clone()));
         let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(channels.clone()));
         let cache_dir = config
@@ -177,6 +180,7 @@ impl Relay {
             metrics,
             plugins,
             quotas: Arc::new(Quotas::new(&config.limits)),
+            budget: Budget::new(config.limits.outbound_budget_bytes),
             config: Arc::new(config),
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),
@@ -297,6 +301,7 @@ pub async fn run(
     if let Some(certificates) = &listeners.certificates {
         tokio::spawn(certificates.clone().watch(relay.draining.clone()));
     }
+    let quic_endpoint = listeners.quic.clone();
     let quic_accept = listeners.quic.map(|endpoint| {
         tracing::info!(
             addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -356,6 +361,11 @@ pub async fn run(
             remaining = relay.tasks.len(),
             "connections still closing; exiting anyway"
         );
+    }
+    // Closing a QUIC connection only queues CONNECTION_CLOSE; without this the
+    // process can exit before it is sent and clients wait for their idle timeout.
+    if let Some(endpoint) = quic_endpoint {
+        let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
     }
     expiry.abort();
     if let Some(watcher) = watcher {

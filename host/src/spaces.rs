@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::config::{LimitsConfig, SpacesConfig};
 use crate::metrics::Metrics;
 use crate::protocol::{Data, ErrorCode, Msg, Request, Response};
+use crate::session::queue::{OutboundQueue, Overflow};
 use crate::session::table::ConnInfo;
 use crate::session::{Outbound, deliver};
 
@@ -60,7 +61,7 @@ pub struct Instance {
     pub id: String,
     pub space: String,
     conn: Arc<ConnInfo>,
-    tx: mpsc::Sender<Outbound>,
+    queue: Arc<OutboundQueue>,
     in_flight: AtomicUsize,
 }
 
@@ -109,7 +110,7 @@ pub enum Caller {
     /// messages carrying its own request id.
     Conn {
         conn: Arc<ConnInfo>,
-        tx: mpsc::Sender<Outbound>,
+        queue: Arc<OutboundQueue>,
         id: String,
     },
     /// An HTTP ingress request, which gets only the outcome.
@@ -175,7 +176,7 @@ impl Spaces {
         &self,
         space: &str,
         conn: &Arc<ConnInfo>,
-        tx: mpsc::Sender<Outbound>,
+        queue: Arc<OutboundQueue>,
     ) -> Result<Arc<Instance>, SpaceError> {
         validate_space_name(space).map_err(|reason| {
             SpaceError::new(ErrorCode::InvalidName, format!("space name {reason}"))
@@ -199,7 +200,7 @@ impl Spaces {
             id: format!("{space}#{n}"),
             space: space.to_owned(),
             conn: conn.clone(),
-            tx,
+            queue,
             in_flight: AtomicUsize::new(0),
         });
         // Joined under the map entry, so an eviction cannot remove the space
@@ -312,7 +313,16 @@ impl Spaces {
                 deadline: now + timeout,
             },
         );
-        if instance.tx.try_send(Outbound::new(forwarded)).is_err() {
+        // A full instance queue refuses: the caller hears `overloaded` rather
+        // than the instance being disconnected for another's burst.
+        let queued = deliver(
+            &instance.conn,
+            &instance.queue,
+            Outbound::new(forwarded),
+            Overflow::Refuse,
+            &self.metrics,
+        );
+        if !queued {
             let pending = self.pending.remove(&id).map(|(_, p)| p);
             if let Some(pending) = pending {
                 self.release(&pending);
@@ -381,7 +391,7 @@ impl Spaces {
         };
         if let Caller::Conn {
             conn,
-            tx,
+            queue,
             id: caller_id,
         } = &pending.caller
         {
@@ -390,7 +400,14 @@ impl Spaces {
                 percent,
                 data,
             };
-            deliver(conn, tx, Outbound::new(msg), &self.metrics);
+            // Progress is advisory: a caller behind on reading loses it.
+            deliver(
+                conn,
+                queue,
+                Outbound::new(msg),
+                Overflow::DropNewest,
+                &self.metrics,
+            );
         }
         Ok(())
     }
@@ -495,13 +512,21 @@ impl Spaces {
         self.metrics
             .request_finished(label, pending.started.elapsed().as_secs_f64());
         match pending.caller {
-            Caller::Conn { conn, tx, id } => {
+            Caller::Conn { conn, queue, id } => {
                 self.unclaim(&conn, &id);
                 let msg = match outcome {
                     Ok(response) => Msg::Response(Response { id, ..response }),
                     Err(e) => Msg::error(e.code, e.message, Some(id)),
                 };
-                deliver(&conn, &tx, Outbound::new(msg), &self.metrics);
+                // An outcome is never dropped: a caller too far behind to
+                // take it is disconnected instead (1013).
+                deliver(
+                    &conn,
+                    &queue,
+                    Outbound::new(msg),
+                    Overflow::Disconnect,
+                    &self.metrics,
+                );
             }
             Caller::Http(reply) => {
                 // The HTTP caller may have given up already; nothing to do then.
@@ -589,5 +614,11 @@ fn send_cancel(instance: &Instance, id: u64, reason: &str, metrics: &Metrics) {
         id: id.to_string(),
         reason: reason.to_owned(),
     };
-    deliver(&instance.conn, &instance.tx, Outbound::new(msg), metrics);
+    deliver(
+        &instance.conn,
+        &instance.queue,
+        Outbound::new(msg),
+        Overflow::DropNewest,
+        metrics,
+    );
 }

@@ -65,7 +65,7 @@ fn time_calls(calls: usize, mut call: impl FnMut()) -> Vec<f64> {
 
 fn hook_costs(settings: &Settings) {
     let metrics = Arc::new(Metrics::new());
-    let channels = Arc::new(Channels::new(metrics));
+    let channels = Arc::new(Channels::new(metrics, Default::default()));
     let services = HostServices {
         bus: Arc::new(LocalBus::new(channels.clone())),
         channels,

@@ -84,6 +84,12 @@ pub enum Msg {
         channel: String,
         count: u64,
     },
+    /// Relay → subscriber: `count` messages of `channel` were dropped for
+    /// this connection because it fell behind (the `seq` gap shows where).
+    Lost {
+        channel: String,
+        count: u64,
+    },
     /// A service instance joins a space.
     Register {
         space: String,
@@ -184,6 +190,7 @@ impl Msg {
             Msg::Ack { .. } => "ack",
             Msg::Message { .. } => "message",
             Msg::Presence { .. } => "presence",
+            Msg::Lost { .. } => "lost",
             Msg::Register { .. } => "register",
             Msg::Registered { .. } => "registered",
             Msg::Request(_) => "request",
@@ -264,6 +271,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "ack",
     "message",
     "presence",
+    "lost",
     "register",
     "registered",
     "request",

@@ -8,16 +8,15 @@
 //! any way leaves nothing behind.
 
 pub mod outbound;
+pub mod queue;
 pub mod table;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
-
 pub use outbound::Outbound;
+use queue::{OutboundQueue, Overflow, Pushed, QueueLimits};
 
 use crate::channels::Subscriber;
 use crate::hooks::{Filtered, Route, RouteInput};
@@ -28,30 +27,30 @@ use crate::relay::Relay;
 use crate::spaces::{Caller, Instance};
 use table::{ConnInfo, ConnState};
 
-/// Puts `out` on a connection's outbound queue without waiting. A full queue
-/// means a slow consumer: it loses this message (counted) rather than slowing
-/// the sender or anyone else.
-pub fn deliver(conn: &ConnInfo, tx: &mpsc::Sender<Outbound>, out: Outbound, metrics: &Metrics) {
-    if let Err(TrySendError::Full(_)) = tx.try_send(out) {
-        conn.dropped.fetch_add(1, Ordering::Relaxed);
-        metrics.message_dropped();
-    }
-}
-
-/// Moves `first` and whatever else is queued (up to `max` in all) into
-/// `batch`, so one flush carries many messages.
-pub fn take_batch(
-    rx: &mut mpsc::Receiver<Outbound>,
-    first: Outbound,
-    batch: &mut Vec<Outbound>,
-    max: usize,
-) {
-    batch.push(first);
-    while batch.len() < max {
-        match rx.try_recv() {
-            Ok(out) => batch.push(out),
-            Err(_) => break,
+/// Puts `out` on a connection's outbound queue without waiting, applying
+/// `overflow` when the consumer is behind; counts what it loses. Returns
+/// whether `out` was queued.
+pub fn deliver(
+    conn: &ConnInfo,
+    queue: &OutboundQueue,
+    out: Outbound,
+    overflow: Overflow,
+    metrics: &Metrics,
+) -> bool {
+    match queue.push(out, overflow) {
+        Pushed::Queued { evicted } => {
+            if evicted > 0 {
+                conn.dropped.fetch_add(evicted, Ordering::Relaxed);
+                metrics.messages_dropped(evicted);
+            }
+            true
         }
+        Pushed::Dropped => {
+            conn.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics.messages_dropped(1);
+            false
+        }
+        Pushed::Closed => false,
     }
 }
 
@@ -89,8 +88,8 @@ pub fn validate_channel_name(name: &str) -> Result<(), &'static str> {
 pub struct Session {
     relay: Arc<Relay>,
     conn: Arc<ConnInfo>,
-    /// This connection's own outbound queue; others deliver to it through clones.
-    tx: mpsc::Sender<Outbound>,
+    /// This connection's own outbound queue; others deliver to it.
+    queue: Arc<OutboundQueue>,
     greeted: bool,
     subscriptions: HashSet<String>,
     instances: Vec<Arc<Instance>>,
@@ -107,20 +106,27 @@ impl Session {
         relay: Arc<Relay>,
         conn: Arc<ConnInfo>,
         quota: ConnQuota,
-    ) -> (Self, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(relay.config.limits.outbound_queue);
-        conn.attach_queue(tx.clone());
+    ) -> (Self, Arc<OutboundQueue>) {
+        let limits = &relay.config.limits;
+        let queue = OutboundQueue::new(
+            QueueLimits {
+                messages: limits.outbound_queue,
+                bytes: limits.outbound_queue_bytes,
+            },
+            &relay.budget,
+        );
+        conn.attach_queue(queue.clone());
         let session = Self {
             relay,
             conn,
-            tx,
+            queue: queue.clone(),
             greeted: false,
             subscriptions: HashSet::new(),
             instances: Vec::new(),
             quota,
             must_close: false,
         };
-        (session, rx)
+        (session, queue)
     }
 
     /// Whether the transport should close the connection (policy, 1008).
@@ -256,7 +262,7 @@ impl Session {
         }
         let subscriber = Subscriber {
             conn: self.conn.clone(),
-            tx: self.tx.clone(),
+            queue: self.queue.clone(),
         };
         let (seq, presence) = self.relay.channels.subscribe(&channel, subscriber);
         if self.subscriptions.insert(channel.clone()) {
@@ -329,7 +335,7 @@ impl Session {
         match self
             .relay
             .spaces
-            .register(&space, &self.conn, self.tx.clone())
+            .register(&space, &self.conn, self.queue.clone())
         {
             Ok(instance) => {
                 let id = instance.id.clone();
@@ -368,7 +374,7 @@ impl Session {
         }
         let caller = Caller::Conn {
             conn: self.conn.clone(),
-            tx: self.tx.clone(),
+            queue: self.queue.clone(),
             id: id.clone(),
         };
         match self.relay.spaces.dispatch(req, caller) {

@@ -9,9 +9,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use serde::Serialize;
-use tokio::sync::mpsc;
 
-use super::Outbound;
+use super::queue::OutboundQueue;
 
 /// The connection's transport, as shown in the table and the metrics labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -104,7 +103,7 @@ pub struct ConnInfo {
     pub dropped: AtomicU64,
     /// Requests this connection has sent to spaces that are not answered yet.
     pub requests_in_flight: AtomicUsize,
-    queue: OnceLock<mpsc::Sender<Outbound>>,
+    queue: OnceLock<Arc<OutboundQueue>>,
     detail: Mutex<Detail>,
 }
 
@@ -157,15 +156,16 @@ impl ConnInfo {
     }
 
     /// Lets the table report this connection's outbound queue depth.
-    pub fn attach_queue(&self, queue: mpsc::Sender<Outbound>) {
+    pub fn attach_queue(&self, queue: Arc<OutboundQueue>) {
         let _ = self.queue.set(queue);
     }
 
     pub fn queue_depth(&self) -> usize {
-        self.queue
-            .get()
-            .map(|q| q.max_capacity() - q.capacity())
-            .unwrap_or(0)
+        self.queue.get().map_or(0, |q| q.len())
+    }
+
+    pub fn queue_bytes(&self) -> usize {
+        self.queue.get().map_or(0, |q| q.bytes())
     }
 
     /// Shows the user and tier admission gave this connection.
@@ -203,6 +203,7 @@ impl ConnInfo {
             msgs_in: self.msgs_in.load(Ordering::Relaxed),
             msgs_out: self.msgs_out.load(Ordering::Relaxed),
             queue_depth: self.queue_depth(),
+            queue_bytes: self.queue_bytes(),
             dropped: self.dropped.load(Ordering::Relaxed),
             requests_in_flight: self.requests_in_flight.load(Ordering::Relaxed),
             detail,
@@ -225,6 +226,8 @@ pub struct ConnSnapshot {
     pub msgs_in: u64,
     pub msgs_out: u64,
     pub queue_depth: usize,
+    /// Bytes in the outbound queue (payloads plus a 64-byte estimate each).
+    pub queue_bytes: usize,
     pub dropped: u64,
     pub requests_in_flight: usize,
     #[serde(flatten)]

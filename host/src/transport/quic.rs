@@ -28,7 +28,7 @@ use crate::protocol::{ErrorCode, Msg, codec};
 use crate::quota::ConnQuota;
 use crate::relay::Relay;
 use crate::session::table::{ConnGuard, ConnInfo, ConnState, Transport};
-use crate::session::{Outbound, Session, account_sent, goaway, take_batch};
+use crate::session::{Outbound, Session, account_sent, goaway};
 
 /// A `request` or `response` whose payload is at least this many bytes is a
 /// bulk body: it travels on a unidirectional stream of its own.
@@ -54,6 +54,9 @@ pub mod close {
     pub const NO_CONTROL_STREAM: u32 = 0x6;
     /// Policy violation: rate-limited messages kept coming.
     pub const POLICY: u32 = 0x7;
+    /// A slow consumer: it fell behind on a `disconnect` channel, could not
+    /// take a response, or was shed to keep the relay within its budget.
+    pub const SLOW_CONSUMER: u32 = 0x8;
 }
 
 /// QUIC application error codes on single bulk streams (STOP_SENDING and
@@ -368,7 +371,7 @@ async fn serve(
     let mut bulk_readers = JoinSet::new();
     let mut bulk_writers: JoinSet<Result<u64, BulkWriteError>> = JoinSet::new();
     let mut accepting_bulk = true;
-    let (mut session, mut rx) = Session::open(relay.clone(), conn.clone(), quota);
+    let (mut session, queue) = Session::open(relay.clone(), conn.clone(), quota);
     let interval = relay.config.heartbeat_interval();
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -427,7 +430,13 @@ async fn serve(
             Some(done) = bulk_writers.join_next(), if !bulk_writers.is_empty() => {
                 record_bulk_write(done, &conn, &relay);
             }
-            Some(out) = rx.recv() => take_batch(&mut rx, out, &mut outgoing, WRITE_BATCH),
+            batch = queue.next_batch(WRITE_BATCH) => match batch {
+                Ok(batch) => outgoing.extend(batch),
+                Err(reason) => {
+                    tracing::info!(%reason, "closing a slow consumer");
+                    break Some((close::SLOW_CONSUMER, "slow consumer"));
+                }
+            },
             _ = tick.tick() => {
                 if !session.greeted() && opened.elapsed() >= idle_timeout {
                     break Some((close::NO_HELLO, "no hello within idle_timeout_ms"));

@@ -27,7 +27,7 @@ use crate::protocol::{Encoding, ErrorCode, codec};
 use crate::quota::ConnQuota;
 use crate::relay::Relay;
 use crate::session::table::{ConnGuard, ConnState, Transport};
-use crate::session::{Outbound, Session, account_sent, goaway, take_batch};
+use crate::session::{Outbound, Session, account_sent, goaway};
 
 /// At most this many queued messages are written before one flush, so a busy
 /// connection batches syscalls but still gets to its heartbeat and inbound.
@@ -162,7 +162,7 @@ pub async fn serve<S>(
 {
     let conn = guard.info().clone();
     conn.set_transport(Transport::Ws);
-    let (mut session, mut rx) = Session::open(relay.clone(), conn.clone(), quota);
+    let (mut session, queue) = Session::open(relay.clone(), conn.clone(), quota);
     let mut encoding = Encoding::Text;
     let idle_timeout = relay.config.idle_timeout();
     let interval = relay.config.heartbeat_interval();
@@ -224,7 +224,13 @@ pub async fn serve<S>(
                     outgoing.push(reply);
                 }
             }
-            Some(out) = rx.recv() => take_batch(&mut rx, out, &mut outgoing, WRITE_BATCH),
+            batch = queue.next_batch(WRITE_BATCH) => match batch {
+                Ok(batch) => outgoing.extend(batch),
+                Err(reason) => break Some(CloseFrame {
+                    code: CloseCode::Again,
+                    reason: reason.into(),
+                }),
+            },
             _ = heartbeat.tick() => {
                 // Libraries answer pings by themselves, so a client that never
                 // says hello would otherwise look alive forever.

@@ -5,6 +5,7 @@
 //! Run one area with `cargo test -p wasmrelay-tests --test suite quic::`.
 
 mod admin;
+mod backpressure;
 mod browser;
 mod e2e;
 mod hot_swap;

@@ -1,0 +1,473 @@
+//! A connection's outbound queue: what others deliver to it, waiting for its
+//! transport to write. Three lanes — control, normal, bulk — drained in that
+//! order; bounded in messages and bytes per connection and, across all
+//! connections, by one byte [`Budget`]. When a connection falls behind, the
+//! overflow rule the sender chose applies: drop the oldest channel messages
+//! (and tell the consumer how many it lost), drop the new message, refuse it,
+//! or disconnect the consumer. Nothing here ever waits for the consumer.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::sync::Notify;
+
+use super::Outbound;
+use crate::protocol::Msg;
+
+/// Byte size charged for a queued message: its payload plus a fixed
+/// estimate for the header, so accounting needs no encoding.
+const HEADER_ESTIMATE: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Errors, presence, loss notices: small and drained first.
+    Control = 0,
+    /// Channel messages, requests, responses, progress, cancels.
+    Normal = 1,
+    /// Request and response bodies of `BULK_THRESHOLD` bytes or more.
+    Bulk = 2,
+}
+
+impl Lane {
+    pub fn of(msg: &Msg) -> Lane {
+        match msg {
+            Msg::Error { .. } | Msg::Presence { .. } | Msg::Lost { .. } => Lane::Control,
+            Msg::Request(_) | Msg::Response(_)
+                if msg
+                    .data()
+                    .is_some_and(|d| d.len() >= crate::transport::quic::BULK_THRESHOLD) =>
+            {
+                Lane::Bulk
+            }
+            _ => Lane::Normal,
+        }
+    }
+}
+
+/// What to do when the consumer's queue has no room for a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Evict the oldest evictable messages to make room; the consumer is
+    /// sent a `lost` count per channel. For channels with `drop-oldest`.
+    DropOldest,
+    /// Drop this message (advisory ones: progress, presence).
+    DropNewest,
+    /// Refuse it; the sender decides (a request: the caller gets `overloaded`).
+    Refuse,
+    /// Close the consumer (1013): channels with `disconnect`, and responses a
+    /// caller is too slow to take.
+    Disconnect,
+}
+
+/// What became of a pushed message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued, after evicting `evicted` older messages.
+    Queued { evicted: u64 },
+    /// Not queued (dropped or refused); the queue is intact.
+    Dropped,
+    /// The consumer was (or already is) closed.
+    Closed,
+}
+
+/// Per-connection bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+/// The relay-wide byte budget for all outbound queues, and the queues it
+/// can shed when it runs out.
+#[derive(Debug)]
+pub struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+    queues: Mutex<Vec<Weak<OutboundQueue>>>,
+    shed: AtomicUsize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            used: AtomicUsize::new(0),
+            queues: Mutex::new(Vec::new()),
+            shed: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes queued across the relay.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Consumers closed to keep within the budget, since start.
+    pub fn shed_count(&self) -> usize {
+        self.shed.load(Ordering::Relaxed)
+    }
+
+    fn register(&self, queue: &Arc<OutboundQueue>) {
+        let mut queues = lock(&self.queues);
+        queues.retain(|q| q.strong_count() > 0);
+        queues.push(Arc::downgrade(queue));
+    }
+
+    /// Closes the consumer with the most queued bytes (other than `sparing`),
+    /// freeing its bytes; false when there is nobody to shed.
+    fn shed_slowest(&self, sparing: &OutboundQueue) -> bool {
+        let victim = {
+            let queues = lock(&self.queues);
+            queues
+                .iter()
+                .filter_map(Weak::upgrade)
+                .filter(|q| !std::ptr::eq(q.as_ref(), sparing) && q.bytes() > 0)
+                .max_by_key(|q| q.bytes())
+        };
+        let Some(victim) = victim else { return false };
+        tracing::warn!(
+            queued_bytes = victim.bytes(),
+            budget = self.limit,
+            "outbound budget exhausted: shedding the slowest consumer"
+        );
+        victim.close("relay over its outbound budget: slowest consumer shed");
+        self.shed.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug)]
+struct Entry {
+    out: Outbound,
+    size: usize,
+    evictable: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    lanes: [VecDeque<Entry>; 3],
+    /// Messages lost per channel, not yet reported to the consumer.
+    lost: BTreeMap<String, u64>,
+    closed: Option<String>,
+}
+
+impl State {
+    /// Messages in the normal and bulk lanes, which the message limit bounds.
+    fn data_messages(&self) -> usize {
+        self.lanes[Lane::Normal as usize].len() + self.lanes[Lane::Bulk as usize].len()
+    }
+}
+
+#[derive(Debug)]
+pub struct OutboundQueue {
+    state: Mutex<State>,
+    notify: Notify,
+    limits: QueueLimits,
+    budget: Arc<Budget>,
+    // Mirrors of the state, readable without the lock.
+    depth: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl OutboundQueue {
+    pub fn new(limits: QueueLimits, budget: &Arc<Budget>) -> Arc<Self> {
+        let queue = Arc::new(Self {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            limits,
+            budget: budget.clone(),
+            depth: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+        });
+        budget.register(&queue);
+        queue
+    }
+
+    /// Messages waiting.
+    pub fn len(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes waiting (payloads plus a header estimate each).
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn size_of(out: &Outbound) -> usize {
+        out.msg().data().map_or(0, |d| d.len()) + HEADER_ESTIMATE
+    }
+
+    /// Queues `out` for the consumer, or applies `overflow` when there is no room.
+    pub fn push(&self, out: Outbound, overflow: Overflow) -> Pushed {
+        let size = Self::size_of(&out);
+        let lane = Lane::of(out.msg());
+        // The relay-wide budget first: shed someone slower rather than fail
+        // this consumer, unless this consumer is the slowest.
+        while self.budget.used() + size > self.budget.limit {
+            if !self.budget.shed_slowest(self) {
+                break;
+            }
+        }
+        let mut state = lock(&self.state);
+        if state.closed.is_some() {
+            return Pushed::Closed;
+        }
+        if lane == Lane::Control {
+            // Control messages are never dropped: they are small, and a
+            // consumer that lets this many pile up is gone in all but name.
+            if state.lanes[Lane::Control as usize].len() >= self.limits.messages {
+                self.close_locked(
+                    &mut state,
+                    "slow consumer: control messages piling up".into(),
+                );
+                return Pushed::Closed;
+            }
+            self.admit(&mut state, lane, out, size, false);
+            return Pushed::Queued { evicted: 0 };
+        }
+        let over_budget = self.budget.used() + size > self.budget.limit;
+        let over = |state: &State, bytes: usize| {
+            over_budget
+                || state.data_messages() + 1 > self.limits.messages
+                || bytes + size > self.limits.bytes
+        };
+        let mut evicted = 0;
+        if over(&state, self.bytes()) && overflow == Overflow::DropOldest {
+            while over(&state, self.bytes()) {
+                let Some(index) = state.lanes[Lane::Normal as usize]
+                    .iter()
+                    .position(|e| e.evictable)
+                else {
+                    break;
+                };
+                let entry = state.lanes[Lane::Normal as usize]
+                    .remove(index)
+                    .expect("position is in range");
+                self.forget(&entry);
+                if let Msg::Message { channel, .. } = entry.out.msg() {
+                    *state.lost.entry(channel.clone()).or_default() += 1;
+                }
+                evicted += 1;
+            }
+        }
+        if over(&state, self.bytes()) {
+            return match overflow {
+                Overflow::DropOldest | Overflow::DropNewest => {
+                    if let Msg::Message { channel, .. } = out.msg() {
+                        *state.lost.entry(channel.clone()).or_default() += 1;
+                        self.notify.notify_one();
+                    }
+                    Pushed::Dropped
+                }
+                Overflow::Refuse => Pushed::Dropped,
+                Overflow::Disconnect => {
+                    let reason = match out.msg() {
+                        Msg::Message { channel, .. } => {
+                            format!("slow consumer: fell behind on channel {channel}")
+                        }
+                        _ => "slow consumer: outbound queue full".to_owned(),
+                    };
+                    self.close_locked(&mut state, reason);
+                    Pushed::Closed
+                }
+            };
+        }
+        let evictable = matches!(overflow, Overflow::DropOldest | Overflow::DropNewest);
+        self.admit(&mut state, lane, out, size, evictable);
+        Pushed::Queued { evicted }
+    }
+
+    fn admit(&self, state: &mut State, lane: Lane, out: Outbound, size: usize, evictable: bool) {
+        self.bytes.fetch_add(size, Ordering::Relaxed);
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        self.budget.used.fetch_add(size, Ordering::Relaxed);
+        state.lanes[lane as usize].push_back(Entry {
+            out,
+            size,
+            evictable,
+        });
+        self.notify.notify_one();
+    }
+
+    fn forget(&self, entry: &Entry) {
+        self.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+        self.depth.fetch_sub(1, Ordering::Relaxed);
+        self.budget.used.fetch_sub(entry.size, Ordering::Relaxed);
+    }
+
+    /// Closes the queue: what is queued is freed, the consumer's next
+    /// [`next_batch`](Self::next_batch) returns `reason`.
+    pub fn close(&self, reason: impl Into<String>) {
+        let mut state = lock(&self.state);
+        self.close_locked(&mut state, reason.into());
+    }
+
+    fn close_locked(&self, state: &mut State, reason: String) {
+        if state.closed.is_some() {
+            return;
+        }
+        for lane in &mut state.lanes {
+            for entry in lane.drain(..) {
+                self.forget(&entry);
+            }
+        }
+        state.closed = Some(reason);
+        self.notify.notify_one();
+    }
+
+    /// Waits for messages and moves up to `max` into `batch`, control lane
+    /// first, loss notices before anything else. `Err(reason)` once closed.
+    /// Cancel-safe: nothing is taken until the batch is returned.
+    pub async fn next_batch(&self, max: usize) -> Result<Vec<Outbound>, String> {
+        loop {
+            let mut batch = Vec::new();
+            {
+                let mut state = lock(&self.state);
+                if let Some(reason) = &state.closed {
+                    return Err(reason.clone());
+                }
+                for (channel, count) in std::mem::take(&mut state.lost) {
+                    batch.push(Outbound::new(Msg::Lost { channel, count }));
+                }
+                for lane in 0..state.lanes.len() {
+                    while batch.len() < max {
+                        let Some(entry) = state.lanes[lane].pop_front() else {
+                            break;
+                        };
+                        self.forget(&entry);
+                        batch.push(entry.out);
+                    }
+                }
+                if !batch.is_empty() {
+                    return Ok(batch);
+                }
+            }
+            // notify_one keeps a permit, so a push between the check above
+            // and this await is not missed.
+            self.notify.notified().await;
+        }
+    }
+}
+
+impl Drop for OutboundQueue {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let queued: usize = state.lanes.iter().flatten().map(|e| e.size).sum();
+        self.budget.used.fetch_sub(queued, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Data;
+
+    fn message(channel: &str, seq: u64, bytes: usize) -> Outbound {
+        Outbound::new(Msg::Message {
+            channel: channel.to_owned(),
+            seq,
+            data: Data::from(vec![b'x'; bytes]),
+        })
+    }
+
+    fn error() -> Outbound {
+        Outbound::new(Msg::error(
+            crate::protocol::ErrorCode::Overloaded,
+            "e",
+            None,
+        ))
+    }
+
+    async fn drain(queue: &OutboundQueue) -> Vec<Msg> {
+        let batch = queue.next_batch(1000).await.unwrap();
+        batch.iter().map(|o| o.msg().clone()).collect()
+    }
+
+    fn limits(messages: usize, bytes: usize) -> QueueLimits {
+        QueueLimits { messages, bytes }
+    }
+
+    #[tokio::test]
+    async fn control_drains_before_normal_and_loss_is_reported_first() {
+        let budget = Budget::new(1 << 30);
+        let queue = OutboundQueue::new(limits(3, 1 << 20), &budget);
+        for seq in 1..=5 {
+            queue.push(message("c", seq, 10), Overflow::DropOldest);
+        }
+        queue.push(error(), Overflow::DropNewest);
+        let drained = drain(&queue).await;
+        // Room for 3: seq 1 and 2 evicted to make room for 4 and 5; the
+        // error has a lane of its own.
+        assert!(
+            matches!(&drained[0], Msg::Lost { channel, count: 2 } if channel == "c"),
+            "{drained:?}"
+        );
+        assert!(matches!(drained[1], Msg::Error { .. }), "{drained:?}");
+        let seqs: Vec<u64> = drained[2..]
+            .iter()
+            .map(|m| match m {
+                Msg::Message { seq, .. } => *seq,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(seqs, vec![3, 4, 5]);
+        assert_eq!((queue.len(), queue.bytes(), budget.used()), (0, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn bytes_bound_the_queue_and_disconnect_closes_it() {
+        let budget = Budget::new(1 << 30);
+        let queue = OutboundQueue::new(limits(1000, 1000), &budget);
+        assert_eq!(
+            queue.push(message("game", 1, 500), Overflow::Disconnect),
+            Pushed::Queued { evicted: 0 }
+        );
+        assert_eq!(
+            queue.push(message("game", 2, 500), Overflow::Disconnect),
+            Pushed::Closed
+        );
+        assert_eq!(budget.used(), 0, "a closed queue frees its bytes");
+        let reason = queue.next_batch(10).await.unwrap_err();
+        assert!(reason.contains("game"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn refused_messages_leave_the_queue_as_it_was() {
+        let budget = Budget::new(1 << 30);
+        let queue = OutboundQueue::new(limits(1, 1 << 20), &budget);
+        queue.push(message("c", 1, 1), Overflow::DropOldest);
+        assert_eq!(
+            queue.push(message("c", 2, 1), Overflow::Refuse),
+            Pushed::Dropped
+        );
+        assert_eq!(queue.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn over_the_budget_the_slowest_other_consumer_is_shed() {
+        let budget = Budget::new(10_000);
+        let slow = OutboundQueue::new(limits(1000, 1 << 20), &budget);
+        let fast = OutboundQueue::new(limits(1000, 1 << 20), &budget);
+        for seq in 0..8 {
+            slow.push(message("c", seq, 1000), Overflow::DropOldest);
+        }
+        assert!(budget.used() <= 10_000);
+        // The fast consumer needs room: the slow one goes.
+        for seq in 0..4 {
+            let pushed = fast.push(message("c", seq, 1000), Overflow::DropOldest);
+            assert_eq!(pushed, Pushed::Queued { evicted: 0 });
+        }
+        assert_eq!(budget.shed_count(), 1);
+        assert!(slow.next_batch(10).await.is_err());
+        assert_eq!(drain(&fast).await.len(), 4);
+    }
+}
