@@ -89,6 +89,12 @@ pub struct LimitsConfig {
     pub connection_rate: crate::rate::Rate,
     /// Rate-limited messages in a row after which the connection is closed (1008).
     pub rate_violations_before_close: u32,
+    /// Requests one service instance works on at once; more wait for a slot.
+    pub max_in_flight_per_instance: usize,
+    /// Requests that may wait for a free instance per space; past it `overloaded`.
+    pub max_waiting_per_space: usize,
+    /// How long a request waits for a free instance before `overloaded` (503).
+    pub max_wait_ms: u64,
     /// Bytes one connection's outbound queue holds (payloads plus a 64-byte
     /// estimate per message) before its channels' slow-consumer policy applies.
     pub outbound_queue_bytes: usize,
@@ -254,6 +260,9 @@ impl Default for LimitsConfig {
                 burst: 0,
             },
             rate_violations_before_close: 100,
+            max_in_flight_per_instance: 64,
+            max_waiting_per_space: 1024,
+            max_wait_ms: 5_000,
             outbound_queue_bytes: 4 * 1024 * 1024,
             outbound_budget_bytes: 512 * 1024 * 1024,
         }
@@ -346,6 +355,10 @@ impl Config {
             ("limits.max_connections", l.max_connections),
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
             ("limits.outbound_queue_bytes", l.outbound_queue_bytes),
+            (
+                "limits.max_in_flight_per_instance",
+                l.max_in_flight_per_instance,
+            ),
             ("limits.outbound_budget_bytes", l.outbound_budget_bytes),
         ] {
             if value == 0 {

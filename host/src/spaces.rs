@@ -7,9 +7,9 @@
 //! deadline passes (`timeout`, and the instance is told to `cancel`). Progress
 //! and the response go only to the one caller that asked.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -71,6 +71,9 @@ struct Space {
     instances: RwLock<Vec<Arc<Instance>>>,
     // Breaks ties between equally loaded instances so they share the work.
     rotation: AtomicUsize,
+    /// Requests waiting for an instance with a free slot, oldest first. Ids
+    /// whose request already ended (caller gone, wait over) are skipped.
+    waiting: Mutex<VecDeque<u64>>,
 }
 
 impl Space {
@@ -79,6 +82,7 @@ impl Space {
             declared,
             instances: RwLock::new(Vec::new()),
             rotation: AtomicUsize::new(0),
+            waiting: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -87,6 +91,12 @@ impl Space {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .len()
+    }
+
+    /// The least loaded instance, if it has a free slot under `max_in_flight`.
+    fn with_free_slot(&self, max_in_flight: usize) -> Option<Arc<Instance>> {
+        self.least_loaded()
+            .filter(|i| i.in_flight.load(Ordering::Relaxed) < max_in_flight)
     }
 
     fn least_loaded(&self) -> Option<Arc<Instance>> {
@@ -120,9 +130,19 @@ pub enum Caller {
 #[derive(Debug)]
 struct Pending {
     caller: Caller,
-    instance: Arc<Instance>,
+    /// The instance working on it; `None` while it waits for a free slot.
+    instance: Option<Arc<Instance>>,
+    /// The request as the instance will get it, kept while it waits.
+    waiting: Option<Waiting>,
     started: Instant,
     deadline: Instant,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    forwarded: Msg,
+    /// When it stops waiting and fails with `overloaded`.
+    until: Instant,
 }
 
 /// A space as `GET /spaces` shows it.
@@ -132,6 +152,8 @@ pub struct SpaceInfo {
     pub connected: bool,
     pub instances: usize,
     pub in_flight: usize,
+    /// Requests waiting for an instance with a free slot.
+    pub waiting: usize,
     pub declared: bool,
 }
 
@@ -146,6 +168,9 @@ pub struct Spaces {
     max_spaces: usize,
     max_pending: usize,
     max_per_caller: usize,
+    max_in_flight: usize,
+    max_waiting: usize,
+    max_wait: Duration,
     default_timeout: Duration,
     metrics: Arc<Metrics>,
 }
@@ -166,6 +191,9 @@ impl Spaces {
             max_spaces: spaces.max_spaces,
             max_pending: limits.max_pending_requests,
             max_per_caller: limits.max_requests_per_connection,
+            max_in_flight: limits.max_in_flight_per_instance,
+            max_waiting: limits.max_waiting_per_space,
+            max_wait: Duration::from_millis(limits.max_wait_ms),
             default_timeout: Duration::from_millis(limits.request_timeout_ms),
             metrics,
         }
@@ -231,7 +259,11 @@ impl Spaces {
         let lost: Vec<u64> = self
             .pending
             .iter()
-            .filter(|p| Arc::ptr_eq(&p.instance, instance))
+            .filter(|p| {
+                p.instance
+                    .as_ref()
+                    .is_some_and(|i| Arc::ptr_eq(i, instance))
+            })
             .map(|p| *p.key())
             .collect();
         for id in lost {
@@ -270,12 +302,12 @@ impl Spaces {
                     format!("no space named {:?}", req.space),
                 )
             })?;
-        let instance = space.least_loaded().ok_or_else(|| {
-            SpaceError::new(
+        if space.instance_count() == 0 {
+            return Err(SpaceError::new(
                 ErrorCode::NoInstance,
                 format!("space {:?} has no instance connected", req.space),
-            )
-        })?;
+            ));
+        }
 
         let timeout = match req.timeout_ms {
             None => self.default_timeout,
@@ -302,13 +334,17 @@ impl Spaces {
             timeout_ms: Some(timeout.as_millis() as u64),
             ..req
         });
+        let Some(instance) = space.with_free_slot(self.max_in_flight) else {
+            return self.wait_for_slot(&space, id, forwarded, caller, now, timeout);
+        };
         instance.in_flight.fetch_add(1, Ordering::Relaxed);
         // Pending before sending, so that even an instantaneous response finds it.
         self.pending.insert(
             id,
             Pending {
                 caller,
-                instance: instance.clone(),
+                instance: Some(instance.clone()),
+                waiting: None,
                 started: now,
                 deadline: now + timeout,
             },
@@ -340,6 +376,61 @@ impl Spaces {
                 format!("instance {} is not keeping up", instance.id),
             ));
         }
+        Ok(id)
+    }
+
+    /// Every instance of `space` is at `max_in_flight_per_instance`: the
+    /// request waits (boundedly, for at most `max_wait_ms`) for a free slot.
+    fn wait_for_slot(
+        &self,
+        space: &Arc<Space>,
+        id: u64,
+        forwarded: Msg,
+        caller: Caller,
+        now: Instant,
+        timeout: Duration,
+    ) -> Result<u64, SpaceError> {
+        self.pending.insert(
+            id,
+            Pending {
+                caller,
+                instance: None,
+                waiting: Some(Waiting {
+                    forwarded,
+                    until: now + self.max_wait.min(timeout),
+                }),
+                started: now,
+                deadline: now + timeout,
+            },
+        );
+        let queued = {
+            let mut waiting = space.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            let room = waiting.len() < self.max_waiting;
+            if room {
+                waiting.push_back(id);
+            }
+            room
+        };
+        if !queued {
+            if let Some((_, pending)) = self.pending.remove(&id)
+                && let Caller::Conn {
+                    conn,
+                    id: caller_id,
+                    ..
+                } = &pending.caller
+            {
+                self.unclaim(conn, caller_id);
+            }
+            return Err(SpaceError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "every instance is busy and {} requests are already waiting",
+                    self.max_waiting
+                ),
+            ));
+        }
+        // A slot may have come free since we looked.
+        self.start_waiting(space);
         Ok(id)
     }
 
@@ -426,7 +517,7 @@ impl Spaces {
     fn own_pending(&self, from: &ConnInfo, id: &str) -> Result<u64, SpaceError> {
         let key: u64 = id.parse().map_err(|_| not_pending(id))?;
         match self.pending.get(&key) {
-            Some(p) if p.instance.conn.id == from.id => Ok(key),
+            Some(p) if p.instance.as_ref().is_some_and(|i| i.conn.id == from.id) => Ok(key),
             _ => Err(not_pending(id)),
         }
     }
@@ -437,21 +528,30 @@ impl Spaces {
         let expired: Vec<u64> = self
             .pending
             .iter()
-            .filter(|p| p.deadline <= now)
+            .filter(|p| p.deadline <= now || p.waiting.as_ref().is_some_and(|w| w.until <= now))
             .map(|p| *p.key())
             .collect();
         let mut count = 0;
         for id in expired {
             if let Some((_, pending)) = self.pending.remove(&id) {
                 let waited = pending.deadline.duration_since(pending.started);
-                send_cancel(&pending.instance, id, "deadline passed", &self.metrics);
-                self.finish(
-                    pending,
-                    Err(SpaceError::new(
+                let error = match (&pending.instance, &pending.waiting) {
+                    (None, Some(_)) => SpaceError::new(
+                        ErrorCode::Overloaded,
+                        format!(
+                            "no instance had a free slot within {} ms",
+                            now.duration_since(pending.started).as_millis()
+                        ),
+                    ),
+                    _ => SpaceError::new(
                         ErrorCode::Timeout,
                         format!("no response within {} ms", waited.as_millis()),
-                    )),
-                );
+                    ),
+                };
+                if let Some(instance) = &pending.instance {
+                    send_cancel(instance, id, "deadline passed", &self.metrics);
+                }
+                self.finish(pending, Err(error));
                 count += 1;
             }
         }
@@ -462,7 +562,9 @@ impl Spaces {
     /// request and tell the instance to stop working on it.
     pub fn abandon(&self, id: u64) {
         if let Some((_, pending)) = self.pending.remove(&id) {
-            send_cancel(&pending.instance, id, "caller disconnected", &self.metrics);
+            if let Some(instance) = &pending.instance {
+                send_cancel(instance, id, "caller disconnected", &self.metrics);
+            }
             self.release(&pending);
             self.metrics
                 .request_finished("caller_gone", pending.started.elapsed().as_secs_f64());
@@ -480,7 +582,9 @@ impl Spaces {
             .collect();
         for id in orphaned {
             if let Some((_, pending)) = self.pending.remove(&id) {
-                send_cancel(&pending.instance, id, "caller disconnected", &self.metrics);
+                if let Some(instance) = &pending.instance {
+                    send_cancel(instance, id, "caller disconnected", &self.metrics);
+                }
                 self.release(&pending);
                 self.metrics
                     .request_finished("caller_gone", pending.started.elapsed().as_secs_f64());
@@ -499,8 +603,67 @@ impl Spaces {
         }
     }
 
+    /// Gives the request's instance slot back, and hands it to the oldest
+    /// request waiting in that space.
     fn release(&self, pending: &Pending) {
-        pending.instance.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(instance) = &pending.instance {
+            instance.in_flight.fetch_sub(1, Ordering::Relaxed);
+            if let Some(space) = self.spaces.get(&instance.space).map(|s| s.clone()) {
+                self.start_waiting(&space);
+            }
+        }
+    }
+
+    /// Sends waiting requests to instances with free slots, oldest first.
+    fn start_waiting(&self, space: &Arc<Space>) {
+        loop {
+            let Some(instance) = space.with_free_slot(self.max_in_flight) else {
+                return;
+            };
+            // The waiting lock is never held while a pending entry is.
+            let Some(id) = space
+                .waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()
+            else {
+                return;
+            };
+            let forwarded = match self.pending.get_mut(&id) {
+                Some(mut pending) => match pending.waiting.take() {
+                    Some(waiting) => {
+                        instance.in_flight.fetch_add(1, Ordering::Relaxed);
+                        pending.instance = Some(instance.clone());
+                        waiting.forwarded
+                    }
+                    None => continue,
+                },
+                // It ended while waiting (caller gone, wait over).
+                None => continue,
+            };
+            self.send_to(&instance, id, forwarded);
+        }
+    }
+
+    /// Puts a request on its instance's queue; a full queue fails it with
+    /// `overloaded` (the instance is not keeping up).
+    fn send_to(&self, instance: &Arc<Instance>, id: u64, forwarded: Msg) {
+        let queued = deliver(
+            &instance.conn,
+            &instance.queue,
+            Outbound::new(forwarded),
+            Overflow::Refuse,
+            &self.metrics,
+        );
+        if !queued && let Some((_, pending)) = self.pending.remove(&id) {
+            self.finish(
+                pending,
+                Err(SpaceError::new(
+                    ErrorCode::Overloaded,
+                    format!("instance {} is not keeping up", instance.id),
+                )),
+            );
+        }
     }
 
     fn finish(&self, pending: Pending, outcome: Result<Response, SpaceError>) {
@@ -565,6 +728,13 @@ impl Spaces {
                 .iter()
                 .map(|i| i.in_flight.load(Ordering::Relaxed))
                 .sum(),
+            waiting: space
+                .waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|id| self.pending.get(id).is_some_and(|p| p.waiting.is_some()))
+                .count(),
             declared: space.declared,
         }
     }

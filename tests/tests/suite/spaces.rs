@@ -425,3 +425,104 @@ async fn bad_deadlines_and_bad_statuses_are_refused() {
     assert_eq!(body["error"]["code"], "bad_response");
     relay.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn requests_wait_for_a_busy_instance_boundedly_then_get_overloaded() {
+    let relay = TestRelay::start_with(|c| {
+        c.limits.max_in_flight_per_instance = 1;
+        c.limits.max_waiting_per_space = 2;
+        c.limits.max_wait_ms = 1_500;
+    })
+    .await;
+    let mut instance = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    instance
+        .send(json!({"type": "register", "space": "busy"}))
+        .await
+        .unwrap();
+    instance.recv_type("registered").await.unwrap();
+    let mut caller = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    for n in 1..=4 {
+        caller
+            .send(json!({"type": "request", "id": format!("r{n}"), "space": "busy", "data": n.to_string()}))
+            .await
+            .unwrap();
+    }
+    // One slot: r1 goes out, r2 and r3 wait, r4 finds the waiting line full.
+    let first = instance.recv_type("request").await.unwrap();
+    assert_eq!(first["data"], "1");
+    let refused = caller.recv_type("error").await.unwrap();
+    assert_eq!(
+        (refused["id"].as_str(), refused["code"].as_str()),
+        (Some("r4"), Some("overloaded"))
+    );
+    assert!(
+        instance
+            .recv_within(Duration::from_millis(300))
+            .await
+            .is_err(),
+        "nothing more reaches a busy instance"
+    );
+    let info = get_json(&relay.url("/spaces/busy")).await.unwrap();
+    assert_eq!(
+        (info["in_flight"].as_u64(), info["waiting"].as_u64()),
+        (Some(1), Some(2)),
+        "{info}"
+    );
+
+    // The slot frees up: the oldest waiting request gets it.
+    instance
+        .send(json!({"type": "response", "id": first["id"], "data": "one"}))
+        .await
+        .unwrap();
+    assert_eq!(caller.recv_type("response").await.unwrap()["id"], "r1");
+    let second = instance.recv_type("request").await.unwrap();
+    assert_eq!(second["data"], "2");
+
+    // r3 waits past max_wait_ms: overloaded, and the instance never sees it.
+    let started = Instant::now();
+    let expired = caller.recv_type("error").await.unwrap();
+    assert_eq!(
+        (expired["id"].as_str(), expired["code"].as_str()),
+        (Some("r3"), Some("overloaded"))
+    );
+    assert!(
+        expired["message"].as_str().unwrap().contains("free slot"),
+        "{expired}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    instance
+        .send(json!({"type": "response", "id": second["id"], "data": "two"}))
+        .await
+        .unwrap();
+    assert_eq!(caller.recv_type("response").await.unwrap()["id"], "r2");
+    assert!(
+        instance
+            .recv_within(Duration::from_millis(300))
+            .await
+            .is_err()
+    );
+
+    // Over HTTP a wait that runs out is a 503.
+    let blocker = tokio::spawn({
+        let url = relay.url("/spaces/busy/");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .body("a")
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    instance.recv_type("request").await.unwrap();
+    let waited = reqwest::Client::new()
+        .post(relay.url("/spaces/busy/"))
+        .body("b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(waited.status(), 503);
+    blocker.abort();
+    relay.stop().await.unwrap();
+}
