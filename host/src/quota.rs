@@ -226,7 +226,7 @@ impl Quotas {
             return Ok(());
         };
         let user = self.user(grant, limits);
-        take_user(&user, name)
+        take_user(&user, name, Instant::now())
     }
 
     /// Forgets users with no connections whose buckets are full again, so the
@@ -262,16 +262,23 @@ pub fn class_of(name: &str) -> &str {
 
 /// Takes from the class bucket when the tier names the class, else from the
 /// user's general message bucket.
-fn take_user(user: &UserState, name: &str) -> Result<(), Throttled> {
+fn take_user(user: &UserState, name: &str, now: Instant) -> Result<(), Throttled> {
     let class = class_of(name);
     let mut buckets = lock(&user.buckets);
-    let (scope, bucket) = match buckets.classes.get_mut(class) {
-        Some(bucket) => (format!("class:{class}"), bucket),
-        None => ("user".to_owned(), &mut buckets.messages),
-    };
-    bucket
-        .take()
-        .map_err(|retry_after| Throttled { scope, retry_after })
+    // The scope is spelled out only on refusal: this runs for every message.
+    match buckets.classes.get_mut(class) {
+        Some(bucket) => bucket.take_at(now).map_err(|retry_after| Throttled {
+            scope: format!("class:{class}"),
+            retry_after,
+        }),
+        None => buckets
+            .messages
+            .take_at(now)
+            .map_err(|retry_after| Throttled {
+                scope: "user".to_owned(),
+                retry_after,
+            }),
+    }
 }
 
 /// One connection's slot and buckets; gives the slot back when dropped.
@@ -297,15 +304,19 @@ pub enum Verdict {
 impl ConnQuota {
     /// Charges one publish or request addressed to `name` (channel or space).
     pub fn charge(&mut self, name: &str) -> Verdict {
+        if self.connection.is_none() && self.user.is_none() {
+            return Verdict::Pass;
+        }
+        let now = Instant::now();
         let result = match &mut self.connection {
-            Some(bucket) => bucket.take().map_err(|retry_after| Throttled {
+            Some(bucket) => bucket.take_at(now).map_err(|retry_after| Throttled {
                 scope: "connection".to_owned(),
                 retry_after,
             }),
             None => Ok(()),
         };
         let result = result.and_then(|()| match &self.user {
-            Some(user) => take_user(user, name),
+            Some(user) => take_user(user, name, now),
             None => Ok(()),
         });
         match result {

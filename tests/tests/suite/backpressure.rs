@@ -151,8 +151,10 @@ async fn a_consumer_that_never_reads_stays_bounded_while_fast_ones_get_everythin
         .unwrap()
         .clone();
     assert!(row["dropped"].as_u64().unwrap() > 0, "{row}");
+    // The bound is on channel traffic; a few control messages (presence
+    // counts as the others subscribed) may sit on top of it.
     assert!(
-        row["queue_bytes"].as_u64().unwrap() <= QUEUE_BYTES as u64,
+        row["queue_bytes"].as_u64().unwrap() <= QUEUE_BYTES as u64 + 16 * 1024,
         "{row}"
     );
 
