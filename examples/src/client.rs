@@ -188,7 +188,9 @@ async fn connect_quic(authority: &str, trust: &Trust) -> anyhow::Result<Link> {
         "0.0.0.0:0".parse()?
     };
     let mut endpoint = quinn::Endpoint::client(bind)?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(quic_transport()));
+    endpoint.set_default_client_config(config);
     let connection = endpoint
         .connect(addr, host)?
         .await
@@ -200,6 +202,15 @@ async fn connect_quic(authority: &str, trust: &Trust) -> anyhow::Result<Link> {
         send,
         _endpoint: endpoint,
     })
+}
+
+/// Client transport settings: keep-alives, so an idle connection stays up
+/// and a relay's close is noticed even when its CONNECTION_CLOSE packet was
+/// lost (a closed peer answers any later packet with another one).
+pub fn quic_transport() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(1)));
+    transport
 }
 
 /// One message received over QUIC, and whether it came on a bulk stream.

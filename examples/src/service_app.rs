@@ -74,6 +74,8 @@ async fn serve_once(options: &Options, stop: &CancellationToken) -> anyhow::Resu
     // Workers report through this queue so one slow request never blocks another.
     let (out_tx, mut out_rx) = mpsc::channel::<Msg>(256);
     let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
+    // Streamed requests whose body is still arriving in `body` messages.
+    let mut arriving: HashMap<String, Request> = HashMap::new();
     let result = loop {
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
@@ -88,13 +90,28 @@ async fn serve_once(options: &Options, stop: &CancellationToken) -> anyhow::Resu
                 Some(Msg::Registered { space, instance }) => {
                     tracing::info!(%space, %instance, "registered");
                 }
+                Some(Msg::Request(request)) if request.stream => {
+                    arriving.insert(request.id.clone(), request);
+                }
                 Some(Msg::Request(request)) => {
                     let id = request.id.clone();
                     let worker = tokio::spawn(work(request, options.clone(), out_tx.clone()));
                     workers.insert(id, worker);
                 }
+                Some(Msg::Body { id, last, data }) => {
+                    let Some(request) = arriving.get_mut(&id) else { continue };
+                    let mut body = std::mem::take(&mut request.data.0).try_into_mut()
+                        .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+                    body.extend_from_slice(data.as_bytes());
+                    request.data = Data(body.freeze());
+                    if last && let Some(request) = arriving.remove(&id) {
+                        let worker = tokio::spawn(work(request, options.clone(), out_tx.clone()));
+                        workers.insert(id, worker);
+                    }
+                }
                 Some(Msg::Cancel { id, reason }) => {
                     tracing::info!(%id, %reason, "request cancelled");
+                    arriving.remove(&id);
                     if let Some(worker) = workers.remove(&id) {
                         worker.abort();
                     }

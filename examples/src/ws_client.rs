@@ -95,6 +95,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     query: String::new(),
                     headers: vec![],
                     timeout_ms: None,
+                    stream: false,
                     data: Data::from(text),
                 }))
                 .await?;

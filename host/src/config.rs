@@ -89,6 +89,9 @@ pub struct LimitsConfig {
     pub connection_rate: crate::rate::Rate,
     /// Rate-limited messages in a row after which the connection is closed (1008).
     pub rate_violations_before_close: u32,
+    /// Largest HTTP request body relayed; bodies over 64 KiB (or of unknown
+    /// length) are streamed to the instance in `body` messages as they arrive.
+    pub max_body_bytes: usize,
     /// Requests one service instance works on at once; more wait for a slot.
     pub max_in_flight_per_instance: usize,
     /// Requests that may wait for a free instance per space; past it `overloaded`.
@@ -260,6 +263,7 @@ impl Default for LimitsConfig {
                 burst: 0,
             },
             rate_violations_before_close: 100,
+            max_body_bytes: 64 * 1024 * 1024,
             max_in_flight_per_instance: 64,
             max_waiting_per_space: 1024,
             max_wait_ms: 5_000,
@@ -355,6 +359,7 @@ impl Config {
             ("limits.max_connections", l.max_connections),
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
             ("limits.outbound_queue_bytes", l.outbound_queue_bytes),
+            ("limits.max_body_bytes", l.max_body_bytes),
             (
                 "limits.max_in_flight_per_instance",
                 l.max_in_flight_per_instance,

@@ -113,6 +113,17 @@ impl Space {
     }
 }
 
+/// Where the next piece of a streamed request body goes.
+#[derive(Debug)]
+pub enum BodyTarget {
+    /// The instance working on the request: its queue.
+    Instance(Arc<OutboundQueue>),
+    /// The request still waits for a free instance.
+    Waiting,
+    /// The request has ended (answered, failed, expired, abandoned).
+    Ended,
+}
+
 /// Who is waiting for a request's outcome.
 #[derive(Debug)]
 pub enum Caller {
@@ -695,6 +706,17 @@ impl Spaces {
                 // The HTTP caller may have given up already; nothing to do then.
                 let _ = reply.send(outcome);
             }
+        }
+    }
+
+    /// Where a streamed body for request `id` should go now.
+    pub fn body_target(&self, id: u64) -> BodyTarget {
+        match self.pending.get(&id) {
+            None => BodyTarget::Ended,
+            Some(pending) => match &pending.instance {
+                Some(instance) => BodyTarget::Instance(instance.queue.clone()),
+                None => BodyTarget::Waiting,
+            },
         }
     }
 

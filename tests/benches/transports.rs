@@ -332,6 +332,7 @@ async fn relay_bulk(relay: &RelayProcess, path: Path, requests: usize) -> anyhow
             query: String::new(),
             headers: Vec::new(),
             timeout_ms: None,
+            stream: false,
             data: Data(body.clone()),
         });
         tx.feed(binary(&request)).await?;

@@ -243,7 +243,11 @@ pub fn quic_client(cert_pem: &Path, alpn: &[u8]) -> anyhow::Result<quinn::Endpoi
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let mut config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    config.transport_config(std::sync::Arc::new(
+        wasmrelay_examples::client::quic_transport(),
+    ));
+    endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
 

@@ -153,6 +153,7 @@ mod tests {
             query: "voice=a".into(),
             headers: vec![("content-type".into(), "text/plain".into())],
             timeout_ms: Some(500),
+            stream: false,
             data: Data::from("hello"),
         })
     }

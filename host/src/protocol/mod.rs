@@ -110,6 +110,15 @@ pub enum Msg {
         data: Data,
     },
     Response(Response),
+    /// Relay → instance: the next piece of a streamed request body (the
+    /// request had `stream: true`); `last` marks the end.
+    Body {
+        id: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        last: bool,
+        #[serde(default, skip_serializing_if = "Data::is_empty")]
+        data: Data,
+    },
     /// Relay → instance: the caller went away or the deadline passed; stop working on `id`.
     Cancel {
         id: String,
@@ -147,6 +156,10 @@ pub struct Request {
     /// are clamped to it). Relay → instance: the deadline in effect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Relay → instance: the body follows in `body` messages (`data` is
+    /// empty), streamed from an HTTP caller as it arrives.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
     #[serde(default, skip_serializing_if = "Data::is_empty")]
     pub data: Data,
 }
@@ -196,6 +209,7 @@ impl Msg {
             Msg::Request(_) => "request",
             Msg::Progress { .. } => "progress",
             Msg::Response(_) => "response",
+            Msg::Body { .. } => "body",
             Msg::Cancel { .. } => "cancel",
             Msg::Error { .. } => "error",
             Msg::Goaway { .. } => "goaway",
@@ -208,6 +222,7 @@ impl Msg {
             Msg::Publish { data, .. }
             | Msg::Message { data, .. }
             | Msg::Progress { data, .. }
+            | Msg::Body { data, .. }
             | Msg::Request(Request { data, .. })
             | Msg::Response(Response { data, .. }) => Some(data),
             _ => None,
@@ -220,6 +235,7 @@ impl Msg {
             Msg::Publish { data, .. }
             | Msg::Message { data, .. }
             | Msg::Progress { data, .. }
+            | Msg::Body { data, .. }
             | Msg::Request(Request { data, .. })
             | Msg::Response(Response { data, .. }) => Some(data),
             _ => None,
@@ -277,6 +293,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "request",
     "progress",
     "response",
+    "body",
     "cancel",
     "error",
     "goaway",

@@ -352,6 +352,13 @@ impl Session {
 
     fn request(&mut self, mut req: Request) -> Option<Msg> {
         let id = req.id.clone();
+        if req.stream {
+            return Some(Msg::error(
+                ErrorCode::BadMessage,
+                "`stream` is set by the relay for streamed HTTP bodies; send `data` inline",
+                Some(id),
+            ));
+        }
         if let Some(throttled) = self.charge(&req.space, Some(id.clone())) {
             return Some(throttled);
         }

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::Outbound;
 use crate::protocol::Msg;
@@ -167,6 +168,11 @@ impl State {
 pub struct OutboundQueue {
     state: Mutex<State>,
     notify: Notify,
+    /// Woken whenever messages leave the queue, for senders that wait for room.
+    room: Notify,
+    /// Cancelled when the queue closes, so a transport blocked writing to
+    /// this consumer can give up at once.
+    closed: CancellationToken,
     limits: QueueLimits,
     budget: Arc<Budget>,
     // Mirrors of the state, readable without the lock.
@@ -179,6 +185,8 @@ impl OutboundQueue {
         let queue = Arc::new(Self {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
+            room: Notify::new(),
+            closed: CancellationToken::new(),
             limits,
             budget: budget.clone(),
             depth: AtomicUsize::new(0),
@@ -322,6 +330,45 @@ impl OutboundQueue {
         }
         state.closed = Some(reason);
         self.notify.notify_one();
+        self.room.notify_waiters();
+        self.closed.cancel();
+    }
+
+    /// Completes once the queue is closed (slow consumer, shed).
+    pub async fn closed(&self) {
+        self.closed.cancelled().await;
+    }
+
+    /// Queues `out` once the normal and bulk lanes have room for it (and the
+    /// relay-wide budget does), waiting as long as it takes: for senders
+    /// that can themselves wait, such as a streamed body, whose source is
+    /// then read no faster than the consumer takes it. `Err` once closed.
+    pub async fn push_when_room(&self, out: Outbound) -> Result<(), String> {
+        let size = Self::size_of(&out);
+        let lane = Lane::of(out.msg());
+        let mut out = Some(out);
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            // Registered before looking, so a pop in between is not missed.
+            room.as_mut().enable();
+            {
+                let mut state = lock(&self.state);
+                if let Some(reason) = &state.closed {
+                    return Err(reason.clone());
+                }
+                let fits = state.data_messages() < self.limits.messages
+                    && self.bytes() + size <= self.limits.bytes
+                    && self.budget.used() + size <= self.budget.limit;
+                // An empty queue always takes one message, however large.
+                if fits || state.data_messages() == 0 {
+                    let out = out.take().expect("pushed only once");
+                    self.admit(&mut state, lane, out, size, false);
+                    return Ok(());
+                }
+            }
+            room.await;
+        }
     }
 
     /// Waits for messages and moves up to `max` into `batch`, control lane
@@ -348,6 +395,8 @@ impl OutboundQueue {
                     }
                 }
                 if !batch.is_empty() {
+                    drop(state);
+                    self.room.notify_waiters();
                     return Ok(batch);
                 }
             }
@@ -438,6 +487,25 @@ mod tests {
         assert_eq!(budget.used(), 0, "a closed queue frees its bytes");
         let reason = queue.next_batch(10).await.unwrap_err();
         assert!(reason.contains("game"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_sender_goes_on_as_the_consumer_takes() {
+        let budget = Budget::new(1 << 30);
+        let queue = OutboundQueue::new(limits(2, 1 << 20), &budget);
+        queue.push_when_room(message("c", 1, 1)).await.unwrap();
+        queue.push_when_room(message("c", 2, 1)).await.unwrap();
+        let third = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.push_when_room(message("c", 3, 1)).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!third.is_finished(), "no room yet");
+        assert_eq!(drain(&queue).await.len(), 2);
+        third.await.unwrap().unwrap();
+        assert_eq!(drain(&queue).await.len(), 1);
+        queue.close("gone");
+        assert!(queue.push_when_room(message("c", 4, 1)).await.is_err());
     }
 
     #[tokio::test]

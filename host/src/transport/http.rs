@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use super::body::StreamEnd;
 use super::io::CountingIo;
 use super::tls::Certificates;
 use crate::admin;
@@ -251,22 +252,27 @@ async fn ingress(
         }
     };
     let (parts, body) = req.into_parts();
-    let limit = relay.config.limits.max_message_bytes;
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return json_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::TooLarge,
-                &format!("request body larger than max_message_bytes ({limit})"),
-            );
-        }
-        Err(e) => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadFrame,
-                &format!("could not read the request body: {e}"),
-            );
+    // Small bodies travel inline; larger ones (or of unknown length) are
+    // streamed to the instance once it is chosen, as it takes them.
+    let streamed = body
+        .size_hint()
+        .exact()
+        .is_none_or(|length| length > super::body::STREAM_OVER);
+    let (data, body) = if streamed {
+        (Bytes::new(), Some(body))
+    } else {
+        match Limited::new(body, super::body::STREAM_OVER as usize)
+            .collect()
+            .await
+        {
+            Ok(collected) => (collected.to_bytes(), None),
+            Err(e) => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadFrame,
+                    &format!("could not read the request body: {e}"),
+                );
+            }
         }
     };
     let headers: Vec<(String, String)> = parts
@@ -302,8 +308,14 @@ async fn ingress(
         query: parts.uri.query().unwrap_or("").to_owned(),
         headers,
         timeout_ms,
-        data: Data(body),
+        stream: streamed,
+        data: Data(data),
     };
+    let deadline = tokio::time::Instant::now()
+        + timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::MAX)
+            .min(relay.config.request_timeout());
     let (reply_tx, reply_rx) = oneshot::channel();
     let id = match relay.spaces.dispatch(request, Caller::Http(reply_tx)) {
         Ok(id) => id,
@@ -312,6 +324,29 @@ async fn ingress(
     // If the HTTP client disconnects, hyper drops this future; the guard then
     // cancels the request instead of leaving it pending until its deadline.
     let _abandon = AbandonOnDrop { relay: &relay, id };
+    if let Some(body) = body {
+        let max = relay.config.limits.max_body_bytes;
+        match super::body::stream_body(&relay, id, body, max, deadline).await {
+            // The outcome follows: a response, or the deadline's timeout.
+            StreamEnd::Complete | StreamEnd::RequestEnded | StreamEnd::TimedOut => {}
+            StreamEnd::TooLarge => {
+                relay.spaces.abandon(id);
+                return json_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorCode::TooLarge,
+                    &format!("request body larger than max_body_bytes ({max})"),
+                );
+            }
+            StreamEnd::Broken(e) => {
+                relay.spaces.abandon(id);
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadFrame,
+                    &format!("the request body broke off: {e}"),
+                );
+            }
+        }
+    }
     match reply_rx.await {
         Ok(Ok(response)) => {
             let status = StatusCode::from_u16(response.status)

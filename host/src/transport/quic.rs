@@ -75,6 +75,8 @@ const INBOUND_FRAMES: usize = 64;
 const WRITE_BATCH: usize = 64;
 /// Bulk bodies are written in pieces so a stalled peer is noticed per piece.
 const BULK_WRITE_CHUNK: usize = 64 * 1024;
+/// Unacknowledged bytes quinn may hold for one connection.
+const SEND_WINDOW: u64 = 2 * 1024 * 1024;
 /// How often a QUIC row's path figures (RTT, loss, window) are refreshed.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// How long bulk writes still in flight get when the relay closes a connection.
@@ -469,9 +471,15 @@ async fn serve(
         let bytes = batch.len() as u64;
         // QUIC flow control is the backpressure: a peer that stops reading
         // stalls this write, bounded by the idle timeout.
-        match tokio::time::timeout(idle_timeout, send.write_all(&batch)).await {
-            Ok(Ok(())) => {}
-            _ => break None,
+        tokio::select! {
+            written = tokio::time::timeout(idle_timeout, send.write_all(&batch)) => match written {
+                Ok(Ok(())) => {}
+                _ => break None,
+            },
+            // Closed for being slow, or shutting down: no need to wait for
+            // a peer that is not reading; CONNECTION_CLOSE goes out regardless.
+            _ = queue.closed() => continue,
+            _ = relay.closing().cancelled() => continue,
         }
         conn.bytes_out.fetch_add(bytes, Ordering::Relaxed);
         relay.metrics.bytes_out(bytes);
@@ -520,6 +528,10 @@ pub fn transport_config(idle_timeout: Duration, keep_alive: Duration) -> quinn::
         // The control stream is the only bidirectional one; bulk bodies get
         // unidirectional streams. Past these limits a peer waits for credit.
         .max_concurrent_bidi_streams(1u32.into())
-        .max_concurrent_uni_streams(MAX_BULK_STREAMS.into());
+        .max_concurrent_uni_streams(MAX_BULK_STREAMS.into())
+        // quinn's default keeps ~10 MB of unacknowledged data per connection,
+        // outside the outbound queue's bounds and budget; a slow reader
+        // should meet its slow-consumer policy well before that.
+        .send_window(SEND_WINDOW);
     transport
 }

@@ -254,9 +254,15 @@ pub async fn serve<S>(
             Encoding::Text => Message::Text(out.text()),
             Encoding::Binary => Message::Binary(out.binary()),
         });
-        if send_all(&mut ws, frames, idle_timeout).await.is_err() {
-            tracing::debug!("peer stopped reading; dropping the connection");
-            break None;
+        // A consumer closed for being slow is usually blocked right here:
+        // stop waiting for it and go to the close.
+        tokio::select! {
+            sent = send_all(&mut ws, frames, idle_timeout) => if sent.is_err() {
+                tracing::debug!("peer stopped reading; dropping the connection");
+                break None;
+            },
+            _ = queue.closed() => continue,
+            _ = relay.closing().cancelled() => continue,
         }
     };
 

@@ -221,7 +221,11 @@ async fn disconnect_channels_close_a_slow_subscriber_with_1013() {
         quinn::ConnectionError::ApplicationClosed(close) => {
             assert_eq!(close.error_code, quinn::VarInt::from_u32(0x8));
         }
-        other => panic!("expected an application close, got {other:?}"),
+        // The flood can overflow the client's UDP buffer and lose the
+        // CONNECTION_CLOSE; its next keep-alive then meets a relay that has
+        // forgotten the connection and answers with a stateless reset.
+        quinn::ConnectionError::Reset => {}
+        other => panic!("expected the relay to close the connection, got {other:?}"),
     }
     publisher.assert_alive().await.unwrap();
     relay.stop().await.unwrap();
@@ -249,7 +253,7 @@ async fn a_relay_over_its_budget_sheds_the_slowest_consumer_first() {
     }
     // ...then the second's, until the shared budget runs out.
     let small = payload(4 * 1024);
-    for _ in 0..1000 {
+    for _ in 0..3000 {
         publisher
             .send(json!({"type": "publish", "channel": "small", "data": small}))
             .await

@@ -526,3 +526,106 @@ async fn requests_wait_for_a_busy_instance_boundedly_then_get_overloaded() {
     blocker.abort();
     relay.stop().await.unwrap();
 }
+
+/// `len` bytes of a recognisable ASCII pattern.
+fn pattern(len: usize) -> String {
+    (0..len).map(|i| (b'a' + (i % 26) as u8) as char).collect()
+}
+
+#[tokio::test]
+async fn large_http_bodies_stream_to_the_instance_as_fast_as_it_reads() {
+    const QUEUE_BYTES: usize = 256 * 1024;
+    const BODY: usize = 8 * 1024 * 1024;
+    let relay = TestRelay::start_with(|c| c.limits.outbound_queue_bytes = QUEUE_BYTES).await;
+    let mut instance = register(&relay, "upload").await;
+    let body = pattern(BODY);
+    let upload = tokio::spawn({
+        let (url, body) = (relay.url("/spaces/upload/files"), body.clone());
+        async move {
+            let response = reqwest::Client::new()
+                .put(url)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    });
+    let request = instance.recv_type("request").await.unwrap();
+    assert_eq!(request["stream"], true, "{request}");
+    assert!(request.get("data").is_none(), "{request}");
+    assert_eq!(request["method"], "PUT");
+
+    // The instance does not read for a while: the relay holds no more than
+    // its queue bound of the body, and the upload waits.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let table = get_json(&relay.url("/admin/connections")).await.unwrap();
+    let queued = table["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["queue_bytes"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert!(
+        queued <= (QUEUE_BYTES + 64 * 1024) as u64,
+        "{queued} bytes queued"
+    );
+    assert!(!upload.is_finished(), "the uploader is held back");
+
+    // Reading, it gets the whole body in order, the last piece marked.
+    let mut received = String::with_capacity(BODY);
+    loop {
+        let piece = instance.recv_type("body").await.unwrap();
+        assert_eq!(piece["id"], request["id"]);
+        received.push_str(piece["data"].as_str().unwrap_or(""));
+        if piece["last"] == true {
+            break;
+        }
+    }
+    assert_eq!(received.len(), BODY);
+    assert!(received == body, "the body arrived intact");
+    instance
+        .send(json!({"type": "response", "id": request["id"], "status": 201, "data": "stored"}))
+        .await
+        .unwrap();
+    assert_eq!(upload.await.unwrap(), (201, "stored".to_owned()));
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_body_over_max_body_bytes_gets_413_and_the_instance_a_cancel() {
+    let relay = TestRelay::start_with(|c| c.limits.max_body_bytes = 1024 * 1024).await;
+    let mut instance = register(&relay, "upload").await;
+    let response = reqwest::Client::new()
+        .post(relay.url("/spaces/upload/"))
+        .body(pattern(3 * 1024 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_large", "{body}");
+    let request = instance.recv_type("request").await.unwrap();
+    let cancel = instance.recv_type("cancel").await.unwrap();
+    assert_eq!(cancel["id"], request["id"]);
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_example_service_app_takes_streamed_bodies() {
+    let relay = TestRelay::start().await;
+    let stop = start_service(&relay, "upper", 10);
+    wait_connected(&relay, "upper", 1).await;
+    let body = pattern(300 * 1024);
+    let response = reqwest::Client::new()
+        .post(relay.url("/spaces/upper/"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), body.to_uppercase());
+    stop.cancel();
+    relay.stop().await.unwrap();
+}
