@@ -193,29 +193,35 @@ impl Relay {
         self.plugins.as_ref()
     }
 
-    /// Admission for a new connection: the policy's verdict, then the
-    /// connection caps. The quota holds the connection's slot until dropped.
-    pub fn admit_connection(
-        &self,
-        handshake: &Handshake<'_>,
-    ) -> Result<(Option<Grant>, ConnQuota), Refusal> {
-        let grant = match self.admission().admit(handshake) {
-            Admit::Allow(grant) => grant,
+    /// The policy's verdict alone (HTTP ingress asks it for every request);
+    /// a denial is counted.
+    pub fn admit_policy(&self, handshake: &Handshake<'_>) -> Result<Option<Grant>, Refusal> {
+        match self.admission().admit(handshake) {
+            Admit::Allow(grant) => Ok(grant),
             Admit::Deny {
                 status,
                 code,
                 reason,
             } => {
                 self.metrics.refused(RefusedFor::Policy);
-                return Err(Refusal {
+                Err(Refusal {
                     why: RefusedFor::Policy,
                     status,
                     code,
                     reason,
                     retry_after: None,
-                });
+                })
             }
-        };
+        }
+    }
+
+    /// Admission for a new connection: the policy's verdict, then the
+    /// connection caps. The quota holds the connection's slot until dropped.
+    pub fn admit_connection(
+        &self,
+        handshake: &Handshake<'_>,
+    ) -> Result<(Option<Grant>, ConnQuota), Refusal> {
+        let grant = self.admit_policy(handshake)?;
         match self.quotas.open(handshake.peer.ip(), grant.as_ref()) {
             Ok(quota) => Ok((grant, quota)),
             Err(refusal) => {

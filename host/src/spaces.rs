@@ -370,24 +370,29 @@ impl Spaces {
             &self.metrics,
         );
         if !queued {
-            let pending = self.pending.remove(&id).map(|(_, p)| p);
-            if let Some(pending) = pending {
-                self.release(&pending);
-                if let Caller::Conn {
-                    conn,
-                    id: caller_id,
-                    ..
-                } = &pending.caller
-                {
-                    self.unclaim(conn, caller_id);
-                }
-            }
+            self.withdraw(id);
             return Err(SpaceError::new(
                 ErrorCode::Overloaded,
                 format!("instance {} is not keeping up", instance.id),
             ));
         }
         Ok(id)
+    }
+
+    /// Takes back a request that was never handed over: its slot and its
+    /// caller's id are free again, and nobody is told.
+    fn withdraw(&self, id: u64) {
+        if let Some((_, pending)) = self.pending.remove(&id) {
+            self.release(&pending);
+            if let Caller::Conn {
+                conn,
+                id: caller_id,
+                ..
+            } = &pending.caller
+            {
+                self.unclaim(conn, caller_id);
+            }
+        }
     }
 
     /// Every instance of `space` is at `max_in_flight_per_instance`: the
@@ -423,15 +428,7 @@ impl Spaces {
             room
         };
         if !queued {
-            if let Some((_, pending)) = self.pending.remove(&id)
-                && let Caller::Conn {
-                    conn,
-                    id: caller_id,
-                    ..
-                } = &pending.caller
-            {
-                self.unclaim(conn, caller_id);
-            }
+            self.withdraw(id);
             return Err(SpaceError::new(
                 ErrorCode::Overloaded,
                 format!(

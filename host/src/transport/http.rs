@@ -22,8 +22,7 @@ use super::body::StreamEnd;
 use super::io::CountingIo;
 use super::tls::Certificates;
 use crate::admin;
-use crate::hooks::{Admit, Handshake, Route, RouteInput};
-use crate::metrics::RefusedFor;
+use crate::hooks::{Handshake, Route, RouteInput};
 use crate::protocol::{Data, ErrorCode, Request};
 use crate::relay::Relay;
 use crate::session::table::{ConnGuard, ConnState};
@@ -217,17 +216,9 @@ async fn ingress(
         query: req.uri().query().unwrap_or(""),
         headers: req.headers(),
     };
-    let grant = match relay.admission().admit(&handshake) {
-        Admit::Allow(grant) => grant,
-        Admit::Deny {
-            status,
-            code,
-            reason,
-        } => {
-            relay.metrics.refused(RefusedFor::Policy);
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
-            return json_error(status, code, &reason);
-        }
+    let grant = match relay.admit_policy(&handshake) {
+        Ok(grant) => grant,
+        Err(refusal) => return refusal_response(&refusal),
     };
     if let Err(throttled) = relay.quotas.check_request(grant.as_ref(), &space) {
         relay.metrics.message_throttled();

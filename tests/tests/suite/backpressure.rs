@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 use wasmrelay::config::{ChannelOverride, SlowConsumer};
 use wasmrelay_tests::{QuicTester, RelayProcess, TestRelay, WsTester, free_port, get_json, rss_of};
 
@@ -199,18 +197,11 @@ async fn disconnect_channels_close_a_slow_subscriber_with_1013() {
             .unwrap();
     }
     // The stalled WebSocket subscriber reads its backlog, then the close.
-    let close = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match stalled.ws.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close frame, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("closed in time")
-    .expect("a close frame");
+    let close = stalled
+        .expect_close()
+        .await
+        .unwrap()
+        .expect("a close frame");
     assert_eq!(u16::from(close.code), 1013);
     assert!(close.reason.contains("game/1"), "{close:?}");
     // The QUIC subscriber never read either: closed with 0x8.
@@ -270,18 +261,11 @@ async fn a_relay_over_its_budget_sheds_the_slowest_consumer_first() {
         stats["outbound"]["queued_bytes"].as_u64().unwrap() <= 2 * 1024 * 1024,
         "{stats}"
     );
-    let close = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match slowest.ws.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close frame, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("closed in time")
-    .expect("a close frame");
+    let close = slowest
+        .expect_close()
+        .await
+        .unwrap()
+        .expect("a close frame");
     assert_eq!(u16::from(close.code), 1013);
     assert!(close.reason.contains("budget"), "{close:?}");
     // The other slow consumer was spared and still gets its messages.
