@@ -93,10 +93,39 @@ impl Space {
             .len()
     }
 
-    /// The least loaded instance, if it has a free slot under `max_in_flight`.
-    fn with_free_slot(&self, max_in_flight: usize) -> Option<Arc<Instance>> {
-        self.least_loaded()
-            .filter(|i| i.in_flight.load(Ordering::Relaxed) < max_in_flight)
+    /// Takes a slot on the least loaded instance, if one is under
+    /// `max_in_flight`. The slot is claimed with a compare-and-swap, so
+    /// dispatchers racing for the last slot never push an instance past the
+    /// limit; the loser looks again, and waits in line when all are full.
+    fn claim_slot(&self, max_in_flight: usize) -> Option<Arc<Instance>> {
+        // Bounded: under heavy contention the request waits in line instead,
+        // and the next freed slot dispatches it.
+        for _ in 0..8 {
+            let instance = self.least_loaded()?;
+            let claimed = instance
+                .in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max_in_flight).then_some(n + 1)
+                })
+                .is_ok();
+            if claimed {
+                return Some(instance);
+            }
+            if instance.in_flight.load(Ordering::Acquire) >= max_in_flight
+                && self.all_full(max_in_flight)
+            {
+                return None;
+            }
+        }
+        None
+    }
+
+    fn all_full(&self, max_in_flight: usize) -> bool {
+        self.instances
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .all(|i| i.in_flight.load(Ordering::Acquire) >= max_in_flight)
     }
 
     fn least_loaded(&self) -> Option<Arc<Instance>> {
@@ -345,10 +374,9 @@ impl Spaces {
             timeout_ms: Some(timeout.as_millis() as u64),
             ..req
         });
-        let Some(instance) = space.with_free_slot(self.max_in_flight) else {
+        let Some(instance) = space.claim_slot(self.max_in_flight) else {
             return self.wait_for_slot(&space, id, forwarded, caller, now, timeout);
         };
-        instance.in_flight.fetch_add(1, Ordering::Relaxed);
         // Pending before sending, so that even an instantaneous response finds it.
         self.pending.insert(
             id,
@@ -615,7 +643,7 @@ impl Spaces {
     /// request waiting in that space.
     fn release(&self, pending: &Pending) {
         if let Some(instance) = &pending.instance {
-            instance.in_flight.fetch_sub(1, Ordering::Relaxed);
+            instance.in_flight.fetch_sub(1, Ordering::AcqRel);
             if let Some(space) = self.spaces.get(&instance.space).map(|s| s.clone()) {
                 self.start_waiting(&space);
             }
@@ -624,32 +652,53 @@ impl Spaces {
 
     /// Sends waiting requests to instances with free slots, oldest first.
     fn start_waiting(&self, space: &Arc<Space>) {
-        loop {
-            let Some(instance) = space.with_free_slot(self.max_in_flight) else {
-                return;
-            };
-            // The waiting lock is never held while a pending entry is.
-            let Some(id) = space
+        let waiting_is_empty = || {
+            space
                 .waiting
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .pop_front()
-            else {
-                return;
+                .is_empty()
+        };
+        let mut claimed: Option<Arc<Instance>> = None;
+        loop {
+            let instance = match claimed.take() {
+                Some(instance) => instance,
+                None => match space.claim_slot(self.max_in_flight) {
+                    Some(instance) => instance,
+                    None => return,
+                },
+            };
+            // The waiting lock is never held while a pending entry is.
+            let next = space
+                .waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
+            let Some(id) = next else {
+                instance.in_flight.fetch_sub(1, Ordering::AcqRel);
+                // A request that lined up while we held the slot found no
+                // free slot and counts on us to dispatch it.
+                if waiting_is_empty() {
+                    return;
+                }
+                continue;
             };
             let forwarded = match self.pending.get_mut(&id) {
                 Some(mut pending) => match pending.waiting.take() {
                     Some(waiting) => {
-                        instance.in_flight.fetch_add(1, Ordering::Relaxed);
                         pending.instance = Some(instance.clone());
-                        waiting.forwarded
+                        Some(waiting.forwarded)
                     }
-                    None => continue,
+                    None => None,
                 },
                 // It ended while waiting (caller gone, wait over).
-                None => continue,
+                None => None,
             };
-            self.send_to(&instance, id, forwarded);
+            match forwarded {
+                Some(forwarded) => self.send_to(&instance, id, forwarded),
+                // The slot is still ours: offer it to the next in line.
+                None => claimed = Some(instance),
+            }
         }
     }
 

@@ -629,3 +629,76 @@ async fn the_example_service_app_takes_streamed_bodies() {
     stop.cancel();
     relay.stop().await.unwrap();
 }
+
+/// Many callers at once race for an instance's last slots: the limit holds
+/// exactly (slots are claimed with a compare-and-swap), the rest wait in
+/// line, and every one of them is served as slots free up.
+#[tokio::test]
+async fn concurrent_callers_never_push_an_instance_past_its_limit() {
+    const CALLERS: usize = 40;
+    const LIMIT: u64 = 3;
+    let relay = TestRelay::start_with(|c| {
+        c.limits.max_in_flight_per_instance = LIMIT as usize;
+        c.limits.max_waiting_per_space = 100;
+        c.limits.max_wait_ms = 20_000;
+    })
+    .await;
+    let mut instance = register(&relay, "narrow").await;
+    let client = reqwest::Client::new();
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|n| {
+            let request = client
+                .post(relay.url("/spaces/narrow/"))
+                .body(n.to_string())
+                .send();
+            tokio::spawn(async move { request.await.unwrap().text().await.unwrap() })
+        })
+        .collect();
+    let info = wait_json(
+        "all callers in flight or waiting",
+        &relay.url("/spaces/narrow"),
+        Duration::from_secs(10),
+        |info| info["waiting"].as_u64() == Some(CALLERS as u64 - LIMIT),
+    )
+    .await;
+    assert_eq!(info["in_flight"].as_u64(), Some(LIMIT), "{info}");
+    let mut outstanding = Vec::new();
+    for _ in 0..LIMIT {
+        outstanding.push(instance.recv_type("request").await.unwrap());
+    }
+    assert!(
+        instance
+            .recv_within(Duration::from_millis(300))
+            .await
+            .is_err(),
+        "no request beyond the limit reaches the instance"
+    );
+    // Answer one at a time; each answer lets exactly one more in.
+    let mut answered = 0;
+    while answered < CALLERS {
+        let request = outstanding.remove(0);
+        instance
+            .send(json!({"type": "response", "id": request["id"], "data": request["data"]}))
+            .await
+            .unwrap();
+        answered += 1;
+        if answered + outstanding.len() < CALLERS {
+            outstanding.push(instance.recv_type("request").await.unwrap());
+        }
+    }
+    assert!(
+        instance
+            .recv_within(Duration::from_millis(300))
+            .await
+            .is_err(),
+        "each freed slot let exactly one request in"
+    );
+    let mut bodies: Vec<String> = Vec::new();
+    for caller in callers {
+        bodies.push(caller.await.unwrap());
+    }
+    bodies.sort_by_key(|b| b.parse::<usize>().unwrap());
+    let expected: Vec<String> = (0..CALLERS).map(|n| n.to_string()).collect();
+    assert_eq!(bodies, expected, "every caller got its own answer");
+    relay.stop().await.unwrap();
+}
