@@ -4,7 +4,8 @@
 //!
 //! - connection caps: global, per user for its tier, and per IP address for
 //!   clients no policy identified — checked before a WebSocket upgrade or a
-//!   QUIC control stream, released when the connection ends;
+//!   QUIC control stream, and again when `hello` carries a token that names
+//!   a user ([`ConnQuota::rebind`]); released when the connection ends;
 //! - token buckets per connection, per user across all their connections,
 //!   and per user and message class (a class is the first segment of a
 //!   channel or space name that the tier names, e.g. `chat/lobby` → `chat`).
@@ -302,6 +303,51 @@ pub enum Verdict {
 }
 
 impl ConnQuota {
+    /// Moves this connection to the user `grant` names, when admission learns
+    /// who it is only after the upgrade (a token in `hello`): the user's tier
+    /// cap is checked now, and the address or previous user's slot is given
+    /// back once the new one is taken. A grant without limits changes nothing.
+    pub fn rebind(&mut self, grant: &Grant) -> Result<(), Refusal> {
+        let Some(limits) = grant.limits.as_ref() else {
+            return Ok(());
+        };
+        let user = self.quotas.user(grant, limits);
+        if self
+            .user
+            .as_ref()
+            .is_some_and(|held| Arc::ptr_eq(held, &user))
+        {
+            return Ok(());
+        }
+        let cap = limits.max_connections as usize;
+        if user.connections.fetch_add(1, Ordering::AcqRel) >= cap {
+            user.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal {
+                why: RefusedFor::UserCap,
+                status: 429,
+                code: ErrorCode::TooManyConnections,
+                reason: format!(
+                    "user {} already holds the {} connections tier {} allows",
+                    grant.user, cap, grant.tier
+                ),
+                retry_after: Some(CAP_RETRY_AFTER),
+            });
+        }
+        if let Some(previous) = self.user.replace(user) {
+            previous.connections.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.release_ip();
+        Ok(())
+    }
+
+    fn release_ip(&mut self) {
+        if let Some(ip) = self.ip.take()
+            && let Some(mut held) = self.quotas.per_ip.get_mut(&ip)
+        {
+            *held = held.saturating_sub(1);
+        }
+    }
+
     /// Charges one publish or request addressed to `name` (channel or space).
     pub fn charge(&mut self, name: &str) -> Verdict {
         if self.connection.is_none() && self.user.is_none() {
@@ -342,11 +388,7 @@ impl Drop for ConnQuota {
         if let Some(user) = &self.user {
             user.connections.fetch_sub(1, Ordering::AcqRel);
         }
-        if let Some(ip) = self.ip
-            && let Some(mut held) = self.quotas.per_ip.get_mut(&ip)
-        {
-            *held = held.saturating_sub(1);
-        }
+        self.release_ip();
     }
 }
 
@@ -426,6 +468,34 @@ mod tests {
         assert!(quotas.open(ip(1), Some(&grant("bob", 2, 10, 10))).is_ok());
         drop(first);
         assert!(quotas.open(ip(2), Some(&alice)).is_ok());
+    }
+
+    #[test]
+    fn rebinding_to_a_user_moves_the_slot_or_is_refused_at_the_cap() {
+        let quotas = quotas(100, 1, 10);
+        let alice = grant("alice", 1, 10, 10);
+        let mut anonymous = quotas.open(ip(1), None).unwrap();
+        assert!(quotas.open(ip(1), None).is_err(), "the address is full");
+        anonymous.rebind(&alice).unwrap();
+        // The address slot was handed back; alice's only slot is taken.
+        let mut second = quotas.open(ip(1), None).unwrap();
+        let refused = second.rebind(&alice).unwrap_err();
+        assert_eq!(
+            (refused.why, refused.status, refused.code),
+            (RefusedFor::UserCap, 429, ErrorCode::TooManyConnections)
+        );
+        assert!(refused.reason.contains("alice"), "{}", refused.reason);
+        // A refused rebind keeps what the connection held: the address slot.
+        assert!(quotas.open(ip(1), None).is_err());
+        anonymous.rebind(&alice).unwrap();
+        anonymous.rebind(&grant("bob", 1, 10, 10)).unwrap();
+        second.rebind(&alice).unwrap();
+        drop((anonymous, second));
+        assert_eq!(quotas.connections(), 0);
+        assert!(
+            quotas.open(ip(1), Some(&alice)).is_ok(),
+            "alice's slot is free"
+        );
     }
 
     #[tokio::test(start_paused = true)]

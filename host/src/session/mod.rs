@@ -19,13 +19,13 @@ pub use outbound::Outbound;
 use queue::{OutboundQueue, Overflow, Pushed, QueueLimits};
 
 use crate::channels::Subscriber;
-use crate::hooks::{Filtered, Route, RouteInput};
+use crate::hooks::{Filtered, Handshake, Route, RouteInput};
 use crate::metrics::Metrics;
 use crate::protocol::{DecodeError, ErrorCode, Msg, Request, VERSION};
 use crate::quota::{ConnQuota, Verdict};
 use crate::relay::Relay;
 use crate::spaces::{Caller, Instance};
-use table::{ConnInfo, ConnState};
+use table::{ConnInfo, ConnState, Transport};
 
 /// Puts `out` on a connection's outbound queue without waiting, applying
 /// `overflow` when the consumer is behind; counts what it loses. Returns
@@ -95,8 +95,34 @@ pub struct Session {
     instances: Vec<Arc<Instance>>,
     /// This connection's slot and rate buckets.
     quota: ConnQuota,
-    /// Set when the connection broke policy badly enough to be closed.
-    must_close: bool,
+    /// Set when the connection must be closed after this turn's replies.
+    closing: Option<Closing>,
+}
+
+/// Why a session asks its transport to close the connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Closing {
+    /// Rate-limited messages kept coming (WebSocket 1008, QUIC 0x7).
+    Policy,
+    /// A connection cap was reached after the upgrade: `hello` named a user
+    /// whose tier allows no more connections (WebSocket 1013, QUIC 0x5).
+    Capacity(String),
+}
+
+impl Closing {
+    /// The close reason: at most 123 bytes, what a WebSocket close frame holds.
+    pub fn reason(&self) -> String {
+        match self {
+            Closing::Policy => "rate limits exceeded repeatedly".to_owned(),
+            Closing::Capacity(reason) => {
+                let mut end = reason.len().min(123);
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                reason[..end].to_owned()
+            }
+        }
+    }
 }
 
 impl Session {
@@ -124,14 +150,14 @@ impl Session {
             subscriptions: HashSet::new(),
             instances: Vec::new(),
             quota,
-            must_close: false,
+            closing: None,
         };
         (session, queue)
     }
 
-    /// Whether the transport should close the connection (policy, 1008).
-    pub fn must_close(&self) -> bool {
-        self.must_close
+    /// Whether, and why, the transport should close the connection.
+    pub fn closing(&self) -> Option<&Closing> {
+        self.closing.as_ref()
     }
 
     /// Charges a publish or request to `name`'s rates; the error to answer
@@ -141,7 +167,7 @@ impl Session {
             Verdict::Pass => return None,
             Verdict::Throttle(throttled) => throttled,
             Verdict::Close(throttled) => {
-                self.must_close = true;
+                self.closing = Some(Closing::Policy);
                 self.relay.metrics.policy_close();
                 throttled
             }
@@ -178,7 +204,7 @@ impl Session {
     pub fn handle(&mut self, msg: Msg) -> Option<Msg> {
         if !self.greeted {
             return match msg {
-                Msg::Hello { v, client, .. } => Some(self.hello(v, client)),
+                Msg::Hello { v, client, token } => Some(self.hello(v, client, token)),
                 other => Some(Msg::error(
                     ErrorCode::HelloRequired,
                     format!("the first message must be `hello`, not `{}`", other.kind()),
@@ -220,13 +246,16 @@ impl Session {
         }
     }
 
-    fn hello(&mut self, v: u32, client: Option<String>) -> Msg {
+    fn hello(&mut self, v: u32, client: Option<String>, token: Option<String>) -> Msg {
         if v != VERSION {
             return Msg::error(
                 ErrorCode::UnsupportedVersion,
                 format!("this relay speaks protocol version {VERSION}, not {v}"),
                 None,
             );
+        }
+        if let Some(refused) = token.and_then(|token| self.identify(&token)) {
+            return refused;
         }
         self.greeted = true;
         if self.relay.is_draining() {
@@ -246,6 +275,45 @@ impl Session {
             idle_timeout_ms: config.heartbeat.idle_timeout_ms,
             max_message_bytes: config.limits.max_message_bytes,
         }
+    }
+
+    /// Asks the policy who `token` names, as if it had come as
+    /// `Authorization: Bearer` on the handshake (QUIC has no headers, and
+    /// browsers cannot set them on a WebSocket), and moves the connection to
+    /// that user's quota. A refused token leaves the connection un-greeted; a
+    /// user over their tier's connection cap is closed (1013). Returns the
+    /// error to answer `hello` with, if any.
+    fn identify(&mut self, token: &str) -> Option<Msg> {
+        let Ok(bearer) = http::HeaderValue::from_str(&format!("Bearer {token}")) else {
+            return Some(Msg::error(
+                ErrorCode::BadMessage,
+                "`token` must be printable ASCII",
+                None,
+            ));
+        };
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::AUTHORIZATION, bearer);
+        let handshake = Handshake {
+            peer: self.conn.peer,
+            path: match self.conn.transport() {
+                Transport::Quic => "quic",
+                _ => "/ws",
+            },
+            query: "",
+            headers: &headers,
+        };
+        let grant = match self.relay.admit_policy(&handshake) {
+            Ok(Some(grant)) => grant,
+            Ok(None) => return None,
+            Err(refusal) => return Some(Msg::error(refusal.code, refusal.reason, None)),
+        };
+        if let Err(refusal) = self.quota.rebind(&grant) {
+            self.relay.metrics.refused(refusal.why);
+            self.closing = Some(Closing::Capacity(refusal.reason.clone()));
+            return Some(Msg::error(refusal.code, refusal.reason, None));
+        }
+        self.conn.record_grant(Some(grant));
+        None
     }
 
     fn subscribe(&mut self, channel: String) -> Msg {

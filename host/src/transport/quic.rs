@@ -14,6 +14,7 @@
 //! Application close codes are in [`close`], stream error codes in
 //! [`stream_code`], and both in PROTOCOL.md §1.1.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -28,7 +29,7 @@ use crate::protocol::{ErrorCode, Msg, codec};
 use crate::quota::ConnQuota;
 use crate::relay::Relay;
 use crate::session::table::{ConnGuard, ConnInfo, ConnState, Transport};
-use crate::session::{Outbound, Session, account_sent, goaway};
+use crate::session::{Closing, Outbound, Session, account_sent, goaway};
 
 /// A `request` or `response` whose payload is at least this many bytes is a
 /// bulk body: it travels on a unidirectional stream of its own.
@@ -383,14 +384,20 @@ async fn serve(
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::debug!("QUIC control stream open");
 
-    let close: Option<(u32, &'static str)> = loop {
+    let close: Option<(u32, Cow<'static, str>)> = loop {
         // Checked here, after the previous turn wrote the last error out.
-        if session.must_close() {
-            break Some((close::POLICY, "rate limits exceeded repeatedly"));
+        if let Some(closing) = session.closing() {
+            break Some(match closing {
+                Closing::Policy => (close::POLICY, closing.reason().into()),
+                Closing::Capacity(reason) => (
+                    close::REFUSED,
+                    format!("{}: {reason}", ErrorCode::TooManyConnections).into(),
+                ),
+            });
         }
         let mut outgoing: Vec<Outbound> = Vec::new();
         tokio::select! {
-            _ = relay.closing().cancelled() => break Some((close::SHUTDOWN, "relay shutting down")),
+            _ = relay.closing().cancelled() => break Some((close::SHUTDOWN, "relay shutting down".into())),
             _ = relay.draining().cancelled(), if !goaway_sent => {
                 goaway_sent = true;
                 conn.set_state(ConnState::Draining);
@@ -400,11 +407,11 @@ async fn serve(
                 None | Some(Inbound::ControlEnd(None | Some(FrameError::Lost))) => break None,
                 Some(Inbound::ControlEnd(Some(FrameError::TooLarge(length)))) => {
                     tracing::info!(length, max, "frame over the size limit");
-                    break Some((close::TOO_LARGE, "frame larger than max_message_bytes"));
+                    break Some((close::TOO_LARGE, "frame larger than max_message_bytes".into()));
                 }
                 Some(Inbound::ControlEnd(Some(e))) => {
                     tracing::debug!(error = %e, "control stream broken");
-                    break Some((close::PROTOCOL, "control stream ended mid-frame"));
+                    break Some((close::PROTOCOL, "control stream ended mid-frame".into()));
                 }
                 Some(Inbound::BulkFailed(e)) => {
                     tracing::debug!(error = %e, "bulk stream failed");
@@ -436,12 +443,12 @@ async fn serve(
                 Ok(batch) => outgoing.extend(batch),
                 Err(reason) => {
                     tracing::info!(%reason, "closing a slow consumer");
-                    break Some((close::SLOW_CONSUMER, "slow consumer"));
+                    break Some((close::SLOW_CONSUMER, "slow consumer".into()));
                 }
             },
             _ = tick.tick() => {
                 if !session.greeted() && opened.elapsed() >= idle_timeout {
-                    break Some((close::NO_HELLO, "no hello within idle_timeout_ms"));
+                    break Some((close::NO_HELLO, "no hello within idle_timeout_ms".into()));
                 }
             }
             _ = stats_tick.tick() => record_stats(&connection, &conn),
@@ -489,7 +496,7 @@ async fn serve(
     drop(session);
     control_reader.abort();
     if let Some((code, reason)) = close {
-        tracing::debug!(code, reason, "closing");
+        tracing::debug!(code, %reason, "closing");
         // A response already on its way gets a moment to arrive.
         let _ = tokio::time::timeout(BULK_FLUSH_ON_CLOSE, async {
             while let Some(done) = bulk_writers.join_next().await {

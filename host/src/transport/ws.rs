@@ -27,7 +27,7 @@ use crate::protocol::{Encoding, ErrorCode, codec};
 use crate::quota::ConnQuota;
 use crate::relay::Relay;
 use crate::session::table::{ConnGuard, ConnState, Transport};
-use crate::session::{Outbound, Session, account_sent, goaway};
+use crate::session::{Closing, Outbound, Session, account_sent, goaway};
 
 /// At most this many queued messages are written before one flush, so a busy
 /// connection batches syscalls but still gets to its heartbeat and inbound.
@@ -175,11 +175,15 @@ pub async fn serve<S>(
 
     let close = loop {
         // Checked here, after the previous turn wrote the last error out.
-        if session.must_close() {
-            break Some(close_frame(
-                CloseCode::Policy,
-                "rate limits exceeded repeatedly",
-            ));
+        if let Some(closing) = session.closing() {
+            let code = match closing {
+                Closing::Policy => CloseCode::Policy,
+                Closing::Capacity(_) => CloseCode::Again,
+            };
+            break Some(CloseFrame {
+                code,
+                reason: closing.reason().into(),
+            });
         }
         let mut outgoing: Vec<Outbound> = Vec::new();
         // Unbiased: a peer that never stops sending must not starve its own

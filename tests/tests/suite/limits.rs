@@ -1,7 +1,8 @@
 //! Caps and rates against a real relay: connections refused before the
 //! upgrade with their status, code and Retry-After; messages over a rate
 //! answered `rate_limited` and dropped while the connection lives; repeated
-//! violations closed with 1008 (QUIC 0x7); HTTP ingress answered 429.
+//! violations closed with 1008 (QUIC 0x7); HTTP ingress answered 429; a
+//! user named by `hello.token` over their tier's cap closed with 1013 (QUIC 0x5).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -346,5 +347,126 @@ async fn repeated_violations_close_the_connection_with_1008_or_quic_0x7() {
     bystander.assert_alive().await.unwrap();
     let stats = get_json(&relay.url("/admin/stats")).await.unwrap();
     assert_eq!(stats["limits"]["policy_closes"], 2, "{stats}");
+    relay.stop().await.unwrap();
+}
+
+/// Clients that cannot send headers (QUIC, browsers) name themselves with
+/// `hello.token`; the user's tier cap then applies after the upgrade.
+#[tokio::test]
+async fn a_token_in_hello_names_the_user_and_a_full_tier_closes_with_1013_or_quic_0x5() {
+    let relay = TestRelay::start_with(with_demo_policy()).await;
+    let hello_as_bob = json!({"type": "hello", "v": 1, "token": "normal-demo-token"});
+
+    // Over QUIC, the token in hello moves the connection from its address's
+    // guest slot to bob's (the normal tier allows bob 50 connections).
+    let mut quic_bob = QuicTester::connect(relay.quic_addr.unwrap(), &relay.cert_pem)
+        .await
+        .unwrap();
+    quic_bob.send(hello_as_bob.clone()).await.unwrap();
+    assert_eq!(quic_bob.recv().await.unwrap()["type"], "welcome");
+    let table = get_json(&relay.url("/admin/connections")).await.unwrap();
+    assert!(
+        table["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|row| row["transport"] == "quic"
+                && row["user"] == "bob"
+                && row["tier"] == "normal"),
+        "{table}"
+    );
+
+    // A token the policy does not know: refused, the connection stays
+    // un-greeted and may say hello again.
+    let mut stranger = WsTester::connect(&relay.ws_url()).await.unwrap();
+    stranger
+        .send(json!({"type": "hello", "v": 1, "token": "no-such-token"}))
+        .await
+        .unwrap();
+    let refused = stranger.recv().await.unwrap();
+    assert_eq!(refused["code"], "unauthorized", "{refused}");
+    stranger
+        .send(json!({"type": "ping", "id": "p"}))
+        .await
+        .unwrap();
+    assert_eq!(stranger.recv().await.unwrap()["code"], "hello_required");
+    stranger
+        .send(json!({"type": "hello", "v": 1}))
+        .await
+        .unwrap();
+    assert_eq!(stranger.recv().await.unwrap()["type"], "welcome");
+
+    // Bob fills his tier: 49 more, named on the handshake.
+    let mut bobs = Vec::new();
+    for _ in 0..49 {
+        bobs.push(
+            ws_from(&relay, HOME, "?token=normal-demo-token")
+                .await
+                .unwrap(),
+        );
+    }
+    // One more, upgraded as a guest and naming bob in hello: over the cap
+    // after the upgrade, so an error and then close 1013 with the reason.
+    let mut extra = WsTester::connect(&relay.ws_url()).await.unwrap();
+    extra.send(hello_as_bob.clone()).await.unwrap();
+    let error = extra.recv().await.unwrap();
+    assert_eq!(error["code"], "too_many_connections", "{error}");
+    let close = extra.expect_close().await.unwrap().expect("a close frame");
+    assert_eq!(u16::from(close.code), 1013);
+    assert!(
+        close.reason.contains("bob") && close.reason.contains("50"),
+        "{close:?}"
+    );
+    // Over QUIC: closed with 0x5 and `too_many_connections: reason`.
+    let mut quic_extra = QuicTester::connect(relay.quic_addr.unwrap(), &relay.cert_pem)
+        .await
+        .unwrap();
+    quic_extra.send(hello_as_bob.clone()).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), quic_extra.connection.closed())
+        .await
+        .unwrap()
+    {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, quinn::VarInt::from_u32(0x5));
+            let reason = String::from_utf8_lossy(&close.reason).into_owned();
+            assert!(
+                reason.starts_with("too_many_connections: user bob"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
+
+    // Nobody else noticed; a slot bob frees is his again.
+    stranger.assert_alive().await.unwrap();
+    bobs[0].assert_alive().await.unwrap();
+    quic_bob
+        .send(json!({"type": "ping", "id": "q"}))
+        .await
+        .unwrap();
+    assert_eq!(quic_bob.recv_type("pong").await.unwrap()["id"], "q");
+    let stats = get_json(&relay.url("/admin/stats")).await.unwrap();
+    assert!(
+        stats["limits"]["refused"]["user_cap"].as_u64().unwrap() >= 2,
+        "{stats}"
+    );
+    let mut freed = bobs.pop().unwrap();
+    freed.ws.close(None).await.unwrap();
+    let _ = freed.expect_close().await;
+    let mut welcomed = false;
+    for _ in 0..100 {
+        // A refused try still holds a guest slot until its close completes.
+        let Ok(mut again) = WsTester::connect(&relay.ws_url()).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        again.send(hello_as_bob.clone()).await.unwrap();
+        if again.recv().await.unwrap()["type"] == "welcome" {
+            welcomed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(welcomed, "bob's freed slot is his again");
     relay.stop().await.unwrap();
 }
