@@ -20,6 +20,8 @@ use wasmrelay::transport::quic::FrameError;
 use wasmrelay::{Config, Listeners, RunError};
 use wasmrelay_examples::client::{QuicFrame, quic_inbox};
 
+pub mod wire;
+
 /// How long a test waits for any single expected event before failing.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
