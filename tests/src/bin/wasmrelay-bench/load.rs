@@ -25,6 +25,16 @@ use crate::stats::Percentiles;
 pub const SMALL_PAYLOAD: usize = 64;
 /// After the last publish, how long subscribers wait for stragglers.
 const DRAIN: Duration = Duration::from_secs(2);
+/// How long any wait may see no progress before the job fails: a job that
+/// hangs would hang the whole suite.
+const STALL: Duration = Duration::from_secs(30);
+
+/// `future`, or an error naming `what` once it made no progress for [`STALL`].
+async fn bounded<T>(what: &str, future: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    tokio::time::timeout(STALL, future)
+        .await
+        .map_err(|_| anyhow::anyhow!("no progress for {STALL:?} waiting for {what}"))
+}
 const FLUSH_EVERY: u64 = 32;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -223,7 +233,7 @@ pub async fn small(job: SmallJob) -> anyhow::Result<SmallResult> {
                             break;
                         }
                         tx.flush().await?;
-                        waiting.await;
+                        bounded("subscribers to catch up", waiting).await?;
                     },
                 }
                 let publish = Msg::Publish {
@@ -373,7 +383,7 @@ async fn protocol_requests(
     };
     let started = Instant::now();
     for i in 0..total {
-        slots.acquire().await?.forget();
+        bounded("a response", slots.acquire()).await??.forget();
         let request = Msg::Request(Request {
             id: i.to_string(),
             space: job.space.clone(),
@@ -629,7 +639,7 @@ async fn relay_bulk(job: &BulkJob, target: &Target, token: Option<&str>) -> anyh
     };
     let started = Instant::now();
     for i in 0..job.bodies {
-        slots.acquire().await?.forget();
+        bounded("a response", slots.acquire()).await??.forget();
         let request = Msg::Request(Request {
             id: i.to_string(),
             space: "bulk".into(),

@@ -237,8 +237,11 @@ async fn job<T: DeserializeOwned>(job: &Job) -> anyhow::Result<T> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output()
-        .await?;
+        .output();
+    // The load generator bounds its own waits; this is the backstop.
+    let output = tokio::time::timeout(Duration::from_secs(300), output)
+        .await
+        .context("the load generator ran for over 5 minutes")??;
     if !output.status.success() {
         bail!(
             "load generator failed ({}): {}",
@@ -273,7 +276,12 @@ async fn helper(role: &[&str]) -> anyhow::Result<(tokio::process::Child, u16)> {
 /// every connection a scenario opens.
 async fn governed_relay() -> anyhow::Result<RelayProcess> {
     let relay =
-        relay_with("[limits]\nmax_connections = 200000\nmax_connections_per_ip = 200000\n").await;
+        // Bulk bodies of 1 MiB, 4 in flight, need more than the default 4 MiB
+        // of queue towards the instance.
+        relay_with(
+            "[limits]\nmax_connections = 200000\nmax_connections_per_ip = 200000\noutbound_queue_bytes = 16777216\n",
+        )
+        .await;
     let policy = bundled::find("tiered-policy").context("bundled policy")?;
     let manifest = policy
         .manifest
@@ -414,21 +422,42 @@ async fn drive(options: Options) -> anyhow::Result<()> {
     let mut failures = Failures::default();
     let relay = governed_relay().await?;
     let baselines = baselines().await?;
+    let mut timings = Vec::new();
+    let started = std::time::Instant::now();
     if options.wants("small") {
         small_messages(&settings, &relay, &baselines, &mut failures).await;
+        timings.push(("small", started.elapsed()));
     }
     if options.wants("requests") {
         requests(&settings, &relay, &baselines, &mut failures).await;
+        timings.push(("requests", started.elapsed()));
     }
     if options.wants("idle") {
         idle(&settings, &mut failures).await;
+        timings.push(("idle", started.elapsed()));
     }
     if options.wants("bulk") {
         bulk(&settings, &relay, &mut failures).await;
+        timings.push(("bulk", started.elapsed()));
     }
     if options.wants("plugins") {
         plugins(&settings, &relay, &mut failures).await;
+        timings.push(("plugins", started.elapsed()));
     }
+    let mut previous = Duration::ZERO;
+    let spent: Vec<String> = timings
+        .iter()
+        .map(|(name, at)| {
+            let took = *at - previous;
+            previous = *at;
+            format!("{name} {:.0} s", took.as_secs_f64())
+        })
+        .collect();
+    println!(
+        "Run time: {:.0} s ({})",
+        started.elapsed().as_secs_f64(),
+        spent.join(", ")
+    );
     if !failures.0.is_empty() {
         println!("\n{} scenario runs failed:", failures.0.len());
         for failure in &failures.0 {
