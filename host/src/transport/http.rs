@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 
 use super::body::StreamEnd;
 use super::io::CountingIo;
+use super::readahead::ReadAhead;
 use super::tls::Certificates;
 use crate::admin;
 use crate::hooks::{Handshake, Route, RouteInput};
@@ -65,6 +66,7 @@ pub async fn accept_loop(relay: Arc<Relay>, listener: TcpListener, tls: Option<A
         let relay_tasks = relay.tasks.clone();
         let tls = tls.clone();
         let relay = relay.clone();
+        let stream = ReadAhead::new(stream);
         let connection = async move {
             match tls {
                 None => serve_connection(relay, stream, guard).await,

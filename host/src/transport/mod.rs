@@ -1,9 +1,11 @@
 //! Listeners and the byte streams under the protocol: HTTP (hyper, http1 and
-//! http2), WebSocket upgrades, QUIC (quinn), TLS identities, and byte counting.
+//! http2), WebSocket upgrades, QUIC (quinn), TLS identities, byte counting,
+//! and read-ahead during bursts.
 
 pub mod body;
 pub mod http;
 pub mod io;
 pub mod quic;
+pub mod readahead;
 pub mod tls;
 pub mod ws;

@@ -136,8 +136,10 @@ fn ws_config(relay: &Relay) -> WebSocketConfig {
     let max = relay.config.limits.max_message_bytes;
     // Small buffers: most connections are idle most of the time, and
     // tungstenite's 128 KiB default read buffer would dominate their memory.
+    // Large bodies still arrive in large reads: `ReadAhead` under hyper
+    // reads ahead during bursts.
     WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(2 * 1024)
         .write_buffer_size(8 * 1024)
         .max_write_buffer_size(max.saturating_mul(2).max(64 * 1024))
         .max_message_size(Some(max))

@@ -570,8 +570,9 @@ pub enum BulkPath {
         target: Target,
         token: Option<String>,
     },
-    /// Connect to `forwarder`, which copies to `sink` (a port this job binds).
-    Tcp { forwarder: SocketAddr, sink: u16 },
+    /// Connect to `forwarder`, name the port of a sink this job listens on,
+    /// and the forwarder copies everything after that to the sink.
+    Tcp { forwarder: SocketAddr },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -592,7 +593,7 @@ pub async fn bulk(job: BulkJob) -> anyhow::Result<BulkResult> {
     let bytes = (job.bodies * job.body_bytes) as u64;
     let seconds = match &job.path {
         BulkPath::Relay { target, token } => relay_bulk(&job, target, token.as_deref()).await?,
-        BulkPath::Tcp { forwarder, sink } => tcp_bulk(&job, *forwarder, *sink).await?,
+        BulkPath::Tcp { forwarder } => tcp_bulk(&job, *forwarder).await?,
     };
     Ok(BulkResult { bytes, seconds })
 }
@@ -659,11 +660,12 @@ async fn relay_bulk(job: &BulkJob, target: &Target, token: Option<&str>) -> anyh
     Ok(seconds)
 }
 
-async fn tcp_bulk(job: &BulkJob, forwarder: SocketAddr, sink: u16) -> anyhow::Result<f64> {
-    let listener = TcpListener::bind(("127.0.0.1", sink)).await?;
+async fn tcp_bulk(job: &BulkJob, forwarder: SocketAddr) -> anyhow::Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
     let total = job.bodies * job.body_bytes;
     let mut client = TcpStream::connect(forwarder).await?;
     client.set_nodelay(true)?;
+    client.write_u16(listener.local_addr()?.port()).await?;
     let (mut sink, _) = listener.accept().await?;
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 256 * 1024];
