@@ -170,6 +170,9 @@ pub struct OutboundQueue {
     notify: Notify,
     /// Woken whenever messages leave the queue, for senders that wait for room.
     room: Notify,
+    /// Senders waiting in `push_when_room`: the consumer skips waking `room`
+    /// (a lock per batch) when there are none.
+    room_waiters: AtomicUsize,
     /// Cancelled when the queue closes, so a transport blocked writing to
     /// this consumer can give up at once.
     closed: CancellationToken,
@@ -186,6 +189,7 @@ impl OutboundQueue {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             room: Notify::new(),
+            room_waiters: AtomicUsize::new(0),
             closed: CancellationToken::new(),
             limits,
             budget: budget.clone(),
@@ -295,15 +299,19 @@ impl OutboundQueue {
     }
 
     fn admit(&self, state: &mut State, lane: Lane, out: Outbound, size: usize, evictable: bool) {
+        // Only the push into an empty queue needs to wake the consumer: it
+        // takes everything queued before it waits again.
+        let was_empty = self.depth.fetch_add(1, Ordering::Relaxed) == 0;
         self.bytes.fetch_add(size, Ordering::Relaxed);
-        self.depth.fetch_add(1, Ordering::Relaxed);
         self.budget.used.fetch_add(size, Ordering::Relaxed);
         state.lanes[lane as usize].push_back(Entry {
             out,
             size,
             evictable,
         });
-        self.notify.notify_one();
+        if was_empty {
+            self.notify.notify_one();
+        }
     }
 
     fn forget(&self, entry: &Entry) {
@@ -350,8 +358,10 @@ impl OutboundQueue {
         loop {
             let room = self.room.notified();
             tokio::pin!(room);
-            // Registered before looking, so a pop in between is not missed.
+            // Registered (and counted) before looking, so a pop in between
+            // is not missed.
             room.as_mut().enable();
+            let waiting = RoomWaiter::new(&self.room_waiters);
             {
                 let mut state = lock(&self.state);
                 if let Some(reason) = &state.closed {
@@ -368,6 +378,7 @@ impl OutboundQueue {
                 }
             }
             room.await;
+            drop(waiting);
         }
     }
 
@@ -379,6 +390,8 @@ impl OutboundQueue {
             let mut batch = Vec::new();
             {
                 let mut state = lock(&self.state);
+                let queued: usize = state.lanes.iter().map(VecDeque::len).sum();
+                batch.reserve((queued + state.lost.len()).min(max));
                 if let Some(reason) = &state.closed {
                     return Err(reason.clone());
                 }
@@ -396,7 +409,9 @@ impl OutboundQueue {
                 }
                 if !batch.is_empty() {
                     drop(state);
-                    self.room.notify_waiters();
+                    if self.room_waiters.load(Ordering::Acquire) > 0 {
+                        self.room.notify_waiters();
+                    }
                     return Ok(batch);
                 }
             }
@@ -404,6 +419,22 @@ impl OutboundQueue {
             // and this await is not missed.
             self.notify.notified().await;
         }
+    }
+}
+
+/// Counts a sender waiting for room while it lives.
+struct RoomWaiter<'a>(&'a AtomicUsize);
+
+impl<'a> RoomWaiter<'a> {
+    fn new(waiters: &'a AtomicUsize) -> Self {
+        waiters.fetch_add(1, Ordering::AcqRel);
+        Self(waiters)
+    }
+}
+
+impl Drop for RoomWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

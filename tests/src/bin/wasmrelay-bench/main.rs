@@ -202,7 +202,7 @@ impl Settings {
             }
         } else {
             Settings {
-                rounds: 3,
+                rounds: 5,
                 fan_out: 100,
                 fan_out_publishes: 20_000,
                 room: 10,
