@@ -45,9 +45,9 @@ pub fn deliver(
             }
             true
         }
-        Pushed::Dropped => {
-            conn.dropped.fetch_add(1, Ordering::Relaxed);
-            metrics.messages_dropped(1);
+        Pushed::Dropped { evicted } => {
+            conn.dropped.fetch_add(1 + evicted, Ordering::Relaxed);
+            metrics.messages_dropped(1 + evicted);
             false
         }
         Pushed::Closed => false,

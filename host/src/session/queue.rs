@@ -66,8 +66,9 @@ pub enum Overflow {
 pub enum Pushed {
     /// Queued, after evicting `evicted` older messages.
     Queued { evicted: u64 },
-    /// Not queued (dropped or refused); the queue is intact.
-    Dropped,
+    /// Not queued (dropped or refused), after evicting `evicted` older
+    /// messages that still did not make room.
+    Dropped { evicted: u64 },
     /// The consumer was (or already is) closed.
     Closed,
 }
@@ -246,9 +247,9 @@ impl OutboundQueue {
             self.admit(&mut state, lane, out, size, false);
             return Pushed::Queued { evicted: 0 };
         }
-        let over_budget = self.budget.used() + size > self.budget.limit;
+        // Read afresh each time: evicting our own messages gives budget back.
         let over = |state: &State, bytes: usize| {
-            over_budget
+            self.budget.used() + size > self.budget.limit
                 || state.data_messages() + 1 > self.limits.messages
                 || bytes + size > self.limits.bytes
         };
@@ -278,9 +279,9 @@ impl OutboundQueue {
                         *state.lost.entry(channel.clone()).or_default() += 1;
                         self.notify.notify_one();
                     }
-                    Pushed::Dropped
+                    Pushed::Dropped { evicted }
                 }
-                Overflow::Refuse => Pushed::Dropped,
+                Overflow::Refuse => Pushed::Dropped { evicted },
                 Overflow::Disconnect => {
                     let reason = match out.msg() {
                         Msg::Message { channel, .. } => {
@@ -546,9 +547,34 @@ mod tests {
         queue.push(message("c", 1, 1), Overflow::DropOldest);
         assert_eq!(
             queue.push(message("c", 2, 1), Overflow::Refuse),
-            Pushed::Dropped
+            Pushed::Dropped { evicted: 0 }
         );
         assert_eq!(queue.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_slowest_consumer_over_the_budget_evicts_only_what_makes_room() {
+        // Room for ten 36-byte messages (36 + the 64-byte header estimate).
+        let budget = Budget::new(1000);
+        let queue = OutboundQueue::new(limits(1000, 1 << 20), &budget);
+        for seq in 1..=10 {
+            queue.push(message("c", seq, 36), Overflow::DropOldest);
+        }
+        assert_eq!(queue.len(), 10);
+        // Nobody else to shed: it gives up its own oldest, one for one.
+        assert_eq!(
+            queue.push(message("c", 11, 36), Overflow::DropOldest),
+            Pushed::Queued { evicted: 1 }
+        );
+        assert_eq!(queue.len(), 10);
+        assert_eq!(budget.used(), 1000);
+        let batch = queue.next_batch(100).await.unwrap();
+        assert!(
+            matches!(batch[0].msg(), Msg::Lost { count: 1, .. }),
+            "{:?}",
+            batch[0].msg()
+        );
+        assert_eq!(batch.len(), 11, "the loss notice and ten messages");
     }
 
     #[tokio::test]
