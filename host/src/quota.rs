@@ -186,16 +186,7 @@ impl Quotas {
                 let held = user.connections.fetch_add(1, Ordering::AcqRel);
                 quota.user = Some(user);
                 if held >= cap {
-                    return Err(Refusal {
-                        why: RefusedFor::UserCap,
-                        status: 429,
-                        code: ErrorCode::TooManyConnections,
-                        reason: format!(
-                            "user {} already holds the {} connections tier {} allows",
-                            grant.user, cap, grant.tier
-                        ),
-                        retry_after: Some(CAP_RETRY_AFTER),
-                    });
+                    return Err(user_cap_refusal(grant, cap));
                 }
             }
             None => {
@@ -249,6 +240,19 @@ impl Quotas {
     /// Users the relay currently remembers (connected or still refilling).
     pub fn users(&self) -> usize {
         self.users.len()
+    }
+}
+
+fn user_cap_refusal(grant: &Grant, cap: usize) -> Refusal {
+    Refusal {
+        why: RefusedFor::UserCap,
+        status: 429,
+        code: ErrorCode::TooManyConnections,
+        reason: format!(
+            "user {} already holds the {} connections tier {} allows",
+            grant.user, cap, grant.tier
+        ),
+        retry_after: Some(CAP_RETRY_AFTER),
     }
 }
 
@@ -322,16 +326,7 @@ impl ConnQuota {
         let cap = limits.max_connections as usize;
         if user.connections.fetch_add(1, Ordering::AcqRel) >= cap {
             user.connections.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal {
-                why: RefusedFor::UserCap,
-                status: 429,
-                code: ErrorCode::TooManyConnections,
-                reason: format!(
-                    "user {} already holds the {} connections tier {} allows",
-                    grant.user, cap, grant.tier
-                ),
-                retry_after: Some(CAP_RETRY_AFTER),
-            });
+            return Err(user_cap_refusal(grant, cap));
         }
         if let Some(previous) = self.user.replace(user) {
             previous.connections.fetch_sub(1, Ordering::AcqRel);

@@ -52,6 +52,21 @@ async fn ws_from(
 
 const HOME: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 
+/// Waits for the relay to close `quic` with application code `code`;
+/// returns the close reason.
+async fn quic_closed_with(quic: &QuicTester, code: u32) -> String {
+    match tokio::time::timeout(Duration::from_secs(10), quic.connection.closed())
+        .await
+        .unwrap()
+    {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, quinn::VarInt::from_u32(code));
+            String::from_utf8_lossy(&close.reason).into_owned()
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn connection_caps_refuse_before_the_upgrade_with_a_reason() {
     let relay = TestRelay::start_with(|c| {
@@ -78,17 +93,8 @@ async fn connection_caps_refuse_before_the_upgrade_with_a_reason() {
     let quic = QuicTester::connect(relay.quic_addr.unwrap(), &relay.cert_pem)
         .await
         .unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), quic.connection.closed())
-        .await
-        .unwrap()
-    {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            assert_eq!(close.error_code, quinn::VarInt::from_u32(0x5));
-            let reason = String::from_utf8_lossy(&close.reason).into_owned();
-            assert!(reason.starts_with("too_many_connections"), "{reason}");
-        }
-        other => panic!("expected an application close, got {other:?}"),
-    }
+    let reason = quic_closed_with(&quic, 0x5).await;
+    assert!(reason.starts_with("too_many_connections"), "{reason}");
 
     // Other addresses fill the relay-wide cap of 4; the fifth gets 503.
     let _third = ws_from(&relay, Ipv4Addr::new(127, 0, 0, 2), "")
@@ -422,20 +428,11 @@ async fn a_token_in_hello_names_the_user_and_a_full_tier_closes_with_1013_or_qui
         .await
         .unwrap();
     quic_extra.send(hello_as_bob.clone()).await.unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), quic_extra.connection.closed())
-        .await
-        .unwrap()
-    {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            assert_eq!(close.error_code, quinn::VarInt::from_u32(0x5));
-            let reason = String::from_utf8_lossy(&close.reason).into_owned();
-            assert!(
-                reason.starts_with("too_many_connections: user bob"),
-                "{reason}"
-            );
-        }
-        other => panic!("expected an application close, got {other:?}"),
-    }
+    let reason = quic_closed_with(&quic_extra, 0x5).await;
+    assert!(
+        reason.starts_with("too_many_connections: user bob"),
+        "{reason}"
+    );
 
     // Nobody else noticed; a slot bob frees is his again.
     stranger.assert_alive().await.unwrap();

@@ -666,13 +666,11 @@ async fn concurrent_callers_never_push_an_instance_past_its_limit() {
     for _ in 0..LIMIT {
         outstanding.push(instance.recv_type("request").await.unwrap());
     }
-    assert!(
-        instance
-            .recv_within(Duration::from_millis(300))
-            .await
-            .is_err(),
-        "no request beyond the limit reaches the instance"
-    );
+    assert_quiet(
+        &mut instance,
+        "no request beyond the limit reaches the instance",
+    )
+    .await;
     // Answer one at a time; each answer lets exactly one more in.
     let mut answered = 0;
     while answered < CALLERS {
@@ -686,13 +684,7 @@ async fn concurrent_callers_never_push_an_instance_past_its_limit() {
             outstanding.push(instance.recv_type("request").await.unwrap());
         }
     }
-    assert!(
-        instance
-            .recv_within(Duration::from_millis(300))
-            .await
-            .is_err(),
-        "each freed slot let exactly one request in"
-    );
+    assert_quiet(&mut instance, "each freed slot let exactly one request in").await;
     let mut bodies: Vec<String> = Vec::new();
     for caller in callers {
         bodies.push(caller.await.unwrap());
@@ -701,4 +693,10 @@ async fn concurrent_callers_never_push_an_instance_past_its_limit() {
     let expected: Vec<String> = (0..CALLERS).map(|n| n.to_string()).collect();
     assert_eq!(bodies, expected, "every caller got its own answer");
     relay.stop().await.unwrap();
+}
+
+/// Asserts that nothing reaches `client` for 300 ms.
+async fn assert_quiet(client: &mut WsTester, why: &str) {
+    let arrived = client.recv_within(Duration::from_millis(300)).await;
+    assert!(arrived.is_err(), "{why}: got {arrived:?}");
 }

@@ -355,6 +355,21 @@ pub async fn requests(job: RequestsJob) -> anyhow::Result<RequestsResult> {
     })
 }
 
+/// `POST /` to `space` with `data`, as request `id`.
+fn post(id: impl ToString, space: &str, data: Data) -> Msg {
+    Msg::Request(Request {
+        id: id.to_string(),
+        space: space.to_owned(),
+        method: "POST".into(),
+        path: "/".into(),
+        query: String::new(),
+        headers: Vec::new(),
+        timeout_ms: None,
+        stream: false,
+        data,
+    })
+}
+
 async fn protocol_requests(
     job: &RequestsJob,
     epoch: Instant,
@@ -384,17 +399,7 @@ async fn protocol_requests(
     let started = Instant::now();
     for i in 0..total {
         bounded("a response", slots.acquire()).await??.forget();
-        let request = Msg::Request(Request {
-            id: i.to_string(),
-            space: job.space.clone(),
-            method: "POST".into(),
-            path: "/".into(),
-            query: String::new(),
-            headers: Vec::new(),
-            timeout_ms: None,
-            stream: false,
-            data: Data(stamped_payload(epoch, SMALL_PAYLOAD)),
-        });
+        let request = post(i, &job.space, Data(stamped_payload(epoch, SMALL_PAYLOAD)));
         tx.send_msg(&request).await?;
     }
     let samples = answers.await??;
@@ -641,17 +646,7 @@ async fn relay_bulk(job: &BulkJob, target: &Target, token: Option<&str>) -> anyh
     let started = Instant::now();
     for i in 0..job.bodies {
         bounded("a response", slots.acquire()).await??.forget();
-        let request = Msg::Request(Request {
-            id: i.to_string(),
-            space: "bulk".into(),
-            method: "POST".into(),
-            path: "/".into(),
-            query: String::new(),
-            headers: Vec::new(),
-            timeout_ms: None,
-            stream: false,
-            data: Data(body.clone()),
-        });
+        let request = post(i, "bulk", Data(body.clone()));
         tx.send_msg(&request).await?;
     }
     responses.await??;

@@ -252,11 +252,14 @@ async fn job<T: DeserializeOwned>(job: &Job) -> anyhow::Result<T> {
     Ok(serde_json::from_str(line)?)
 }
 
-/// A helper process of this binary that prints its port on the first line.
-async fn helper(role: &[&str]) -> anyhow::Result<(tokio::process::Child, u16)> {
+/// Starts a role of this binary; returns it and the first line it prints.
+async fn start_role(
+    args: &[&str],
+    stdin: Stdio,
+) -> anyhow::Result<(tokio::process::Child, String)> {
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .args(role)
-        .stdin(Stdio::null())
+        .args(args)
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -265,7 +268,13 @@ async fn helper(role: &[&str]) -> anyhow::Result<(tokio::process::Child, u16)> {
     BufReader::new(child.stdout.take().context("stdout")?)
         .read_line(&mut line)
         .await?;
-    let port = line.trim().parse().context("helper port")?;
+    Ok((child, line.trim().to_owned()))
+}
+
+/// A helper process of this binary that prints its port on the first line.
+async fn helper(role: &[&str]) -> anyhow::Result<(tokio::process::Child, u16)> {
+    let (child, line) = start_role(role, Stdio::null()).await?;
+    let port = line.parse().context("helper port")?;
     Ok((child, port))
 }
 
@@ -789,18 +798,9 @@ async fn idle_once(count: usize, bare: bool) -> anyhow::Result<(IdleResult, u64)
         connections: count,
         concurrency: 64,
     });
-    let mut loader = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["__load", &serde_json::to_string(&spec)?])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(loader.stdout.take().context("stdout")?)
-        .read_line(&mut line)
-        .await?;
-    let result: IdleResult = serde_json::from_str(line.trim())
+    let (mut loader, line) =
+        start_role(&["__load", &serde_json::to_string(&spec)?], Stdio::piped()).await?;
+    let result: IdleResult = serde_json::from_str(&line)
         .with_context(|| format!("idle load generator said {line:?}"))?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = stats::rss_bytes(pid).context("relay RSS")?;
