@@ -92,13 +92,13 @@ impl Client {
             Link::Quic {
                 send, connection, ..
             } => {
-                let frame = quic::frame(&codec::encode_binary(msg));
+                let message = codec::encode_binary(msg);
                 if quic::is_bulk(msg) {
                     let mut bulk = connection.open_uni().await?;
-                    bulk.write_all(&frame).await?;
+                    quic::write_frame(&mut bulk, message).await?;
                     bulk.finish()?;
                 } else {
-                    send.write_all(&frame).await?;
+                    send.write_all(&quic::frame(&message)).await?;
                 }
             }
         }

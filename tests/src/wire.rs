@@ -67,7 +67,7 @@ impl Tx {
             } => {
                 if message.len() >= quic::BULK_THRESHOLD {
                     let mut stream = connection.open_uni().await?;
-                    stream.write_all(&quic::frame(&message)).await?;
+                    quic::write_frame(&mut stream, message).await?;
                     stream.finish()?;
                 } else {
                     control.write_all(&quic::frame(&message)).await?;

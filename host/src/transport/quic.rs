@@ -91,6 +91,16 @@ pub fn frame(message: &Bytes) -> Bytes {
     out.freeze()
 }
 
+/// Writes `message` as one frame, handing it to quinn without copying it
+/// (for large bodies; `frame` + `write_all` copies twice).
+pub async fn write_frame(
+    stream: &mut quinn::SendStream,
+    message: Bytes,
+) -> Result<(), quinn::WriteError> {
+    let length = Bytes::copy_from_slice(&(message.len() as u32).to_be_bytes());
+    stream.write_all_chunks(&mut [length, message]).await
+}
+
 /// Whether `msg` travels on a bulk stream of its own.
 pub fn is_bulk(msg: &Msg) -> bool {
     matches!(msg, Msg::Request(_) | Msg::Response(_))
@@ -327,10 +337,13 @@ async fn write_bulk(
     let mut send = tokio::time::timeout(stall, connection.open_uni())
         .await
         .map_err(|_| BulkWriteError::Stalled)??;
-    let length = (message.len() as u32).to_be_bytes();
-    let pieces = std::iter::once(&length[..]).chain(message.chunks(BULK_WRITE_CHUNK));
-    for piece in pieces {
-        match tokio::time::timeout(stall, send.write_all(piece)).await {
+    let length = Bytes::copy_from_slice(&(message.len() as u32).to_be_bytes());
+    // Slices of the message, handed to quinn without copying.
+    let pieces = (0..message.len())
+        .step_by(BULK_WRITE_CHUNK)
+        .map(|start| message.slice(start..(start + BULK_WRITE_CHUNK).min(message.len())));
+    for piece in std::iter::once(length).chain(pieces) {
+        match tokio::time::timeout(stall, send.write_chunk(piece)).await {
             Ok(written) => written?,
             Err(_) => {
                 let _ = send.reset(stream_code::STALLED.into());
