@@ -52,6 +52,13 @@ async fn ws_from(
 
 const HOME: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 
+/// Asserts that some row of `/admin/connections` satisfies `accept`.
+async fn assert_any_row(relay: &TestRelay, accept: impl Fn(&Value) -> bool) {
+    let table = get_json(&relay.url("/admin/connections")).await.unwrap();
+    let rows = table["connections"].as_array().unwrap();
+    assert!(rows.iter().any(accept), "{table}");
+}
+
 /// Waits for the relay to close `quic` with application code `code`;
 /// returns the close reason.
 async fn quic_closed_with(quic: &QuicTester, code: u32) -> String {
@@ -175,15 +182,7 @@ async fn the_demo_policy_caps_each_guest_address_and_each_user() {
         .unwrap();
     vip.assert_alive().await.unwrap();
     guests[0].assert_alive().await.unwrap();
-    let table = get_json(&relay.url("/admin/connections")).await.unwrap();
-    assert!(
-        table["connections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|row| row["user"] == "alice" && row["tier"] == "vip"),
-        "{table}"
-    );
+    assert_any_row(&relay, |row| row["user"] == "alice" && row["tier"] == "vip").await;
     relay.stop().await.unwrap();
 }
 
@@ -370,17 +369,10 @@ async fn a_token_in_hello_names_the_user_and_a_full_tier_closes_with_1013_or_qui
         .unwrap();
     quic_bob.send(hello_as_bob.clone()).await.unwrap();
     assert_eq!(quic_bob.recv().await.unwrap()["type"], "welcome");
-    let table = get_json(&relay.url("/admin/connections")).await.unwrap();
-    assert!(
-        table["connections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|row| row["transport"] == "quic"
-                && row["user"] == "bob"
-                && row["tier"] == "normal"),
-        "{table}"
-    );
+    assert_any_row(&relay, |row| {
+        row["transport"] == "quic" && row["user"] == "bob" && row["tier"] == "normal"
+    })
+    .await;
 
     // A token the policy does not know: refused, the connection stays
     // un-greeted and may say hello again.
