@@ -53,8 +53,15 @@ pub struct Client {
 
 impl Client {
     /// Connects to `url` — `ws://HOST:PORT/ws` or `quic://HOST:PORT` — and
-    /// greets the relay. `trust` matters for QUIC only.
-    pub async fn connect(url: &str, client_name: &str, trust: &Trust) -> anyhow::Result<Self> {
+    /// greets the relay, naming itself with `token` when given (the relay's
+    /// policy decides who that is; PROTOCOL.md §3.1). `trust` matters for
+    /// QUIC only.
+    pub async fn connect(
+        url: &str,
+        client_name: &str,
+        trust: &Trust,
+        token: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let link = match url.strip_prefix("quic://") {
             Some(authority) => connect_quic(authority, trust).await?,
             None => {
@@ -72,7 +79,7 @@ impl Client {
             .send(&Msg::Hello {
                 v: VERSION,
                 client: Some(client_name.to_owned()),
-                token: None,
+                token: token.map(str::to_owned),
             })
             .await?;
         match client.recv().await? {

@@ -26,6 +26,10 @@ pub struct Options {
     pub relay: String,
     #[command(flatten)]
     pub trust: Trust,
+    /// A token for the relay's admission policy, sent in `hello` (the demo
+    /// policy's backends use service-demo-token).
+    #[arg(long)]
+    pub token: Option<String>,
     /// The space to register under.
     #[arg(long, default_value = "demo")]
     pub space: String,
@@ -65,7 +69,13 @@ pub async fn run(options: Options, stop: CancellationToken) {
 
 /// One connection's life: connect, register, serve until it drops.
 async fn serve_once(options: &Options, stop: &CancellationToken) -> anyhow::Result<()> {
-    let mut client = Client::connect(&options.relay, "service-app", &options.trust).await?;
+    let mut client = Client::connect(
+        &options.relay,
+        "service-app",
+        &options.trust,
+        options.token.as_deref(),
+    )
+    .await?;
     client
         .send(&Msg::Register {
             space: options.space.clone(),

@@ -18,6 +18,9 @@ pub struct Options {
     pub relay: String,
     #[command(flatten)]
     pub trust: Trust,
+    /// A token for the relay's admission policy, sent in `hello`.
+    #[arg(long)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -42,7 +45,13 @@ pub enum Command {
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    let mut client = Client::connect(&options.relay, "ws-client", &options.trust).await?;
+    let mut client = Client::connect(
+        &options.relay,
+        "ws-client",
+        &options.trust,
+        options.token.as_deref(),
+    )
+    .await?;
     let mut out = std::io::stdout();
     match options.command {
         Command::Publish { channel, text } => {

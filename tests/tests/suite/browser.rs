@@ -161,6 +161,7 @@ async fn browser_page_shows_spaces_and_relays_a_request() {
         Options {
             relay: relay.ws_url(),
             trust: Default::default(),
+            token: None,
             space: "demo".into(),
             work_ms: 600,
             steps: 3,

@@ -174,7 +174,10 @@ async fn shutdown_sends_goaway_then_closes_with_shutdown_code() {
 async fn the_example_service_app_serves_over_quic() {
     use wasmrelay_examples::client::Trust;
     use wasmrelay_examples::service_app::{self, Options};
-    let relay = TestRelay::start().await;
+    // With the demo policy, so the app's token decides who it is: QUIC has
+    // no handshake headers, the token travels in hello.
+    let relay =
+        TestRelay::start_with(|c| c.plugins.bundled = vec!["tiered-policy".to_owned()]).await;
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(service_app::run(
         Options {
@@ -183,6 +186,7 @@ async fn the_example_service_app_serves_over_quic() {
                 ca: Some(relay.cert_pem.clone()),
                 pin_sha256: None,
             },
+            token: Some("service-demo-token".into()),
             space: "demo".into(),
             work_ms: 50,
             steps: 1,
@@ -204,6 +208,15 @@ async fn the_example_service_app_serves_over_quic() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap(), "OVER QUIC");
+    let table = wasmrelay_tests::get_json(&relay.url("/admin/connections"))
+        .await
+        .unwrap();
+    assert!(
+        table["connections"].as_array().unwrap().iter().any(|row| {
+            row["transport"] == "quic" && row["user"] == "svc" && row["tier"] == "service"
+        }),
+        "the app is known by its token: {table}"
+    );
     stop.cancel();
     relay.stop().await.unwrap();
 }
@@ -221,15 +234,19 @@ async fn clients_pin_the_certificate_by_sha256() {
         ca: None,
         pin_sha256: Some(pin.clone()),
     };
-    let client = Client::connect(&url, "pinned", &trust).await.unwrap();
+    let client = Client::connect(&url, "pinned", &trust, None).await.unwrap();
     client.close().await.unwrap();
 
     let wrong = Trust {
         ca: None,
         pin_sha256: Some("00".repeat(32)),
     };
-    assert!(Client::connect(&url, "wrong pin", &wrong).await.is_err());
-    let none = Client::connect(&url, "no trust", &Trust::default()).await;
+    assert!(
+        Client::connect(&url, "wrong pin", &wrong, None)
+            .await
+            .is_err()
+    );
+    let none = Client::connect(&url, "no trust", &Trust::default(), None).await;
     let message = format!(
         "{:#}",
         none.err().expect("refuses without --ca or --pin-sha256")

@@ -26,6 +26,7 @@ fn start_service(relay: &TestRelay, space: &str, work_ms: u64) -> CancellationTo
     let options = Options {
         relay: relay.ws_url(),
         trust: Default::default(),
+        token: None,
         space: space.to_owned(),
         work_ms,
         steps: 2,
