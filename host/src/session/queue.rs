@@ -391,11 +391,10 @@ impl OutboundQueue {
             let mut batch = Vec::new();
             {
                 let mut state = lock(&self.state);
-                let queued: usize = state.lanes.iter().map(VecDeque::len).sum();
-                batch.reserve((queued + state.lost.len()).min(max));
                 if let Some(reason) = &state.closed {
                     return Err(reason.clone());
                 }
+                batch.reserve((self.len() + state.lost.len()).min(max));
                 for (channel, count) in std::mem::take(&mut state.lost) {
                     batch.push(Outbound::new(Msg::Lost { channel, count }));
                 }

@@ -83,6 +83,12 @@ const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// How long bulk writes still in flight get when the relay closes a connection.
 const BULK_FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
 
+/// A frame's 4-byte big-endian length prefix on its own, for writers that
+/// hand the payload to quinn separately.
+fn length_prefix(message: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(&(message.len() as u32).to_be_bytes())
+}
+
 /// A length-prefixed frame for the control stream.
 pub fn frame(message: &Bytes) -> Bytes {
     let mut out = BytesMut::with_capacity(LENGTH_BYTES + message.len());
@@ -97,8 +103,9 @@ pub async fn write_frame(
     stream: &mut quinn::SendStream,
     message: Bytes,
 ) -> Result<(), quinn::WriteError> {
-    let length = Bytes::copy_from_slice(&(message.len() as u32).to_be_bytes());
-    stream.write_all_chunks(&mut [length, message]).await
+    stream
+        .write_all_chunks(&mut [length_prefix(&message), message])
+        .await
 }
 
 /// Whether `msg` travels on a bulk stream of its own.
@@ -337,7 +344,7 @@ async fn write_bulk(
     let mut send = tokio::time::timeout(stall, connection.open_uni())
         .await
         .map_err(|_| BulkWriteError::Stalled)??;
-    let length = Bytes::copy_from_slice(&(message.len() as u32).to_be_bytes());
+    let length = length_prefix(&message);
     // Slices of the message, handed to quinn without copying.
     let pieces = (0..message.len())
         .step_by(BULK_WRITE_CHUNK)

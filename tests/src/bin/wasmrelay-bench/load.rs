@@ -61,7 +61,7 @@ impl Topology {
         }
     }
 
-    fn subscribers(self) -> usize {
+    pub fn subscribers(self) -> usize {
         match self {
             Topology::FanOut(n) | Topology::Room(n) => n,
         }

@@ -555,9 +555,7 @@ async fn small_messages(
         ),
         (Topology::Room(settings.room), settings.room_publishes),
     ] {
-        let subscribers = match topology {
-            Topology::FanOut(n) | Topology::Room(n) => n as f64,
-        };
+        let subscribers = topology.subscribers() as f64;
         // Flat out, rounds interleaved across systems.
         let mut peaks: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
         let mut last: Vec<Option<SmallResult>> = vec![None; systems.len()];
@@ -797,7 +795,7 @@ async fn idle_once(count: usize, bare: bool) -> anyhow::Result<(IdleResult, u64)
         )
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = stats::rss_bytes(pid).context("relay RSS")?;
+    let before = wasmrelay_tests::rss_of(pid).context("relay RSS")?;
     let spec = Job::Idle(IdleJob {
         addr,
         token,
@@ -809,7 +807,7 @@ async fn idle_once(count: usize, bare: bool) -> anyhow::Result<(IdleResult, u64)
     let result: IdleResult = serde_json::from_str(&line)
         .with_context(|| format!("idle load generator said {line:?}"))?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = stats::rss_bytes(pid).context("relay RSS")?;
+    let after = wasmrelay_tests::rss_of(pid).context("relay RSS")?;
     let mut stdin = loader.stdin.take().context("stdin")?;
     stdin.write_all(b"done\n").await?;
     drop(stdin);

@@ -50,11 +50,6 @@ pub fn percentile(values: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-/// A process's resident set size in bytes, from /proc.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    wasmrelay_tests::rss_of(pid)
-}
-
 /// Samples a process's RSS every 10 ms until dropped; `peak` is the highest seen.
 pub struct PeakRss {
     stop: tokio_util::sync::CancellationToken,
@@ -72,7 +67,7 @@ impl PeakRss {
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return peak,
-                        _ = tick.tick() => peak = peak.max(rss_bytes(pid).unwrap_or(0)),
+                        _ = tick.tick() => peak = peak.max(wasmrelay_tests::rss_of(pid).unwrap_or(0)),
                     }
                 }
             }
