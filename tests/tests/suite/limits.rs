@@ -459,3 +459,31 @@ async fn a_token_in_hello_names_the_user_and_a_full_tier_closes_with_1013_or_qui
     assert!(welcomed, "bob's freed slot is his again");
     relay.stop().await.unwrap();
 }
+
+/// A token that cannot be a header value is refused with `bad_message`
+/// before any policy sees it; the connection stays un-greeted and usable.
+#[tokio::test]
+async fn a_token_that_is_not_printable_ascii_is_a_bad_message() {
+    let relay = TestRelay::start_with(with_demo_policy()).await;
+    let mut bystander = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    let mut client = WsTester::connect(&relay.ws_url()).await.unwrap();
+    client
+        .send(json!({"type": "hello", "v": 1, "token": "line\nbreak"}))
+        .await
+        .unwrap();
+    let refused = client.recv().await.unwrap();
+    assert_eq!(refused["code"], "bad_message", "{refused}");
+    assert!(
+        refused["message"].as_str().unwrap().contains("token"),
+        "{refused}"
+    );
+    client
+        .send(json!({"type": "ping", "id": "p"}))
+        .await
+        .unwrap();
+    assert_eq!(client.recv().await.unwrap()["code"], "hello_required");
+    client.send(json!({"type": "hello", "v": 1})).await.unwrap();
+    assert_eq!(client.recv().await.unwrap()["type"], "welcome");
+    bystander.assert_alive().await.unwrap();
+    relay.stop().await.unwrap();
+}
