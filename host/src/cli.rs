@@ -43,6 +43,15 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct PluginArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    #[command(subcommand)]
+    pub action: PluginAction,
+}
+
+/// Which relay an operator command talks to, and with what credential.
+#[derive(Debug, Args)]
+pub struct AdminTarget {
     /// Base URL of the relay's HTTP listener.
     #[arg(
         long,
@@ -51,7 +60,8 @@ pub struct PluginArgs {
         global = true
     )]
     pub relay: String,
-    /// Admin bearer token, when the relay has one.
+    /// Admin bearer token; without it, the one the relay stored in
+    /// `<data-dir>/admin.token` is used.
     #[arg(
         long,
         env = "WASMRELAY_ADMIN_TOKEN",
@@ -59,8 +69,29 @@ pub struct PluginArgs {
         global = true
     )]
     pub token: Option<String>,
-    #[command(subcommand)]
-    pub action: PluginAction,
+    /// The relay's data directory, where it keeps its generated admin token.
+    #[arg(
+        long,
+        env = "WASMRELAY_DATA_DIR",
+        default_value = "wasmrelay-data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+}
+
+impl AdminTarget {
+    fn base(&self) -> &str {
+        self.relay.trim_end_matches('/')
+    }
+
+    /// `--token`, else the relay's stored token, else none (an open relay).
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(token) = &self.token {
+            return Ok(Some(token.clone()));
+        }
+        let path = crate::admin::credential::token_path(&self.data_dir);
+        Ok(crate::admin::credential::read_token_file(&path)?)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,7 +144,8 @@ pub struct ServeArgs {
     /// Directory for state that survives restarts [config: server.data_dir].
     #[arg(long, env = "WASMRELAY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Bearer token required by /admin and /metrics [config: admin.token].
+    /// Bearer token required by /admin and /metrics [config: admin.token;
+    /// default: generated into <data-dir>/admin.token].
     #[arg(long, env = "WASMRELAY_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Time in-flight requests get to finish on shutdown [config: server.shutdown_grace_ms].
@@ -135,12 +167,8 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct ConnsArgs {
-    /// Base URL of the relay's HTTP listener.
-    #[arg(long, env = "WASMRELAY_URL", default_value = "http://127.0.0.1:8080")]
-    pub relay: String,
-    /// Admin bearer token, when the relay has one.
-    #[arg(long, env = "WASMRELAY_ADMIN_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub target: AdminTarget,
     /// Print the raw JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -250,9 +278,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn conns(args: ConnsArgs) -> anyhow::Result<()> {
-    let base = args.relay.trim_end_matches('/');
-    let connections = get_json(&format!("{base}/admin/connections"), args.token.as_deref()).await?;
-    let stats = get_json(&format!("{base}/admin/stats"), args.token.as_deref()).await?;
+    let base = args.target.base();
+    let token = args.target.token()?;
+    let connections = get_json(&format!("{base}/admin/connections"), token.as_deref()).await?;
+    let stats = get_json(&format!("{base}/admin/stats"), token.as_deref()).await?;
     let mut out = std::io::stdout().lock();
     if args.json {
         let both = serde_json::json!({ "connections": connections, "stats": stats });
@@ -295,6 +324,11 @@ async fn call_json(
         .with_context(|| format!("cannot reach {url}"))?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
+    if status == http::StatusCode::UNAUTHORIZED {
+        bail!(
+            "{url} answered 401: give --token, or --data-dir of the relay (it keeps its token in <data-dir>/admin.token)"
+        );
+    }
     if !status.is_success() {
         bail!(
             "{url} answered {status}: {}",
@@ -305,8 +339,9 @@ async fn call_json(
 }
 
 async fn plugin(args: PluginArgs) -> anyhow::Result<()> {
-    let base = format!("{}/admin/plugins", args.relay.trim_end_matches('/'));
-    let token = args.token.as_deref();
+    let base = format!("{}/admin/plugins", args.target.base());
+    let token = args.target.token()?;
+    let token = token.as_deref();
     let mut out = std::io::stdout().lock();
     match args.action {
         PluginAction::List => {

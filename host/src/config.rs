@@ -40,6 +40,12 @@ pub struct ServerConfig {
     pub tls: bool,
     /// TCP address for https and wss (the same endpoints as `listen`).
     pub tls_listen: SocketAddr,
+    /// How long a new connection may take to send its first request's
+    /// headers (and each later HTTP/1.1 request its headers); slower ones are
+    /// closed, so a connection that trickles bytes holds nothing for long.
+    pub header_timeout_ms: u64,
+    /// How long a TLS client may take to finish its handshake.
+    pub tls_handshake_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -69,6 +75,9 @@ impl Default for TlsConfig {
 pub struct LimitsConfig {
     /// Largest protocol message (WebSocket message, HTTP body) accepted, in bytes.
     pub max_message_bytes: usize,
+    /// Most bytes an HTTP request's head (request line and headers) may take;
+    /// larger ones are refused (431) before they are buffered.
+    pub max_header_bytes: usize,
     /// Messages a connection's outbound queue holds before further ones are dropped.
     pub outbound_queue: usize,
     /// Deadline of a request to a space unless the caller asks for a shorter one.
@@ -94,6 +103,8 @@ pub struct LimitsConfig {
     pub max_body_bytes: usize,
     /// Requests one service instance works on at once; more wait for a slot.
     pub max_in_flight_per_instance: usize,
+    /// Spaces one connection may register instances of.
+    pub max_registrations_per_connection: usize,
     /// Requests that may wait for a free instance per space; past it `overloaded`.
     pub max_waiting_per_space: usize,
     /// How long a request waits for a free instance before `overloaded` (503).
@@ -165,8 +176,13 @@ pub struct HeartbeatConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
-    /// When set, `/admin/*` and `/metrics` require `Authorization: Bearer <token>`.
+    /// The bearer token `/admin/*` and `/metrics` require. Unset, the relay
+    /// generates one on first start into `<data_dir>/admin.token` (mode 0600)
+    /// and the CLI reads it from there.
     pub token: Option<String>,
+    /// Serve `/admin/*` and `/metrics` without a token. Refused unless every
+    /// TCP listener is on a loopback address.
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -179,6 +195,27 @@ pub struct SpacesConfig {
     pub allow_undeclared: bool,
     /// Upper bound on distinct spaces, so registrations cannot grow the registry without end.
     pub max_spaces: usize,
+    /// Whether clients no policy identified may register instances. Identified
+    /// ones may unless the policy's `may-register` says otherwise.
+    pub anonymous_register: bool,
+    /// Spaces (exact names, or prefixes ending in `*`) whose instances may
+    /// belong to different users at once. Elsewhere a space is held by the
+    /// user of its first instance until its last instance leaves.
+    pub shared: Vec<String>,
+    /// Spaces (exact names, or prefixes ending in `*`) whose instances receive
+    /// HTTP callers' `Authorization` and `Cookie` headers. Elsewhere they are
+    /// removed before a request is relayed.
+    pub forward_credentials: Vec<String>,
+}
+
+/// Whether `name` matches one of `patterns`: exact names, or prefixes ending in `*`.
+pub fn matches_any(patterns: &[String], name: &str) -> bool {
+    patterns
+        .iter()
+        .any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => pattern == name,
+        })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -241,6 +278,8 @@ impl Default for ServerConfig {
             quic_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             tls: true,
             tls_listen: SocketAddr::from(([127, 0, 0, 1], 8444)),
+            header_timeout_ms: 5_000,
+            tls_handshake_timeout_ms: 5_000,
         }
     }
 }
@@ -249,6 +288,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_message_bytes: 1024 * 1024,
+            max_header_bytes: 32 * 1024,
             outbound_queue: 1024,
             request_timeout_ms: 30_000,
             max_pending_requests: 10_000,
@@ -265,6 +305,7 @@ impl Default for LimitsConfig {
             rate_violations_before_close: 100,
             max_body_bytes: 64 * 1024 * 1024,
             max_in_flight_per_instance: 64,
+            max_registrations_per_connection: 4,
             max_waiting_per_space: 1024,
             max_wait_ms: 5_000,
             outbound_queue_bytes: 4 * 1024 * 1024,
@@ -288,6 +329,9 @@ impl Default for SpacesConfig {
             declared: vec!["demo".to_owned()],
             allow_undeclared: true,
             max_spaces: 1024,
+            anonymous_register: false,
+            shared: Vec::new(),
+            forward_credentials: Vec::new(),
         }
     }
 }
@@ -356,6 +400,10 @@ impl Config {
                 l.max_subscriptions_per_connection,
             ),
             ("spaces.max_spaces", self.spaces.max_spaces),
+            (
+                "limits.max_registrations_per_connection",
+                l.max_registrations_per_connection,
+            ),
             ("limits.max_connections", l.max_connections),
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
             ("limits.outbound_queue_bytes", l.outbound_queue_bytes),
@@ -368,6 +416,23 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        if !(8 * 1024..=1024 * 1024).contains(&l.max_header_bytes) {
+            return Err(invalid(
+                "limits.max_header_bytes",
+                "must be between 8192 and 1048576",
+            ));
+        }
+        for (field, ms) in [
+            ("server.header_timeout_ms", self.server.header_timeout_ms),
+            (
+                "server.tls_handshake_timeout_ms",
+                self.server.tls_handshake_timeout_ms,
+            ),
+        ] {
+            if !(100..=120_000).contains(&ms) {
+                return Err(invalid(field, "must be between 100 and 120000"));
             }
         }
         if l.request_timeout_ms == 0 {
@@ -389,13 +454,39 @@ impl Config {
                 ),
             ));
         }
-        if let Some(token) = &self.admin.token
-            && token.trim().is_empty()
-        {
-            return Err(invalid(
-                "admin.token",
-                "must not be empty; leave it out to disable admin authentication",
-            ));
+        if let Some(token) = &self.admin.token {
+            if token.trim().is_empty() {
+                return Err(invalid(
+                    "admin.token",
+                    "must not be empty; leave it out to have one generated into <data_dir>/admin.token",
+                ));
+            }
+            if token.len() < 16 {
+                return Err(invalid(
+                    "admin.token",
+                    "must be at least 16 characters; leave it out to have a random one generated",
+                ));
+            }
+            if self.admin.insecure {
+                return Err(invalid(
+                    "admin.insecure",
+                    "cannot be combined with admin.token; choose one",
+                ));
+            }
+        }
+        if self.admin.insecure {
+            let mut listeners = vec![("server.listen", self.server.listen)];
+            if self.server.tls {
+                listeners.push(("server.tls_listen", self.server.tls_listen));
+            }
+            if let Some((field, addr)) = listeners.iter().find(|(_, a)| !a.ip().is_loopback()) {
+                return Err(invalid(
+                    "admin.insecure",
+                    format!(
+                        "refused: {field} = {addr} is not a loopback address, so the operator API would be open to the network; set admin.token or use the generated one"
+                    ),
+                ));
+            }
         }
         for name in &self.spaces.declared {
             if let Err(reason) = crate::spaces::validate_space_name(name) {
@@ -460,6 +551,14 @@ impl Config {
         Duration::from_millis(self.limits.request_timeout_ms)
     }
 
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.header_timeout_ms)
+    }
+
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.tls_handshake_timeout_ms)
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.server.shutdown_grace_ms)
     }
@@ -499,6 +598,33 @@ mod tests {
     fn wrong_type_is_named() {
         let err = Config::from_toml("[server]\nlisten = 8080\n").unwrap_err();
         assert!(err.to_string().contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn an_open_admin_plane_is_only_allowed_on_loopback() {
+        let mut config = Config::default();
+        config.admin.insecure = true;
+        config.validate().unwrap();
+        config.server.tls_listen = "0.0.0.0:8444".parse().unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("admin.insecure") && err.contains("server.tls_listen"),
+            "{err}"
+        );
+        config.server.tls = false;
+        config.validate().unwrap();
+        config.server.listen = "[::]:8080".parse().unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("server.listen"), "{err}");
+
+        let mut config = Config::default();
+        config.admin.token = Some("short".into());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("admin.token"), "{err}");
+        config.admin.token = Some("a-long-enough-token".into());
+        config.admin.insecure = true;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("admin.insecure"), "{err}");
     }
 
     #[test]

@@ -37,8 +37,27 @@ pub enum Admit {
     },
 }
 
+/// The policy's answer on a registration.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MayRegister {
+    Allow,
+    Refuse {
+        code: ErrorCode,
+        reason: String,
+    },
+    /// The policy does not decide registrations; the relay's own rule applies
+    /// (identified clients may, anonymous ones where the config says so).
+    Undecided,
+}
+
 pub trait Admission: Send + Sync + 'static {
     fn admit(&self, handshake: &Handshake<'_>) -> Admit;
+
+    /// Whether the client admission named `user` in `tier` may register an
+    /// instance of `space`.
+    fn may_register(&self, _user: &str, _tier: &str, _space: &str) -> MayRegister {
+        MayRegister::Undecided
+    }
 }
 
 /// What the router is asked about.

@@ -18,6 +18,7 @@ pub mod protocol;
 pub mod quota;
 pub mod rate;
 pub mod relay;
+pub mod secrets;
 pub mod session;
 pub mod shutdown;
 pub mod spaces;

@@ -51,6 +51,7 @@ pub struct Totals {
     pub refused_user_cap: AtomicU64,
     pub refused_ip_cap: AtomicU64,
     pub refused_policy: AtomicU64,
+    pub refused_slow_handshake: AtomicU64,
     pub throttled: AtomicU64,
     pub policy_closes: AtomicU64,
 }
@@ -62,10 +63,13 @@ pub enum RefusedFor {
     GlobalCap,
     /// The user's tier cap.
     UserCap,
-    /// The per-address cap for unidentified clients.
+    /// The per-address cap.
     IpCap,
     /// The policy plugin said no (or failed).
     Policy,
+    /// Closed before its first request: headers or the TLS handshake took
+    /// longer than allowed.
+    SlowHandshake,
 }
 
 impl RefusedFor {
@@ -75,6 +79,7 @@ impl RefusedFor {
             RefusedFor::UserCap => "user_cap",
             RefusedFor::IpCap => "ip_cap",
             RefusedFor::Policy => "policy",
+            RefusedFor::SlowHandshake => "slow_handshake",
         }
     }
 }
@@ -209,6 +214,7 @@ impl Metrics {
             RefusedFor::UserCap => &self.totals.refused_user_cap,
             RefusedFor::IpCap => &self.totals.refused_ip_cap,
             RefusedFor::Policy => &self.totals.refused_policy,
+            RefusedFor::SlowHandshake => &self.totals.refused_slow_handshake,
         };
         total.fetch_add(1, Ordering::Relaxed);
     }

@@ -2,10 +2,12 @@
 //! may have. Admission (the policy plugin) decides the user, tier and the
 //! tier's limits; this module enforces them natively and cheaply:
 //!
-//! - connection caps: global, per user for its tier, and per IP address for
-//!   clients no policy identified — checked before a WebSocket upgrade or a
-//!   QUIC control stream, and again when `hello` carries a token that names
-//!   a user ([`ConnQuota::rebind`]); released when the connection ends;
+//! - connection caps: relay-wide and per IP address for every connection
+//!   (plain HTTP, TLS, WebSocket, QUIC) from the moment it is accepted
+//!   ([`SocketSlot`]), before any protocol runs; and per user for its tier,
+//!   checked before a WebSocket upgrade or a QUIC control stream, and again
+//!   when `hello` carries a token that names a user ([`ConnQuota::rebind`]);
+//!   each released when the connection ends;
 //! - token buckets per connection, per user across all their connections,
 //!   and per user and message class (a class is the first segment of a
 //!   channel or space name that the tier names, e.g. `chat/lobby` → `chat`).
@@ -151,13 +153,10 @@ impl Quotas {
         state
     }
 
-    /// Takes a connection slot, or says which cap is full. The slot is given
-    /// back when the returned quota is dropped.
-    pub fn open(
-        self: &Arc<Self>,
-        peer: IpAddr,
-        grant: Option<&Grant>,
-    ) -> Result<ConnQuota, Refusal> {
+    /// Takes a place for a just-accepted connection under the relay-wide
+    /// and per-address caps, or says which is full. Given back when the
+    /// returned slot is dropped.
+    pub fn accept(self: &Arc<Self>, peer: IpAddr) -> Result<SocketSlot, Refusal> {
         if self.connections.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal {
@@ -171,41 +170,46 @@ impl Quotas {
                 retry_after: Some(CAP_RETRY_AFTER),
             });
         }
+        let mut held = self.per_ip.entry(peer).or_insert(0);
+        if *held >= self.max_connections_per_ip {
+            drop(held);
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal {
+                why: RefusedFor::IpCap,
+                status: 429,
+                code: ErrorCode::TooManyConnections,
+                reason: format!(
+                    "{peer} already holds the {} connections allowed per address",
+                    self.max_connections_per_ip
+                ),
+                retry_after: Some(CAP_RETRY_AFTER),
+            });
+        }
+        *held += 1;
+        Ok(SocketSlot {
+            quotas: self.clone(),
+            ip: peer,
+        })
+    }
+
+    /// Takes the user's slot under their tier's cap (when a policy named the
+    /// client) and sets up the connection's buckets. The slot is given back
+    /// when the returned quota is dropped.
+    pub fn open(self: &Arc<Self>, grant: Option<&Grant>) -> Result<ConnQuota, Refusal> {
         // From here on, dropping `quota` undoes what was taken.
         let mut quota = ConnQuota {
             quotas: self.clone(),
-            ip: None,
             user: None,
             connection: self.per_connection.map(Bucket::new),
             violations: 0,
         };
-        match grant.and_then(|g| g.limits.as_ref().map(|l| (g, l))) {
-            Some((grant, limits)) => {
-                let user = self.user(grant, limits);
-                let cap = limits.max_connections as usize;
-                let held = user.connections.fetch_add(1, Ordering::AcqRel);
-                quota.user = Some(user);
-                if held >= cap {
-                    return Err(user_cap_refusal(grant, cap));
-                }
-            }
-            None => {
-                let mut held = self.per_ip.entry(peer).or_insert(0);
-                if *held >= self.max_connections_per_ip {
-                    drop(held);
-                    return Err(Refusal {
-                        why: RefusedFor::IpCap,
-                        status: 429,
-                        code: ErrorCode::TooManyConnections,
-                        reason: format!(
-                            "{peer} already holds the {} connections allowed per address",
-                            self.max_connections_per_ip
-                        ),
-                        retry_after: Some(CAP_RETRY_AFTER),
-                    });
-                }
-                *held += 1;
-                quota.ip = Some(peer);
+        if let Some((grant, limits)) = grant.and_then(|g| g.limits.as_ref().map(|l| (g, l))) {
+            let user = self.user(grant, limits);
+            let cap = limits.max_connections as usize;
+            let held = user.connections.fetch_add(1, Ordering::AcqRel);
+            quota.user = Some(user);
+            if held >= cap {
+                return Err(user_cap_refusal(grant, cap));
             }
         }
         Ok(quota)
@@ -286,11 +290,27 @@ fn take_user(user: &UserState, name: &str, now: Instant) -> Result<(), Throttled
     }
 }
 
-/// One connection's slot and buckets; gives the slot back when dropped.
+/// A connection's place under the relay-wide and per-address caps, from
+/// accept until it is dropped with the connection.
+#[derive(Debug)]
+pub struct SocketSlot {
+    quotas: Arc<Quotas>,
+    ip: IpAddr,
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.quotas.connections.fetch_sub(1, Ordering::AcqRel);
+        if let Some(mut held) = self.quotas.per_ip.get_mut(&self.ip) {
+            *held = held.saturating_sub(1);
+        }
+    }
+}
+
+/// One connection's user slot and buckets; gives the slot back when dropped.
 #[derive(Debug)]
 pub struct ConnQuota {
     quotas: Arc<Quotas>,
-    ip: Option<IpAddr>,
     user: Option<Arc<UserState>>,
     connection: Option<Bucket>,
     violations: u32,
@@ -309,8 +329,8 @@ pub enum Verdict {
 impl ConnQuota {
     /// Moves this connection to the user `grant` names, when admission learns
     /// who it is only after the upgrade (a token in `hello`): the user's tier
-    /// cap is checked now, and the address or previous user's slot is given
-    /// back once the new one is taken. A grant without limits changes nothing.
+    /// cap is checked now, and the previous user's slot is given back once
+    /// the new one is taken. A grant without limits changes nothing.
     pub fn rebind(&mut self, grant: &Grant) -> Result<(), Refusal> {
         let Some(limits) = grant.limits.as_ref() else {
             return Ok(());
@@ -331,16 +351,7 @@ impl ConnQuota {
         if let Some(previous) = self.user.replace(user) {
             previous.connections.fetch_sub(1, Ordering::AcqRel);
         }
-        self.release_ip();
         Ok(())
-    }
-
-    fn release_ip(&mut self) {
-        if let Some(ip) = self.ip.take()
-            && let Some(mut held) = self.quotas.per_ip.get_mut(&ip)
-        {
-            *held = held.saturating_sub(1);
-        }
     }
 
     /// Charges one publish or request addressed to `name` (channel or space).
@@ -379,11 +390,9 @@ impl ConnQuota {
 
 impl Drop for ConnQuota {
     fn drop(&mut self) {
-        self.quotas.connections.fetch_sub(1, Ordering::AcqRel);
         if let Some(user) = &self.user {
             user.connections.fetch_sub(1, Ordering::AcqRel);
         }
-        self.release_ip();
     }
 }
 
@@ -426,79 +435,69 @@ mod tests {
     }
 
     #[test]
-    fn caps_count_connections_and_free_them_when_dropped() {
+    fn accepted_connections_count_against_the_global_and_address_caps() {
         let quotas = quotas(3, 2, 10);
-        let a1 = quotas.open(ip(1), None).unwrap();
-        let _a2 = quotas.open(ip(1), None).unwrap();
-        let refused = quotas.open(ip(1), None).unwrap_err();
+        let a1 = quotas.accept(ip(1)).unwrap();
+        let _a2 = quotas.accept(ip(1)).unwrap();
+        let refused = quotas.accept(ip(1)).unwrap_err();
         assert_eq!(
             (refused.why, refused.status, refused.code),
             (RefusedFor::IpCap, 429, ErrorCode::TooManyConnections)
         );
-        let _b = quotas.open(ip(2), None).unwrap();
-        let refused = quotas.open(ip(3), None).unwrap_err();
+        let _b = quotas.accept(ip(2)).unwrap();
+        let refused = quotas.accept(ip(3)).unwrap_err();
         assert_eq!(
             (refused.why, refused.status, refused.code),
             (RefusedFor::GlobalCap, 503, ErrorCode::Overloaded)
         );
-        assert_eq!(quotas.connections(), 3);
+        assert_eq!(quotas.connections(), 3, "refusals hold nothing");
         drop(a1);
-        assert!(quotas.open(ip(3), None).is_ok());
-        assert!(
-            quotas.open(ip(1), None).is_ok(),
-            "a1's address slot is free"
-        );
+        assert!(quotas.accept(ip(3)).is_ok());
+        assert!(quotas.accept(ip(1)).is_ok(), "a1's address slot is free");
     }
 
     #[test]
-    fn a_tier_caps_each_user_not_each_address() {
+    fn a_tier_caps_each_user_wherever_they_connect_from() {
         let quotas = quotas(100, 1, 10);
         let alice = grant("alice", 2, 10, 10);
-        // Identified users are not held to the per-address cap.
-        let first = quotas.open(ip(1), Some(&alice)).unwrap();
-        let _second = quotas.open(ip(1), Some(&alice)).unwrap();
-        let refused = quotas.open(ip(2), Some(&alice)).unwrap_err();
+        let first = quotas.open(Some(&alice)).unwrap();
+        let _second = quotas.open(Some(&alice)).unwrap();
+        let refused = quotas.open(Some(&alice)).unwrap_err();
         assert_eq!((refused.why, refused.status), (RefusedFor::UserCap, 429));
         assert!(refused.reason.contains("alice"), "{}", refused.reason);
-        assert!(quotas.open(ip(1), Some(&grant("bob", 2, 10, 10))).is_ok());
+        assert!(quotas.open(Some(&grant("bob", 2, 10, 10))).is_ok());
         drop(first);
-        assert!(quotas.open(ip(2), Some(&alice)).is_ok());
+        assert!(quotas.open(Some(&alice)).is_ok());
     }
 
     #[test]
     fn rebinding_to_a_user_moves_the_slot_or_is_refused_at_the_cap() {
         let quotas = quotas(100, 1, 10);
         let alice = grant("alice", 1, 10, 10);
-        let mut anonymous = quotas.open(ip(1), None).unwrap();
-        assert!(quotas.open(ip(1), None).is_err(), "the address is full");
+        let mut anonymous = quotas.open(None).unwrap();
         anonymous.rebind(&alice).unwrap();
-        // The address slot was handed back; alice's only slot is taken.
-        let mut second = quotas.open(ip(1), None).unwrap();
+        // alice's only slot is taken.
+        let mut second = quotas.open(None).unwrap();
         let refused = second.rebind(&alice).unwrap_err();
         assert_eq!(
             (refused.why, refused.status, refused.code),
             (RefusedFor::UserCap, 429, ErrorCode::TooManyConnections)
         );
         assert!(refused.reason.contains("alice"), "{}", refused.reason);
-        // A refused rebind keeps what the connection held: the address slot.
-        assert!(quotas.open(ip(1), None).is_err());
         anonymous.rebind(&alice).unwrap();
         anonymous.rebind(&grant("bob", 1, 10, 10)).unwrap();
         second.rebind(&alice).unwrap();
         drop((anonymous, second));
-        assert_eq!(quotas.connections(), 0);
-        assert!(
-            quotas.open(ip(1), Some(&alice)).is_ok(),
-            "alice's slot is free"
-        );
+        assert!(quotas.open(Some(&alice)).is_ok(), "alice's slot is free");
+        assert!(quotas.open(Some(&grant("bob", 1, 10, 10))).is_ok());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_users_buckets_are_shared_and_survive_reconnecting() {
         let quotas = quotas(100, 10, 100);
         let alice = grant("alice", 5, 1, 2);
-        let mut one = quotas.open(ip(1), Some(&alice)).unwrap();
-        let mut two = quotas.open(ip(2), Some(&alice)).unwrap();
+        let mut one = quotas.open(Some(&alice)).unwrap();
+        let mut two = quotas.open(Some(&alice)).unwrap();
         assert_eq!(one.charge("news"), Verdict::Pass);
         assert_eq!(two.charge("news"), Verdict::Pass);
         let Verdict::Throttle(throttled) = one.charge("news") else {
@@ -507,7 +506,7 @@ mod tests {
         assert_eq!(throttled.scope, "user");
         assert_eq!(throttled.retry_after, Duration::from_secs(1));
         drop((one, two));
-        let mut again = quotas.open(ip(1), Some(&alice)).unwrap();
+        let mut again = quotas.open(Some(&alice)).unwrap();
         assert!(matches!(again.charge("news"), Verdict::Throttle(_)));
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(again.charge("news"), Verdict::Pass);
@@ -516,9 +515,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn classes_have_their_own_buckets() {
         let quotas = quotas(100, 10, 100);
-        let mut conn = quotas
-            .open(ip(1), Some(&grant("alice", 5, 100, 100)))
-            .unwrap();
+        let mut conn = quotas.open(Some(&grant("alice", 5, 100, 100))).unwrap();
         assert_eq!(conn.charge("chat/lobby"), Verdict::Pass);
         match conn.charge("chat:other") {
             Verdict::Throttle(t) => assert_eq!(t.scope, "class:chat"),
@@ -531,7 +528,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn violations_in_a_row_close_and_a_pass_forgives() {
         let quotas = quotas(100, 10, 2);
-        let mut conn = quotas.open(ip(1), Some(&grant("alice", 5, 1, 1))).unwrap();
+        let mut conn = quotas.open(Some(&grant("alice", 5, 1, 1))).unwrap();
         assert_eq!(conn.charge("x"), Verdict::Pass);
         assert!(matches!(conn.charge("x"), Verdict::Throttle(_)));
         assert!(matches!(conn.charge("x"), Verdict::Throttle(_)));
@@ -546,7 +543,7 @@ mod tests {
     async fn sweep_forgets_only_idle_users_with_full_buckets() {
         let quotas = quotas(100, 10, 100);
         let alice = grant("alice", 5, 1, 1);
-        let mut conn = quotas.open(ip(1), Some(&alice)).unwrap();
+        let mut conn = quotas.open(Some(&alice)).unwrap();
         assert_eq!(conn.charge("x"), Verdict::Pass);
         quotas.sweep();
         assert_eq!(quotas.users(), 1, "connected");

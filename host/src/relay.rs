@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::AdminCredential;
 use crate::bus::{Bus, LocalBus};
 use crate::channels::Channels;
 use crate::config::{Config, ConfigError};
@@ -42,6 +43,8 @@ pub struct Relay {
     pub quotas: Arc<Quotas>,
     /// The byte budget all outbound queues share.
     pub budget: Arc<Budget>,
+    /// What operator endpoints ask of a caller.
+    pub admin: AdminCredential,
     /// Cancelled when shutdown starts: stop accepting, send goaway, refuse new work.
     draining: CancellationToken,
     /// Cancelled when the grace period ends: close every connection.
@@ -144,6 +147,8 @@ pub enum RunError {
         name: String,
         source: crate::plugin::RegistryError,
     },
+    #[error(transparent)]
+    AdminCredential(#[from] crate::admin::credential::CredentialError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -153,6 +158,7 @@ pub enum RunError {
 
 impl Relay {
     pub fn new(config: Config) -> Result<Arc<Self>, RunError> {
+        let admin = crate::admin::credential::resolve(&config)?;
         let metrics = Arc::new(Metrics::new());
         let channels = Arc::new(Channels::new(metrics.clone(), config.channels.clone()));
         let spaces = Arc::new(Spaces::new(&config.spaces, &config.limits, metrics.clone()));
@@ -181,6 +187,7 @@ impl Relay {
             plugins,
             quotas: Arc::new(Quotas::new(&config.limits)),
             budget: Budget::new(config.limits.outbound_budget_bytes),
+            admin,
             config: Arc::new(config),
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),
@@ -215,14 +222,15 @@ impl Relay {
         }
     }
 
-    /// Admission for a new connection: the policy's verdict, then the
-    /// connection caps. The quota holds the connection's slot until dropped.
+    /// Admission for a new connection: the policy's verdict, then the user's
+    /// tier cap (the relay-wide and address caps were taken at accept). The
+    /// quota holds the user's slot until dropped.
     pub fn admit_connection(
         &self,
         handshake: &Handshake<'_>,
     ) -> Result<(Option<Grant>, ConnQuota), Refusal> {
         let grant = self.admit_policy(handshake)?;
-        match self.quotas.open(handshake.peer.ip(), grant.as_ref()) {
+        match self.quotas.open(grant.as_ref()) {
             Ok(quota) => Ok((grant, quota)),
             Err(refusal) => {
                 self.metrics.refused(refusal.why);

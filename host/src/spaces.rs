@@ -60,6 +60,9 @@ impl SpaceError {
 pub struct Instance {
     pub id: String,
     pub space: String,
+    /// The user it registered as (empty for anonymous clients); a space not
+    /// configured as shared has instances of one user at a time.
+    principal: String,
     conn: Arc<ConnInfo>,
     queue: Arc<OutboundQueue>,
     in_flight: AtomicUsize,
@@ -205,6 +208,7 @@ pub struct Spaces {
     next_request: AtomicU64,
     next_instance: AtomicU64,
     allow_undeclared: bool,
+    shared: Vec<String>,
     max_spaces: usize,
     max_pending: usize,
     max_per_caller: usize,
@@ -228,6 +232,7 @@ impl Spaces {
             next_request: AtomicU64::new(0),
             next_instance: AtomicU64::new(0),
             allow_undeclared: spaces.allow_undeclared,
+            shared: spaces.shared.clone(),
             max_spaces: spaces.max_spaces,
             max_pending: limits.max_pending_requests,
             max_per_caller: limits.max_requests_per_connection,
@@ -239,10 +244,13 @@ impl Spaces {
         }
     }
 
-    /// Adds an instance to `space`, creating the space if allowed.
+    /// Adds an instance of `principal` (a user, or empty for an anonymous
+    /// client) to `space`, creating the space if allowed. A space held by
+    /// another principal's instances refuses it unless configured as shared.
     pub fn register(
         &self,
         space: &str,
+        principal: &str,
         conn: &Arc<ConnInfo>,
         queue: Arc<OutboundQueue>,
     ) -> Result<Arc<Instance>, SpaceError> {
@@ -267,21 +275,31 @@ impl Spaces {
         let instance = Arc::new(Instance {
             id: format!("{space}#{n}"),
             space: space.to_owned(),
+            principal: principal.to_owned(),
             conn: conn.clone(),
             queue,
             in_flight: AtomicUsize::new(0),
         });
+        let shared = crate::config::matches_any(&self.shared, space);
         // Joined under the map entry, so an eviction cannot remove the space
-        // between our lookup and the join.
+        // between our lookup and the join, and two principals racing for an
+        // empty space cannot both get in.
         let entry = self
             .spaces
             .entry(space.to_owned())
             .or_insert_with(|| Arc::new(Space::new(false)));
-        entry
-            .instances
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(instance.clone());
+        {
+            let mut instances = entry.instances.write().unwrap_or_else(|e| e.into_inner());
+            if !shared && instances.iter().any(|i| i.principal != principal) {
+                return Err(SpaceError::new(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "space {space:?} is served by another user's instances; it is not configured as shared (spaces.shared)"
+                    ),
+                ));
+            }
+            instances.push(instance.clone());
+        }
         drop(entry);
         tracing::info!(space, instance = %instance.id, conn = conn.id, "instance registered");
         Ok(instance)

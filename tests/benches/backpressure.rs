@@ -209,8 +209,7 @@ fn rate_costs(calls: u64) -> Vec<(&'static str, f64)> {
         ..LimitsConfig::default()
     };
     let quotas = Arc::new(Quotas::new(&limits));
-    let peer = std::net::IpAddr::from([127, 0, 0, 1]);
-    let mut anonymous = quotas.open(peer, None).expect("a slot");
+    let mut anonymous = quotas.open(None).expect("a slot");
     let no_policy = per_call(calls, || {
         std::hint::black_box(anonymous.charge("news/today"));
     });
@@ -226,7 +225,7 @@ fn rate_costs(calls: u64) -> Vec<(&'static str, f64)> {
                 .collect(),
         }),
     };
-    let mut tiered = quotas.open(peer, Some(&grant)).expect("a slot");
+    let mut tiered = quotas.open(Some(&grant)).expect("a slot");
     let with_class = per_call(calls, || {
         std::hint::black_box(tiered.charge("game/42"));
     });

@@ -25,6 +25,11 @@ pub mod wire;
 /// How long a test waits for any single expected event before failing.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The admin token of every test relay (in-process and child process), so
+/// the helpers can call operator endpoints; `admin::` tests cover the
+/// generated token and its refusals.
+pub const TEST_ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 /// A configuration for tests: port 0, a private data directory, quick heartbeats.
 /// Plugins are off (tests that need them opt in) and compiled plugins are
 /// cached in one folder shared by every test, so each compiles once.
@@ -38,6 +43,10 @@ pub fn test_config(data_dir: &Path) -> Config {
     config.plugins.bundled = Vec::new();
     config.plugins.dir = std::path::PathBuf::new();
     config.plugins.cache_dir = shared_plugin_cache();
+    config.admin.token = Some(TEST_ADMIN_TOKEN.to_owned());
+    // No policy runs here (tests that need one load it), so no client is
+    // identified: let them register, as the tests' instances do.
+    config.spaces.anonymous_register = true;
     config
 }
 
@@ -425,7 +434,7 @@ impl RelayProcess {
         std::fs::write(
             &config_path,
             format!(
-                "[plugins]\ncache_dir = {:?}\n{plugins_toml}\n",
+                "[admin]\ntoken = {TEST_ADMIN_TOKEN:?}\n[plugins]\ncache_dir = {:?}\n{plugins_toml}\n",
                 cache.display().to_string()
             ),
         )
@@ -616,7 +625,7 @@ pub async fn put_plugin(
             reqwest::multipart::Part::text(manifest.to_owned()),
         );
     let started = Instant::now();
-    let response = reqwest::Client::new()
+    let response = admin_client()
         .put(format!("{base}/admin/plugins/{name}"))
         .multipart(form)
         .send()
@@ -631,9 +640,24 @@ pub async fn put_plugin(
     )
 }
 
-/// GETs JSON from the relay.
+/// An HTTP client that presents the test admin token on every request.
+pub fn admin_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {TEST_ADMIN_TOKEN}"))
+            .expect("a valid header"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
+}
+
+/// GETs JSON from the relay, with the test admin token (so operator
+/// endpoints answer too).
 pub async fn get_json(url: &str) -> anyhow::Result<Value> {
-    let response = reqwest::get(url).await?;
+    let response = admin_client().get(url).send().await?;
     Ok(response.json().await?)
 }
 

@@ -34,6 +34,12 @@ pub mod policy {
     role_world!("policy");
 }
 
+/// A policy that also answers `may-register`; tried first for the policy
+/// role, with plain `policy` as the fallback.
+pub mod policy_spaces {
+    role_world!("policy-spaces");
+}
+
 pub mod filter {
     role_world!("filter");
 }

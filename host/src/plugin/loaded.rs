@@ -13,9 +13,9 @@ use wasmtime::component::InstancePre;
 use wasmtime::{Store, Trap};
 
 use super::bindings::types::{
-    Admission, Decision, Handshake, Outcome, RequestInfo, RunContext, Verdict,
+    Admission, Decision, Handshake, Outcome, Rejection, RequestInfo, RunContext, Verdict,
 };
-use super::bindings::{filter, policy, router, task};
+use super::bindings::{filter, policy, policy_spaces, router, task};
 use super::host_api::{HostServices, HostState, PluginContext};
 use super::manifest::{Manifest, Role};
 use super::runtime::{EPOCH_TICK, LoadError, Runtime, describe_exports};
@@ -49,6 +49,7 @@ pub enum CallError {
 enum Pre {
     Router(router::RouterPre<HostState>),
     Policy(policy::PolicyPre<HostState>),
+    PolicySpaces(policy_spaces::PolicySpacesPre<HostState>),
     Filter(filter::FilterPre<HostState>),
     Task(task::TaskPre<HostState>),
 }
@@ -56,6 +57,7 @@ enum Pre {
 enum Bound {
     Router(router::Router),
     Policy(policy::Policy),
+    PolicySpaces(policy_spaces::PolicySpaces),
     Filter(filter::Filter),
     Task(task::Task),
 }
@@ -112,7 +114,12 @@ impl LoadedPlugin {
         };
         let pre = match manifest.role {
             Role::Router => Pre::Router(router::RouterPre::new(instance_pre).map_err(wrong_world)?),
-            Role::Policy => Pre::Policy(policy::PolicyPre::new(instance_pre).map_err(wrong_world)?),
+            // A policy that also exports `may-register` decides registrations;
+            // one that does not is still a policy.
+            Role::Policy => match policy_spaces::PolicySpacesPre::new(instance_pre.clone()) {
+                Ok(pre) => Pre::PolicySpaces(pre),
+                Err(_) => Pre::Policy(policy::PolicyPre::new(instance_pre).map_err(wrong_world)?),
+            },
             Role::Filter => Pre::Filter(filter::FilterPre::new(instance_pre).map_err(wrong_world)?),
             Role::Task => Pre::Task(task::TaskPre::new(instance_pre).map_err(wrong_world)?),
         };
@@ -146,6 +153,7 @@ impl LoadedPlugin {
         let checked = match &warm.bound {
             Bound::Router(b) => b.call_self_check(&mut warm.store),
             Bound::Policy(b) => b.call_self_check(&mut warm.store),
+            Bound::PolicySpaces(b) => b.call_self_check(&mut warm.store),
             Bound::Filter(b) => b.call_self_check(&mut warm.store),
             Bound::Task(b) => b.call_self_check(&mut warm.store),
         };
@@ -186,6 +194,7 @@ impl LoadedPlugin {
         let bound = match &self.pre {
             Pre::Router(pre) => pre.instantiate(&mut store).map(Bound::Router),
             Pre::Policy(pre) => pre.instantiate(&mut store).map(Bound::Policy),
+            Pre::PolicySpaces(pre) => pre.instantiate(&mut store).map(Bound::PolicySpaces),
             Pre::Filter(pre) => pre.instantiate(&mut store).map(Bound::Filter),
             Pre::Task(pre) => pre.instantiate(&mut store).map(Bound::Task),
         };
@@ -194,6 +203,7 @@ impl LoadedPlugin {
         let init = match &bound {
             Bound::Router(b) => b.call_init(&mut store, &self.config_json),
             Bound::Policy(b) => b.call_init(&mut store, &self.config_json),
+            Bound::PolicySpaces(b) => b.call_init(&mut store, &self.config_json),
             Bound::Filter(b) => b.call_init(&mut store, &self.config_json),
             Bound::Task(b) => b.call_init(&mut store, &self.config_json),
         };
@@ -208,6 +218,7 @@ impl LoadedPlugin {
         match &self.pre {
             Pre::Router(pre) => pre.engine(),
             Pre::Policy(pre) => pre.engine(),
+            Pre::PolicySpaces(pre) => pre.engine(),
             Pre::Filter(pre) => pre.engine(),
             Pre::Task(pre) => pre.engine(),
         }
@@ -278,6 +289,25 @@ impl LoadedPlugin {
     pub fn admit(&self, handshake: &Handshake) -> Result<Admission, CallError> {
         self.call(|bound, store| match bound {
             Bound::Policy(b) => b.call_admit(store, handshake),
+            Bound::PolicySpaces(b) => b.call_admit(store, handshake),
+            _ => unreachable_role(),
+        })
+    }
+
+    /// Whether this policy decides registrations (exports `may-register`).
+    pub fn decides_registration(&self) -> bool {
+        matches!(self.pre, Pre::PolicySpaces(_))
+    }
+
+    /// `may-register`; only for a policy that [decides registrations](Self::decides_registration).
+    pub fn may_register(
+        &self,
+        user: &str,
+        tier: &str,
+        space: &str,
+    ) -> Result<Result<(), Rejection>, CallError> {
+        self.call(|bound, store| match bound {
+            Bound::PolicySpaces(b) => b.call_may_register(store, user, tier, space),
             _ => unreachable_role(),
         })
     }

@@ -25,8 +25,8 @@ use super::loaded::{LoadedPlugin, Percentiles, Source};
 use super::manifest::{Capability, Manifest, ManifestError, Role};
 use super::runtime::{LoadError, Runtime};
 use crate::hooks::{
-    Admission as AdmissionHook, Admit, Filter, Filtered, Grant, Handshake, Route, RouteInput,
-    Router,
+    Admission as AdmissionHook, Admit, Filter, Filtered, Grant, Handshake, MayRegister, Route,
+    RouteInput, Router,
 };
 use crate::protocol::{Data, ErrorCode};
 
@@ -379,6 +379,27 @@ impl AdmissionHook for Registry {
             // Fail closed: a broken policy must not let everyone in.
             Err(e) => Admit::Deny {
                 status: 503,
+                code: ErrorCode::PluginFailed,
+                reason: failure(&plugin, e),
+            },
+        }
+    }
+
+    fn may_register(&self, user: &str, tier: &str, space: &str) -> MayRegister {
+        let Some(plugin) = self.policy.load_full() else {
+            return MayRegister::Undecided;
+        };
+        if !plugin.decides_registration() {
+            return MayRegister::Undecided;
+        }
+        match plugin.may_register(user, tier, space) {
+            Ok(Ok(())) => MayRegister::Allow,
+            Ok(Err(rejection)) => MayRegister::Refuse {
+                code: error_code(&rejection.code),
+                reason: rejection.reason,
+            },
+            // Fail closed, as admission does.
+            Err(e) => MayRegister::Refuse {
                 code: ErrorCode::PluginFailed,
                 reason: failure(&plugin, e),
             },

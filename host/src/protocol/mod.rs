@@ -434,6 +434,10 @@ pub enum ErrorCode {
     InvalidName,
     /// Admin endpoints: missing or wrong bearer token.
     Unauthorized,
+    /// `register`: this client may not serve the space — the policy says no,
+    /// an anonymous client where registration needs an identity, or the
+    /// space is held by instances of another user.
+    Forbidden,
     /// Admin plugin endpoints: the plugin was refused (not a component, wrong
     /// world, ungranted capability, init or self-check failed, role taken, ...);
     /// the message names the problem. The previous version keeps serving.
@@ -469,6 +473,7 @@ impl ErrorCode {
             ErrorCode::PluginFailed => "plugin_failed",
             ErrorCode::InvalidName => "invalid_name",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::PluginRefused => "plugin_refused",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
@@ -486,7 +491,7 @@ impl ErrorCode {
             | ErrorCode::UnsupportedVersion
             | ErrorCode::InvalidName => 400,
             ErrorCode::Unauthorized => 401,
-            ErrorCode::Rejected => 403,
+            ErrorCode::Rejected | ErrorCode::Forbidden => 403,
             ErrorCode::UnknownSpace | ErrorCode::NotFound | ErrorCode::UnknownRequest => 404,
             ErrorCode::DuplicateId => 409,
             ErrorCode::PluginRefused => 422,

@@ -19,7 +19,7 @@ pub use outbound::Outbound;
 use queue::{OutboundQueue, Overflow, Pushed, QueueLimits};
 
 use crate::channels::Subscriber;
-use crate::hooks::{Filtered, Handshake, Route, RouteInput};
+use crate::hooks::{Filtered, Handshake, MayRegister, Route, RouteInput};
 use crate::metrics::Metrics;
 use crate::protocol::{DecodeError, ErrorCode, Msg, Request, VERSION};
 use crate::quota::{ConnQuota, Verdict};
@@ -400,10 +400,22 @@ impl Session {
                 instance: existing.id.clone(),
             };
         }
+        let limit = self.relay.config.limits.max_registrations_per_connection;
+        if self.instances.len() >= limit {
+            return Msg::error(
+                ErrorCode::Overloaded,
+                format!("at most {limit} registrations per connection"),
+                None,
+            );
+        }
+        let principal = match self.may_register(&space) {
+            Ok(principal) => principal,
+            Err((code, reason)) => return Msg::error(code, reason, None),
+        };
         match self
             .relay
             .spaces
-            .register(&space, &self.conn, self.queue.clone())
+            .register(&space, &principal, &self.conn, self.queue.clone())
         {
             Ok(instance) => {
                 let id = instance.id.clone();
@@ -415,6 +427,25 @@ impl Session {
                 }
             }
             Err(e) => Msg::error(e.code, e.message, None),
+        }
+    }
+
+    /// Whether this client may serve `space`: the policy decides for the
+    /// users it named; anonymous clients only where the config allows.
+    /// Returns the principal the instance is held by.
+    fn may_register(&self, space: &str) -> Result<String, (ErrorCode, String)> {
+        let Some((user, tier)) = self.conn.identity() else {
+            if self.relay.config.spaces.anonymous_register {
+                return Ok(String::new());
+            }
+            return Err((
+                ErrorCode::Forbidden,
+                "registering needs an identified client: connect with a token the policy knows (?token=, Authorization: Bearer, or hello.token)".to_owned(),
+            ));
+        };
+        match self.relay.admission().may_register(&user, &tier, space) {
+            MayRegister::Allow | MayRegister::Undecided => Ok(user),
+            MayRegister::Refuse { code, reason } => Err((code, reason)),
         }
     }
 

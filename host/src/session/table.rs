@@ -179,6 +179,12 @@ impl ConnInfo {
     }
 
     /// Edits the descriptive part; the closure must not block.
+    /// The user and tier admission granted, if a policy identified the client.
+    pub fn identity(&self) -> Option<(String, String)> {
+        let detail = self.detail.lock().unwrap_or_else(|e| e.into_inner());
+        detail.user.clone().zip(detail.tier.clone())
+    }
+
     pub fn update_detail(&self, edit: impl FnOnce(&mut Detail)) {
         let mut detail = self.detail.lock().unwrap_or_else(|e| e.into_inner());
         edit(&mut detail);
@@ -268,6 +274,7 @@ impl ConnTable {
         ConnGuard {
             table: self.clone(),
             info,
+            _held: None,
         }
     }
 
@@ -307,11 +314,20 @@ impl ConnTable {
 pub struct ConnGuard {
     table: Arc<ConnTable>,
     info: Arc<ConnInfo>,
+    /// What the connection holds until it ends (its place under the
+    /// connection caps), released with the row.
+    _held: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl ConnGuard {
     pub fn info(&self) -> &Arc<ConnInfo> {
         &self.info
+    }
+
+    /// Keeps `held` until the connection ends, whichever task ends it.
+    pub fn holding(mut self, held: impl std::any::Any + Send + Sync) -> Self {
+        self._held = Some(Box::new(held));
+        self
     }
 }
 

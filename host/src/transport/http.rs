@@ -12,11 +12,12 @@ use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use super::body::StreamEnd;
 use super::io::CountingIo;
@@ -24,7 +25,9 @@ use super::readahead::ReadAhead;
 use super::tls::Certificates;
 use crate::admin;
 use crate::hooks::{Handshake, Route, RouteInput};
+use crate::metrics::RefusedFor;
 use crate::protocol::{Data, ErrorCode, Request};
+use crate::quota::Refusal;
 use crate::relay::Relay;
 use crate::session::table::{ConnGuard, ConnState};
 use crate::spaces::Caller;
@@ -38,12 +41,28 @@ pub const TIMEOUT_HEADER: &str = "x-wasmrelay-timeout-ms";
 /// How long an HTTP connection may take to finish once the relay is closing.
 const HTTP_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-/// How long a TLS client may take to finish its handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections over a cap that are still answered (with the refusal, and
+/// with health and operator endpoints) at once; past this they are closed
+/// without a word, so a flood of refused connections costs nothing to hold.
+const MAX_REFUSING: usize = 256;
+/// Shortest gap between two warnings about refused or failed accepts.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Accepts connections until the relay starts draining; with `tls`, each
 /// connection is a TLS one (https, wss) using the current certificate.
+///
+/// Every connection takes its place under the relay-wide and per-address
+/// caps as it is accepted, before any protocol runs. One over a cap is
+/// answered with the refusal (503 / 429 and `Retry-After`) for whatever it
+/// asks, except `/healthz` and authorized operator calls, so an operator is
+/// never locked out of a full relay; then it is closed.
 pub async fn accept_loop(relay: Arc<Relay>, listener: TcpListener, tls: Option<Arc<Certificates>>) {
+    let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
+    let mut warnings = Warnings::default();
+    // One descriptor kept in reserve: at the open-file limit it is given up
+    // to accept and at once close a connection, so clients are refused
+    // promptly instead of waiting in the kernel's backlog.
+    let mut reserve = FdReserve::open();
     loop {
         let accepted = tokio::select! {
             _ = relay.draining().cancelled() => break,
@@ -52,15 +71,42 @@ pub async fn accept_loop(relay: Arc<Relay>, listener: TcpListener, tls: Option<A
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
-                // Usually out of file descriptors: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let out_of_files = reserve.is_out_of_files(&e);
+                if out_of_files {
+                    reserve.shed_one(&listener).await;
+                }
+                warnings.warn(|suppressed| {
+                    tracing::warn!(error = %e, out_of_files, suppressed, "accept failed; refusing connections");
+                });
+                if !out_of_files {
+                    // Some other failure: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(peer);
-        let guard = Arc::new(relay.table.open(peer, local));
+        let (guard, refusal) = match relay.quotas.accept(peer.ip()) {
+            Ok(slot) => (relay.table.open(peer, local).holding(slot), None),
+            Err(refusal) => {
+                relay.metrics.refused(refusal.why);
+                let Ok(permit) = refusing.clone().try_acquire_owned() else {
+                    warnings.warn(|suppressed| {
+                        tracing::warn!(%peer, reason = %refusal.reason, suppressed, "connection refused (closed unanswered: too many refusals in progress)");
+                    });
+                    continue;
+                };
+                warnings.warn(|suppressed| {
+                    tracing::warn!(%peer, reason = %refusal.reason, suppressed, "connection refused");
+                });
+                (
+                    relay.table.open(peer, local).holding(permit),
+                    Some(Arc::new(refusal)),
+                )
+            }
+        };
+        let guard = Arc::new(guard);
         relay.metrics.connection_accepted();
         let span = tracing::debug_span!("conn", id = guard.info().id, %peer);
         let relay_tasks = relay.tasks.clone();
@@ -69,13 +115,18 @@ pub async fn accept_loop(relay: Arc<Relay>, listener: TcpListener, tls: Option<A
         let stream = ReadAhead::new(stream);
         let connection = async move {
             match tls {
-                None => serve_connection(relay, stream, guard).await,
+                None => serve_connection(relay, stream, guard, refusal).await,
                 Some(tls) => {
                     let handshake = tls.acceptor().accept(stream);
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(stream)) => serve_connection(relay, stream, guard).await,
+                    match tokio::time::timeout(relay.config.tls_handshake_timeout(), handshake)
+                        .await
+                    {
+                        Ok(Ok(stream)) => serve_connection(relay, stream, guard, refusal).await,
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                        Err(_) => {
+                            relay.metrics.refused(RefusedFor::SlowHandshake);
+                            tracing::debug!("TLS handshake timed out");
+                        }
                     }
                 }
             }
@@ -85,8 +136,62 @@ pub async fn accept_loop(relay: Arc<Relay>, listener: TcpListener, tls: Option<A
     tracing::info!("stopped accepting connections");
 }
 
-async fn serve_connection<S>(relay: Arc<Relay>, stream: S, guard: Arc<ConnGuard>)
-where
+/// Rate-limits a warning that a flood would otherwise repeat thousands of
+/// times a second; says how many were left out.
+#[derive(Default)]
+struct Warnings {
+    last: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl Warnings {
+    fn warn(&mut self, emit: impl FnOnce(u64)) {
+        let now = tokio::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < WARN_EVERY)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        emit(self.suppressed);
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// A spare file descriptor for refusing connections at the open-file limit.
+struct FdReserve(Option<std::fs::File>);
+
+impl FdReserve {
+    fn open() -> Self {
+        Self(std::fs::File::open("/dev/null").ok())
+    }
+
+    fn is_out_of_files(&self, error: &std::io::Error) -> bool {
+        // EMFILE (process) and ENFILE (system) on Linux.
+        matches!(error.raw_os_error(), Some(24) | Some(23))
+    }
+
+    /// Frees the spare descriptor, accepts one waiting connection and closes
+    /// it at once, then takes the spare back.
+    async fn shed_one(&mut self, listener: &TcpListener) {
+        self.0 = None;
+        if let Ok(Ok((stream, _))) =
+            tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
+        {
+            drop(stream);
+        }
+        *self = Self::open();
+    }
+}
+
+async fn serve_connection<S>(
+    relay: Arc<Relay>,
+    stream: S,
+    guard: Arc<ConnGuard>,
+    refusal: Option<Arc<Refusal>>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(CountingIo::new(
@@ -94,17 +199,47 @@ where
         guard.info().clone(),
         relay.metrics.clone(),
     ));
+    // Cancelled by the first request; until then the header deadline runs.
+    let first_request = CancellationToken::new();
+    let refusing = refusal.is_some();
     let service = {
         let relay = relay.clone();
         let guard = guard.clone();
-        service_fn(move |req| route(relay.clone(), guard.clone(), req))
+        let first_request = first_request.clone();
+        service_fn(move |req| {
+            first_request.cancel();
+            route(relay.clone(), guard.clone(), refusal.clone(), req)
+        })
     };
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let limits = &relay.config.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(relay.config.header_timeout())
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(!refusing);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
+    let header_deadline = no_request_within(&first_request, relay.config.header_timeout());
+    tokio::pin!(header_deadline);
     let result = tokio::select! {
         result = conn.as_mut() => result,
         _ = relay.closing().cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(HTTP_CLOSE_WAIT, conn).await.unwrap_or(Ok(()))
+        }
+        () = &mut header_deadline => {
+            relay.metrics.refused(RefusedFor::SlowHandshake);
+            tracing::debug!("closed: no complete request within server.header_timeout_ms");
+            return;
+        }
+        // A refused connection gets its one answer, then is closed.
+        _ = first_request.cancelled(), if refusing => {
             conn.as_mut().graceful_shutdown();
             tokio::time::timeout(HTTP_CLOSE_WAIT, conn).await.unwrap_or(Ok(()))
         }
@@ -114,9 +249,18 @@ where
     }
 }
 
+/// Resolves once `limit` has passed without the first request; never after it.
+async fn no_request_within(first_request: &CancellationToken, limit: Duration) {
+    tokio::select! {
+        _ = first_request.cancelled() => std::future::pending().await,
+        _ = tokio::time::sleep(limit) => {}
+    }
+}
+
 async fn route(
     relay: Arc<Relay>,
     guard: Arc<ConnGuard>,
+    refusal: Option<Arc<Refusal>>,
     req: hyper::Request<Incoming>,
 ) -> Result<hyper::Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
@@ -125,6 +269,17 @@ async fn route(
         guard.info().set_state(ConnState::Open);
     }
     let method = req.method().clone();
+    if let Some(refusal) = refusal {
+        let operator = matches!(segments.as_slice(), ["admin", ..] | ["metrics"])
+            && admin::authorize(&relay, req.headers()).is_ok();
+        if !operator && segments.as_slice() != ["healthz"] {
+            let mut response = refusal_response(&refusal);
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(response);
+        }
+    }
     let response = match (&method, segments.as_slice()) {
         (&Method::GET, [""]) => html(INDEX_HTML),
         (&Method::GET, ["healthz"]) => health(&relay),
@@ -293,6 +448,12 @@ async fn ingress(
             return json_error(status_for(code), code, &reason);
         }
     };
+    let mut headers = headers;
+    // A caller's credentials are for the relay, not for whoever registered
+    // the space, unless the operator says the space's instances need them.
+    if !crate::config::matches_any(&relay.config.spaces.forward_credentials, &space) {
+        headers.retain(|(name, _)| !is_credential(name));
+    }
     let request = Request {
         id: String::new(),
         space,
@@ -398,6 +559,11 @@ fn parse_timeout(value: &HeaderValue) -> Result<u64, ()> {
         .and_then(|s| s.trim().parse::<u64>().ok())
         .filter(|ms| *ms > 0)
         .ok_or(())
+}
+
+/// Headers that carry the caller's credentials (names are lower-case here).
+fn is_credential(name: &str) -> bool {
+    matches!(name, "authorization" | "cookie")
 }
 
 fn is_hop_by_hop(name: &header::HeaderName) -> bool {

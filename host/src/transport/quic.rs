@@ -178,11 +178,16 @@ async fn read_full(
     Ok(filled)
 }
 
+/// Connections over a cap that are told why (after the handshake) at once;
+/// past this, they are refused without a handshake.
+const MAX_REFUSING: usize = 256;
+
 /// Accepts QUIC connections until the relay starts draining.
 pub async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
     let local = endpoint
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
     loop {
         let incoming = tokio::select! {
             _ = relay.draining().cancelled() => break,
@@ -190,12 +195,27 @@ pub async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
         };
         let Some(incoming) = incoming else { break };
         let peer = incoming.remote_address();
-        let guard = Arc::new(relay.table.open(peer, local));
+        // The caps hold for QUIC as for TCP: a place is taken before the
+        // handshake. Over a cap, the client is told why after the handshake
+        // while few such refusals are in progress, and refused outright
+        // (CONNECTION_REFUSED, no handshake) beyond that.
+        let (guard, refusal) = match relay.quotas.accept(peer.ip()) {
+            Ok(slot) => (relay.table.open(peer, local).holding(slot), None),
+            Err(refusal) => {
+                relay.metrics.refused(refusal.why);
+                let Ok(permit) = refusing.clone().try_acquire_owned() else {
+                    incoming.refuse();
+                    continue;
+                };
+                (relay.table.open(peer, local).holding(permit), Some(refusal))
+            }
+        };
+        let guard = Arc::new(guard);
         guard.info().set_transport(Transport::Quic);
         relay.metrics.connection_accepted();
         let span = tracing::debug_span!("quic", conn = guard.info().id, %peer);
         relay.tasks.spawn(tracing::Instrument::instrument(
-            handle(relay.clone(), incoming, guard),
+            handle(relay.clone(), incoming, guard, refusal),
             span,
         ));
     }
@@ -204,15 +224,35 @@ pub async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
     tracing::info!("stopped accepting QUIC connections");
 }
 
-async fn handle(relay: Arc<Relay>, incoming: quinn::Incoming, guard: Arc<ConnGuard>) {
+async fn handle(
+    relay: Arc<Relay>,
+    incoming: quinn::Incoming,
+    guard: Arc<ConnGuard>,
+    refusal: Option<crate::quota::Refusal>,
+) {
     // The handshake: a wrong ALPN or a bad certificate fails here with a TLS alert.
-    let connection = match incoming.await {
-        Ok(connection) => connection,
-        Err(e) => {
+    let handshake = tokio::time::timeout(relay.config.tls_handshake_timeout(), incoming);
+    let connection = match handshake.await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "QUIC handshake failed");
             return;
         }
+        Err(_) => {
+            relay
+                .metrics
+                .refused(crate::metrics::RefusedFor::SlowHandshake);
+            tracing::debug!("QUIC handshake timed out");
+            return;
+        }
     };
+    if let Some(refusal) = refusal {
+        connection.close(
+            close::REFUSED.into(),
+            format!("{}: {}", refusal.code, refusal.reason).as_bytes(),
+        );
+        return;
+    }
     let headers = http::HeaderMap::new();
     let handshake = Handshake {
         peer: connection.remote_address(),

@@ -62,6 +62,8 @@ pub fn load_or_create(config: &TlsConfig, data_dir: &Path) -> Result<Identity, T
             let key = dir.join("dev-key.pem");
             if !cert.exists() || !key.exists() {
                 generate(&dir, &cert, &key)?;
+            } else if let Err(e) = crate::secrets::restrict(&key) {
+                tracing::warn!(key = %key.display(), error = %e, "cannot make the development key owner-only (0600)");
             }
             (cert, key, true)
         }
@@ -108,7 +110,11 @@ fn generate(dir: &Path, cert_path: &Path, key_path: &Path) -> Result<(), TlsErro
         path: dir.to_owned(),
         source,
     })?;
-    write(key_path, generated.signing_key.serialize_pem())?;
+    crate::secrets::write_private(key_path, generated.signing_key.serialize_pem().as_bytes())
+        .map_err(|source| TlsError::Write {
+            path: key_path.to_owned(),
+            source,
+        })?;
     write(cert_path, generated.cert.pem())?;
     tracing::info!(cert = %cert_path.display(), "generated a self-signed development certificate");
     Ok(())

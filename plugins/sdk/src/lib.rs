@@ -51,6 +51,20 @@ pub mod policy {
     pub use self::wasmrelay::plugin::types::{ClassRate, Denial, Grant, Limits, Rate};
 }
 
+/// Bindings for the `policy-spaces` world: `admit`, and `may-register`,
+/// which decides who may serve which space.
+#[allow(clippy::too_many_arguments)] // generated code
+pub mod policy_spaces {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "policy-spaces",
+        pub_export_macro: true,
+        export_macro_name: "export_policy_spaces",
+        default_bindings_module: "wasmrelay_plugin_sdk::policy_spaces",
+    });
+    pub use self::wasmrelay::plugin::types::{ClassRate, Denial, Grant, Limits, Rate};
+}
+
 /// Bindings for the `filter` world: `on-message`.
 #[allow(clippy::too_many_arguments)] // generated code
 pub mod filter {

@@ -1,14 +1,15 @@
 //! tiered-policy: admission by tier. A known token gives its user and tier; no
 //! token gives the anonymous tier (keyed by the peer's IP address) or a
 //! refusal; an unknown token is refused with 401. The tier's limits go back to
-//! the relay, which enforces them natively.
+//! the relay, which enforces them natively. A tier's `register` list says
+//! which spaces its users may serve (none unless listed).
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use serde::Deserialize;
-use wasmrelay_plugin_sdk::policy::{
-    self, Admission, ClassRate, Denial, Grant, Handshake, Limits, Rate,
+use wasmrelay_plugin_sdk::policy_spaces::{
+    self, Admission, ClassRate, Denial, Grant, Handshake, Limits, Rate, Rejection,
 };
 use wasmrelay_plugin_sdk::{log, parse_config};
 
@@ -30,6 +31,10 @@ struct Tier {
     messages: RateConfig,
     #[serde(default)]
     classes: Vec<ClassConfig>,
+    /// Spaces this tier's users may register instances of: exact names, or
+    /// prefixes ending in `*` (`"*"` for any).
+    #[serde(default)]
+    register: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -103,7 +108,7 @@ fn deny(status: u16, code: &str, reason: &str) -> Admission {
 
 struct TieredPolicy;
 
-impl policy::Guest for TieredPolicy {
+impl policy_spaces::Guest for TieredPolicy {
     fn init(config: String) -> Result<(), String> {
         let config: Config = parse_config(&config)?;
         for (token, identity) in &config.tokens {
@@ -167,6 +172,28 @@ impl policy::Guest for TieredPolicy {
             limits: limits(tier),
         })
     }
+
+    fn may_register(_user: String, tier: String, space: String) -> Result<(), Rejection> {
+        let allowed = CONFIG
+            .get()
+            .and_then(|config| config.tiers.get(&tier))
+            .is_some_and(|tier| {
+                tier.register
+                    .iter()
+                    .any(|pattern| match pattern.strip_suffix('*') {
+                        Some(prefix) => space.starts_with(prefix),
+                        None => *pattern == space,
+                    })
+            });
+        if allowed {
+            Ok(())
+        } else {
+            Err(Rejection {
+                code: "forbidden".into(),
+                reason: format!("tier {tier} may not register instances of space {space:?}"),
+            })
+        }
+    }
 }
 
-wasmrelay_plugin_sdk::policy::export_policy!(TieredPolicy);
+wasmrelay_plugin_sdk::policy_spaces::export_policy_spaces!(TieredPolicy);

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use wasmrelay_tests::{TestRelay, WsTester, get_json, wait_json};
+use wasmrelay_tests::{TestRelay, WsTester, admin_client, get_json, wait_json};
 
 #[tokio::test]
 async fn health_and_unknown_endpoints() {
@@ -114,7 +114,9 @@ async fn metrics_are_prometheus_text_with_the_documented_series() {
         .unwrap();
     assert_eq!(call.await.unwrap(), 200);
 
-    let text = reqwest::get(relay.url("/metrics"))
+    let text = admin_client()
+        .get(relay.url("/metrics"))
+        .send()
         .await
         .unwrap()
         .text()
@@ -134,7 +136,8 @@ async fn metrics_are_prometheus_text_with_the_documented_series() {
 
 #[tokio::test]
 async fn admin_token_guards_admin_and_metrics_only() {
-    let relay = TestRelay::start_with(|c| c.admin.token = Some("t0ken".into())).await;
+    let relay =
+        TestRelay::start_with(|c| c.admin.token = Some("t0ken-0123456789abcdef".into())).await;
     let client = reqwest::Client::new();
     for path in ["/admin/connections", "/admin/stats", "/metrics"] {
         let response = client.get(relay.url(path)).send().await.unwrap();
@@ -148,7 +151,7 @@ async fn admin_token_guards_admin_and_metrics_only() {
         assert_eq!(response.status(), 401, "{path}");
         let response = client
             .get(relay.url(path))
-            .bearer_auth("t0ken")
+            .bearer_auth("t0ken-0123456789abcdef")
             .send()
             .await
             .unwrap();
@@ -203,5 +206,17 @@ async fn draining_refuses_new_work_and_finishes_old_work() {
     assert_eq!(caller.recv_type("response").await.unwrap()["data"], "done");
     let close = caller.expect_close().await.unwrap().expect("close frame");
     assert_eq!(u16::from(close.code), 1001);
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn admin_insecure_opens_the_operator_api_on_loopback_only_when_asked() {
+    let relay = TestRelay::start_with(|c| {
+        c.admin.token = None;
+        c.admin.insecure = true;
+    })
+    .await;
+    let response = reqwest::get(relay.url("/admin/stats")).await.unwrap();
+    assert_eq!(response.status(), 200);
     relay.stop().await.unwrap();
 }

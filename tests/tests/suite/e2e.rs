@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use wasmrelay_tests::{
-    ChildProcess, Closed, RelayProcess, Via, free_port, get_json, wait_for, wait_json,
+    ChildProcess, Closed, RelayProcess, TEST_ADMIN_TOKEN, Via, free_port, get_json, wait_for,
+    wait_json,
 };
 
 const RELAY: &str = env!("CARGO_BIN_EXE_test-wasmrelay");
@@ -54,6 +55,9 @@ fn start_service(relay: &RelayProcess, via: Via, space: &str, work_ms: u64) -> C
         &work_ms,
         "--steps",
         "2",
+        // The demo policy lets only its service tier register.
+        "--token",
+        "service-demo-token",
     ];
     if via == Via::Quic {
         args.extend(["--ca", &cert]);
@@ -163,7 +167,7 @@ async fn service_app_reconnects_when_the_relay_restarts(via: Via) {
 }
 
 async fn conns_prints_the_connection_table(via: Via) {
-    let relay = RelayProcess::start(RELAY, &["--admin-token", "s3cret"]).await;
+    let relay = RelayProcess::start(RELAY, &[]).await;
     let _service = start_service(&relay, via, "demo", 50);
     relay.wait_space("demo", true).await;
     let mut caller = relay.tester(via).await.unwrap();
@@ -176,7 +180,7 @@ async fn conns_prints_the_connection_table(via: Via) {
     let base = relay.url("");
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(RELAY)
-            .args(["conns", "--relay", &base, "--token", "s3cret"])
+            .args(["conns", "--relay", &base, "--token", TEST_ADMIN_TOKEN])
             .output()
             .unwrap()
     })
@@ -298,7 +302,7 @@ async fn environment_variables_configure_serve() {
         &[
             ("WASMRELAY_LISTEN", &listen),
             ("WASMRELAY_DATA_DIR", data_dir.path().to_str().unwrap()),
-            ("WASMRELAY_ADMIN_TOKEN", "from-env"),
+            ("WASMRELAY_ADMIN_TOKEN", "from-env-0123456789"),
             ("WASMRELAY_QUIC_LISTEN", "127.0.0.1:0"),
             ("WASMRELAY_TLS_LISTEN", "127.0.0.1:0"),
         ],
@@ -320,7 +324,7 @@ async fn environment_variables_configure_serve() {
     );
     let authorized = reqwest::Client::new()
         .get(&stats)
-        .bearer_auth("from-env")
+        .bearer_auth("from-env-0123456789")
         .send()
         .await
         .unwrap();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite;
 use wasmrelay::rate::Rate;
-use wasmrelay_tests::{QuicTester, TestRelay, WsTester, get_json};
+use wasmrelay_tests::{QuicTester, TestRelay, WsTester, admin_client, get_json};
 
 /// A WebSocket handshake from source address `from`: the upgraded client,
 /// or the refusal's status, Retry-After and JSON body.
@@ -141,7 +141,9 @@ async fn connection_caps_refuse_before_the_upgrade_with_a_reason() {
         stats["limits"]["refused"]["global_cap"].as_u64().unwrap() >= 1,
         "{stats}"
     );
-    let metrics = reqwest::get(relay.url("/metrics"))
+    let metrics = admin_client()
+        .get(relay.url("/metrics"))
+        .send()
         .await
         .unwrap()
         .text()

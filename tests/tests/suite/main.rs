@@ -14,5 +14,6 @@ mod limits;
 mod plugins;
 mod protocol;
 mod quic;
+mod security;
 mod spaces;
 mod tls;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use wasmrelay::plugin::bundled;
-use wasmrelay_tests::{TestRelay, WsTester, get_json, wait_json};
+use wasmrelay_tests::{TEST_ADMIN_TOKEN, TestRelay, WsTester, admin_client, get_json, wait_json};
 
 const EVIL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/evil-filter.wasm"));
 const FUTURE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/future-filter.wasm"));
@@ -119,7 +119,9 @@ async fn bundled_router_policy_and_filter_do_their_jobs() {
     let ack = publish(&mut guest, "legacy/room", "old name").await;
     assert_eq!(ack["channel"], "chat/room", "{ack}");
     assert_eq!(chat.recv_type("message").await.unwrap()["data"], "old name");
-    let mut instance = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    let mut instance = WsTester::greeted(&format!("{}?token=service-demo-token", relay.ws_url()))
+        .await
+        .unwrap();
     instance
         .send(json!({"type": "register", "space": "demo"}))
         .await
@@ -263,7 +265,7 @@ async fn bad_plugins_are_refused_and_the_previous_version_keeps_serving() {
             .contains("held by plugin \"path-router\"")
     );
     // Upload without the manifest part.
-    let response = reqwest::Client::new()
+    let response = admin_client()
         .put(relay.url("/admin/plugins/evil"))
         .multipart(
             reqwest::multipart::Form::new()
@@ -350,7 +352,7 @@ async fn swap_rollback_and_remove() {
     let info = plugin_info(&relay, "evil").await;
     assert_eq!(info["previous"]["version"], "1.0.0");
 
-    let response = reqwest::Client::new()
+    let response = admin_client()
         .post(relay.url("/admin/plugins/evil/rollback"))
         .send()
         .await
@@ -362,7 +364,7 @@ async fn swap_rollback_and_remove() {
         "[evil@1.0.0] c"
     );
 
-    let response = reqwest::Client::new()
+    let response = admin_client()
         .delete(relay.url("/admin/plugins/evil"))
         .send()
         .await
@@ -370,11 +372,13 @@ async fn swap_rollback_and_remove() {
     assert_eq!(response.status(), 200);
     publish(&mut client, "evil/x", "d").await;
     assert_eq!(stamp_of(client.recv_type("message").await.unwrap()), "d");
-    let response = reqwest::get(relay.url("/admin/plugins/evil"))
+    let response = admin_client()
+        .get(relay.url("/admin/plugins/evil"))
+        .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 404);
-    let response = reqwest::Client::new()
+    let response = admin_client()
         .post(relay.url("/admin/plugins/evil/rollback"))
         .send()
         .await
@@ -429,7 +433,7 @@ async fn the_watched_folder_loads_swaps_and_unloads() {
         "the folder plugin to unload",
         Duration::from_secs(30),
         || async {
-            let response = reqwest::get(&plugins_url).await.ok()?;
+            let response = admin_client().get(&plugins_url).send().await.ok()?;
             (response.status() == 404).then_some(())
         },
     )
@@ -439,7 +443,7 @@ async fn the_watched_folder_loads_swaps_and_unloads() {
 
 #[tokio::test]
 async fn the_cli_lists_loads_rolls_back_and_removes() {
-    let relay = TestRelay::start_with(|c| c.admin.token = Some("tok".into())).await;
+    let relay = TestRelay::start().await;
     let folder = tempfile::tempdir().unwrap();
     let wasm = folder.path().join("evil.wasm");
     std::fs::write(&wasm, EVIL).unwrap();
@@ -453,7 +457,7 @@ async fn the_cli_lists_loads_rolls_back_and_removes() {
             let output = std::process::Command::new(RELAY)
                 .arg("plugin")
                 .args(&args)
-                .args(["--relay", &base, "--token", "tok"])
+                .args(["--relay", &base, "--token", TEST_ADMIN_TOKEN])
                 .output()
                 .unwrap();
             (

@@ -1,6 +1,9 @@
 //! The operators' view: `/admin/connections` (the `ss`-like table),
-//! `/admin/stats` (counts and totals), `/metrics` (Prometheus text), and the
-//! bearer-token check that guards them when `admin.token` is set.
+//! `/admin/stats` (counts and totals), `/metrics` (Prometheus text), plugin
+//! management, and the bearer-token check that guards all of them
+//! ([`credential`] decides the token).
+
+pub mod credential;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -8,15 +11,17 @@ use std::sync::atomic::Ordering;
 use http::{HeaderMap, Method, StatusCode, header};
 use serde::Serialize;
 
+pub use credential::AdminCredential;
+
 use crate::protocol::ErrorCode;
 use crate::relay::Relay;
 use crate::session::table::ConnSnapshot;
 use crate::transport::http::{Body, json, json_error, text};
 
-/// Checks `Authorization: Bearer <token>` when a token is configured.
+/// Checks `Authorization: Bearer <token>` against the relay's admin credential.
 #[allow(clippy::result_large_err)]
 pub fn authorize(relay: &Relay, headers: &HeaderMap) -> Result<(), hyper::Response<Body>> {
-    let Some(expected) = relay.config.admin.token.as_deref() else {
+    let AdminCredential::Token(expected) = &relay.admin else {
         return Ok(());
     };
     let presented = headers
@@ -30,7 +35,7 @@ pub fn authorize(relay: &Relay, headers: &HeaderMap) -> Result<(), hyper::Respon
         let mut denied = json_error(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
-            "admin endpoints need Authorization: Bearer <admin.token>",
+            "operator endpoints need Authorization: Bearer <token> (admin.token, or the file admin.token in the data directory)",
         );
         denied.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -115,7 +120,7 @@ pub struct OutboundCounts {
 #[derive(Debug, Serialize)]
 pub struct LimitCounts {
     /// Refusals before a connection (or HTTP request) started, by reason:
-    /// `global_cap`, `user_cap`, `ip_cap`, `policy`.
+    /// `global_cap`, `user_cap`, `ip_cap`, `policy`, `slow_handshake`.
     pub refused: BTreeMap<&'static str, u64>,
     /// Publishes and requests dropped for being over a rate.
     pub throttled: u64,
@@ -184,6 +189,10 @@ pub fn stats(relay: &Relay) -> Stats {
                 ("user_cap", totals.refused_user_cap.load(Ordering::Relaxed)),
                 ("ip_cap", totals.refused_ip_cap.load(Ordering::Relaxed)),
                 ("policy", totals.refused_policy.load(Ordering::Relaxed)),
+                (
+                    "slow_handshake",
+                    totals.refused_slow_handshake.load(Ordering::Relaxed),
+                ),
             ]),
             throttled: totals.throttled.load(Ordering::Relaxed),
             policy_closes: totals.policy_closes.load(Ordering::Relaxed),
