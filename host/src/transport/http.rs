@@ -245,6 +245,13 @@ async fn serve_connection<S>(
         }
     };
     if let Err(e) = result {
+        // hyper's own header deadline, for a later request on a kept-alive connection
+        // or a first one it already started reading.
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
+            relay.metrics.refused(RefusedFor::SlowHandshake);
+        }
         tracing::debug!(error = %e, "http connection ended with an error");
     }
 }

@@ -261,13 +261,21 @@ async fn a_relay_over_its_budget_sheds_the_slowest_consumer_first() {
         stats["outbound"]["queued_bytes"].as_u64().unwrap() <= 2 * 1024 * 1024,
         "{stats}"
     );
-    let close = slowest
-        .expect_close()
-        .await
-        .unwrap()
-        .expect("a close frame");
-    assert_eq!(u16::from(close.code), 1013);
-    assert!(close.reason.contains("budget"), "{close:?}");
+    // It is closed with 1013 — or, when it has not read for longer than the
+    // relay's one-second close handshake, the close frame never gets through
+    // its full buffers and the connection just ends. Either way it is gone;
+    // which one went is shown by the other being spared.
+    match slowest.expect_close().await {
+        Ok(Some(close)) => {
+            assert_eq!(u16::from(close.code), 1013);
+            assert!(close.reason.contains("budget"), "{close:?}");
+        }
+        Ok(None) => {}
+        Err(e) => assert!(
+            e.to_string().contains("without closing handshake"),
+            "the slowest consumer ends, got {e:#}"
+        ),
+    }
     // The other slow consumer was spared and still gets its messages.
     let (seqs, _) = read_backlog(&mut slow, Duration::from_millis(500)).await;
     assert!(!seqs.is_empty());
