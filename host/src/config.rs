@@ -237,6 +237,9 @@ pub struct PluginsConfig {
     pub compile_cache: bool,
     /// Where the compile cache lives; relative paths are under `server.data_dir`.
     pub cache_dir: PathBuf,
+    /// Most bytes the compile cache keeps; the least recently used entries
+    /// are removed past it.
+    pub cache_max_bytes: u64,
 }
 
 impl Default for PluginsConfig {
@@ -253,6 +256,7 @@ impl Default for PluginsConfig {
             max_instances: 256,
             compile_cache: true,
             cache_dir: PathBuf::from("plugin-cache"),
+            cache_max_bytes: 256 * 1024 * 1024,
         }
     }
 }

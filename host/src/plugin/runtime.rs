@@ -67,6 +67,7 @@ impl LoadError {
 pub struct Runtime {
     engine: Engine,
     cache_dir: Option<PathBuf>,
+    cache_max_bytes: u64,
 }
 
 impl Runtime {
@@ -94,7 +95,11 @@ impl Runtime {
         {
             tracing::warn!(dir = %dir.display(), error = %e, "plugin compile cache disabled");
         }
-        Ok(Arc::new(Self { engine, cache_dir }))
+        Ok(Arc::new(Self {
+            engine,
+            cache_dir,
+            cache_max_bytes: config.cache_max_bytes,
+        }))
     }
 
     pub fn engine(&self) -> &Engine {
@@ -127,6 +132,16 @@ impl Runtime {
             .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         if let Some(path) = &cached {
             super::cache::store(&component, path);
+            if let Some(dir) = &self.cache_dir {
+                let removed = super::cache::prune(dir, self.cache_max_bytes, path);
+                if removed > 0 {
+                    tracing::info!(
+                        removed,
+                        max_bytes = self.cache_max_bytes,
+                        "pruned the plugin compile cache"
+                    );
+                }
+            }
         }
         Ok(component)
     }

@@ -86,26 +86,33 @@ pub fn decode_binary(frame: &Bytes) -> Result<Msg, DecodeError> {
                 ),
             )
         })?;
-    let mut msg = decode_json(&frame[HEADER_LEN_BYTES..header_end])?;
+    let header = &frame[HEADER_LEN_BYTES..header_end];
+    let mut msg = decode_json(header)?;
     let payload = frame.slice(header_end..);
     if !payload.is_empty() {
-        match msg.data_mut() {
-            Some(data) if data.is_empty() => data.0 = payload,
-            Some(_) => {
-                return Err(DecodeError::new(
-                    ErrorCode::BadMessage,
-                    "binary frame carries both a header `data` field and a payload",
-                ));
+        let refused = match msg.data_mut() {
+            Some(data) if data.is_empty() => {
+                data.0 = payload;
+                return Ok(msg);
             }
-            None => {
-                return Err(DecodeError::new(
-                    ErrorCode::BadMessage,
-                    format!("a `{}` message carries no payload", msg.kind()),
-                ));
-            }
-        }
+            Some(_) => "binary frame carries both a header `data` field and a payload".to_owned(),
+            None => format!("a `{}` message carries no payload", msg.kind()),
+        };
+        // The header was read, so the sender learns which message it was.
+        let mut error = DecodeError::new(ErrorCode::BadMessage, refused);
+        error.id = id_of(header);
+        return Err(error);
     }
     Ok(msg)
+}
+
+/// The string `id` of a JSON object, for error replies.
+fn id_of(json: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct WithId {
+        id: Option<String>,
+    }
+    serde_json::from_slice::<WithId>(json).ok()?.id
 }
 
 fn decode_json(json: &[u8]) -> Result<Msg, DecodeError> {
@@ -186,6 +193,31 @@ mod tests {
             "never base64 in binary"
         );
         assert_eq!(decode_binary(&frame).unwrap(), msg);
+    }
+
+    #[test]
+    fn a_bad_binary_frame_whose_header_was_read_keeps_its_id() {
+        let frame = |header: &str, payload: &[u8]| {
+            let mut frame = (header.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(header.as_bytes());
+            frame.extend_from_slice(payload);
+            Bytes::from(frame)
+        };
+        let both = frame(
+            r#"{"type":"publish","channel":"c","id":"p1","data":"x"}"#,
+            b"payload",
+        );
+        let error = decode_binary(&both).unwrap_err();
+        assert_eq!(
+            (error.code, error.id.as_deref()),
+            (ErrorCode::BadMessage, Some("p1"))
+        );
+        let no_slot = frame(r#"{"type":"ping","id":"q7"}"#, b"payload");
+        let error = decode_binary(&no_slot).unwrap_err();
+        assert_eq!(
+            (error.code, error.id.as_deref()),
+            (ErrorCode::BadMessage, Some("q7"))
+        );
     }
 
     #[test]
