@@ -222,7 +222,7 @@ impl Quotas {
             return Ok(());
         };
         let user = self.user(grant, limits);
-        take_user(&user, name, Instant::now())
+        take_user(&user, Some(name), Instant::now())
     }
 
     /// Forgets users with no connections whose buckets are full again, so the
@@ -269,14 +269,14 @@ pub fn class_of(name: &str) -> &str {
     name.split(['/', ':', '.']).next().unwrap_or(name)
 }
 
-/// Takes from the class bucket when the tier names the class, else from the
-/// user's general message bucket.
-fn take_user(user: &UserState, name: &str, now: Instant) -> Result<(), Throttled> {
-    let class = class_of(name);
+/// Takes from the class bucket when `name` is given and the tier names its
+/// class, else from the user's general message bucket.
+fn take_user(user: &UserState, name: Option<&str>, now: Instant) -> Result<(), Throttled> {
+    let class = name.map(class_of);
     let mut buckets = lock(&user.buckets);
     // The scope is spelled out only on refusal: this runs for every message.
-    match buckets.classes.get_mut(class) {
-        Some(bucket) => bucket.take_at(now).map_err(|retry_after| Throttled {
+    match class.and_then(|class| buckets.classes.get_mut(class).map(|b| (class, b))) {
+        Some((class, bucket)) => bucket.take_at(now).map_err(|retry_after| Throttled {
             scope: format!("class:{class}"),
             retry_after,
         }),
@@ -354,8 +354,20 @@ impl ConnQuota {
         Ok(())
     }
 
+    /// Charges one control message (subscribe, unsubscribe, register): the
+    /// connection's bucket and the user's general message bucket, whatever
+    /// the name's class, so churning subscriptions costs like publishing.
+    pub fn charge_control(&mut self) -> Verdict {
+        self.charge_as(None)
+    }
+
     /// Charges one publish or request addressed to `name` (channel or space).
     pub fn charge(&mut self, name: &str) -> Verdict {
+        self.charge_as(Some(name))
+    }
+
+    /// `name` picks the user's class bucket; `None` is the general one.
+    fn charge_as(&mut self, name: Option<&str>) -> Verdict {
         if self.connection.is_none() && self.user.is_none() {
             return Verdict::Pass;
         }

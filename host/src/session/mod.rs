@@ -160,10 +160,15 @@ impl Session {
         self.closing.as_ref()
     }
 
-    /// Charges a publish or request to `name`'s rates; the error to answer
-    /// with when it is over them (the message is then dropped).
-    fn charge(&mut self, name: &str, id: Option<String>) -> Option<Msg> {
-        let throttled = match self.quota.charge(name) {
+    /// Charges a publish or request to `name`'s rates (a control message to
+    /// the general ones when `name` is `None`); the error to answer with when
+    /// it is over them (the message is then dropped).
+    fn charge(&mut self, name: Option<&str>, id: Option<String>) -> Option<Msg> {
+        let verdict = match name {
+            Some(name) => self.quota.charge(name),
+            None => self.quota.charge_control(),
+        };
+        let throttled = match verdict {
             Verdict::Pass => return None,
             Verdict::Throttle(throttled) => throttled,
             Verdict::Close(throttled) => {
@@ -220,6 +225,13 @@ impl Session {
             )),
             Msg::Ping { id } => Some(Msg::Pong { id }),
             Msg::Pong { .. } => None,
+            // Control messages are charged like the rest: churning them
+            // costs the sender's rates, not its neighbours' queues.
+            Msg::Subscribe { .. } | Msg::Unsubscribe { .. } | Msg::Register { .. }
+                if let Some(throttled) = self.charge(None, None) =>
+            {
+                Some(throttled)
+            }
             Msg::Subscribe { channel } => Some(self.subscribe(channel)),
             Msg::Unsubscribe { channel } => Some(self.unsubscribe(channel)),
             Msg::Publish { channel, id, data } => self.publish(channel, id, data),
@@ -362,7 +374,7 @@ impl Session {
         if let Err(reason) = validate_channel_name(&channel) {
             return Some(Msg::error(ErrorCode::InvalidName, reason, id));
         }
-        if let Some(throttled) = self.charge(&channel, id.clone()) {
+        if let Some(throttled) = self.charge(Some(&channel), id.clone()) {
             return Some(throttled);
         }
         let target = match self
@@ -458,7 +470,7 @@ impl Session {
                 Some(id),
             ));
         }
-        if let Some(throttled) = self.charge(&req.space, Some(id.clone())) {
+        if let Some(throttled) = self.charge(Some(&req.space), Some(id.clone())) {
             return Some(throttled);
         }
         if self.relay.is_draining() {

@@ -235,6 +235,17 @@ impl OutboundQueue {
             return Pushed::Closed;
         }
         if lane == Lane::Control {
+            // A presence count still waiting to be sent is replaced by the
+            // newer one for its channel (same size: no payload), so churn by
+            // others costs a subscriber one queued message per channel.
+            if let Msg::Presence { channel, .. } = out.msg()
+                && let Some(queued) = state.lanes[Lane::Control as usize].iter_mut().find(
+                    |e| matches!(e.out.msg(), Msg::Presence { channel: c, .. } if c == channel),
+                )
+            {
+                queued.out = out;
+                return Pushed::Queued { evicted: 0 };
+            }
             // Control messages are never dropped: they are small, and a
             // consumer that lets this many pile up is gone in all but name.
             if state.lanes[Lane::Control as usize].len() >= self.limits.messages {
@@ -474,6 +485,33 @@ mod tests {
 
     fn limits(messages: usize, bytes: usize) -> QueueLimits {
         QueueLimits { messages, bytes }
+    }
+
+    #[tokio::test]
+    async fn presence_churn_is_coalesced_to_the_latest_count_per_channel() {
+        let budget = Budget::new(1 << 30);
+        let queue = OutboundQueue::new(limits(16, 1 << 20), &budget);
+        let presence = |channel: &str, count: u64| {
+            Outbound::new(Msg::Presence {
+                channel: channel.to_owned(),
+                count,
+            })
+        };
+        // Far more updates than the lane holds: a storm of joins and leaves.
+        for count in 1..=10_000 {
+            let channel = if count % 2 == 0 { "a" } else { "b" };
+            assert!(matches!(
+                queue.push(presence(channel, count), Overflow::DropNewest),
+                Pushed::Queued { .. }
+            ));
+        }
+        queue.push(error(), Overflow::DropNewest);
+        let drained = drain(&queue).await;
+        assert_eq!(drained.len(), 3, "{drained:?}");
+        assert!(matches!(&drained[0], Msg::Presence { channel, count: 9_999 } if channel == "b"));
+        assert!(matches!(&drained[1], Msg::Presence { channel, count: 10_000 } if channel == "a"));
+        assert!(matches!(drained[2], Msg::Error { .. }));
+        assert_eq!(queue.bytes(), 0);
     }
 
     #[tokio::test]

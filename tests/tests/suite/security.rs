@@ -531,3 +531,104 @@ async fn the_generated_development_key_is_owner_only() {
     assert_eq!(mode & 0o777, 0o600, "{}", key.display());
     relay.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_presence_storm_by_others_leaves_a_bystander_subscribed() {
+    // No policy, so no rates: the storm reaches the relay in full, and only
+    // coalescing keeps the bystander's control lane (64 here) from filling.
+    let relay = TestRelay::start_with(|c| c.limits.outbound_queue = 64).await;
+    let mut bystander = client(&relay, None).await;
+    bystander
+        .send(json!({"type": "subscribe", "channel": "lobby"}))
+        .await
+        .unwrap();
+    bystander.recv_type("subscribed").await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let reader = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut presences = 0u64;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return (bystander, presences),
+                    msg = bystander.recv_within(Duration::from_secs(60)) => match msg {
+                        Ok(msg) if msg["type"] == "presence" => presences += 1,
+                        Ok(_) => {}
+                        Err(e) => panic!("the bystander lost its connection: {e:#}"),
+                    }
+                }
+            }
+        })
+    };
+    let mut churners = Vec::new();
+    for _ in 0..4 {
+        use futures_util::{SinkExt as _, StreamExt as _};
+        use tokio_tungstenite::tungstenite::Message;
+        let (mut sink, mut stream) = client(&relay, None).await.ws.split();
+        // Churners read what they are sent, so nothing slows them down.
+        let drain = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+        churners.push(tokio::spawn(async move {
+            let subscribe = json!({"type": "subscribe", "channel": "lobby"}).to_string();
+            let unsubscribe = json!({"type": "unsubscribe", "channel": "lobby"}).to_string();
+            for _ in 0..5_000 {
+                for text in [&subscribe, &unsubscribe] {
+                    sink.feed(Message::text(text.as_str())).await.unwrap();
+                }
+            }
+            sink.flush().await.unwrap();
+            (sink, drain)
+        }));
+    }
+    let mut kept = Vec::new();
+    for churner in churners {
+        kept.push(churner.await.unwrap());
+    }
+    // Let the relay work through what the churners sent.
+    wait_for("the storm to pass", Duration::from_secs(60), || async {
+        let stats = get_json(&relay.url("/admin/stats")).await.ok()?;
+        (stats["messages_in"].as_u64()? >= 40_000).then_some(())
+    })
+    .await;
+    stop.cancel();
+    let (mut bystander, presences) = reader.await.unwrap();
+    assert!(presences > 0, "the bystander saw presence changes");
+    assert!(presences < 40_000, "coalesced: {presences} updates");
+    bystander.assert_alive().await.unwrap();
+    let mut publisher = client(&relay, None).await;
+    publisher
+        .send(json!({"type": "publish", "channel": "lobby", "data": "still here?"}))
+        .await
+        .unwrap();
+    let message = bystander.recv_type("message").await.unwrap();
+    assert_eq!(message["data"], "still here?");
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn control_messages_count_against_the_senders_rates() {
+    let relay = TestRelay::start_with(with_demo_policy).await;
+    // A guest (5 messages a second, bursts of 10) churning subscriptions.
+    let mut guest = client(&relay, None).await;
+    let mut limited = None;
+    for i in 0..30 {
+        let kind = if i % 2 == 0 {
+            "subscribe"
+        } else {
+            "unsubscribe"
+        };
+        guest
+            .send(json!({"type": kind, "channel": "lobby"}))
+            .await
+            .unwrap();
+        let reply = guest.recv().await.unwrap();
+        if reply["type"] == "error" {
+            limited = Some(reply);
+            break;
+        }
+    }
+    let limited = limited.expect("churn is rate-limited");
+    assert_eq!(limited["code"], "rate_limited", "{limited}");
+    assert!(limited["retry_after_ms"].as_u64().unwrap() > 0, "{limited}");
+    guest.assert_alive().await.unwrap();
+    relay.stop().await.unwrap();
+}
