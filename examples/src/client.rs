@@ -135,6 +135,25 @@ impl Client {
         }
     }
 
+    /// How often an instance connected over QUIC must say something so the
+    /// relay does not take it for gone (PROTOCOL §3.2); `None` over WebSocket,
+    /// where the relay's pings do that.
+    pub fn instance_ping_every(&self) -> Option<std::time::Duration> {
+        match (&self.link, &self.welcome) {
+            (
+                Link::Quic { .. },
+                Msg::Welcome {
+                    instance_idle_timeout_ms,
+                    ..
+                },
+            ) if *instance_idle_timeout_ms > 0 => Some(std::time::Duration::from_millis(
+                instance_idle_timeout_ms / 4,
+            )),
+            _ => None,
+        }
+    }
+
+    /// Closes cleanly, so the relay learns at once rather than by timeout.
     pub async fn close(self) -> anyhow::Result<()> {
         match self.link {
             Link::Ws(mut ws) => ws.close(None).await?,
@@ -146,7 +165,10 @@ impl Client {
             } => {
                 let _ = send.finish();
                 connection.close(0u32.into(), b"bye");
-                _endpoint.wait_idle().await;
+                // Bounded: an unreachable relay never acknowledges the close.
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), _endpoint.wait_idle())
+                        .await;
             }
         }
         Ok(())

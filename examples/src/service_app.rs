@@ -86,9 +86,14 @@ async fn serve_once(options: &Options, stop: &CancellationToken) -> anyhow::Resu
     let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
     // Streamed requests whose body is still arriving in `body` messages.
     let mut arriving: HashMap<String, Request> = HashMap::new();
+    // Over QUIC an idle instance pings, so a vanished one is noticed in seconds.
+    let ping_every = client.instance_ping_every();
+    let mut ping = tokio::time::interval(ping_every.unwrap_or(Duration::from_secs(3600)));
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
+            _ = ping.tick(), if ping_every.is_some() => client.send(&Msg::Ping { id: None }).await?,
             Some(msg) = out_rx.recv() => {
                 if let Msg::Response(Response { id, .. }) = &msg {
                     workers.remove(id);
@@ -135,6 +140,10 @@ async fn serve_once(options: &Options, stop: &CancellationToken) -> anyhow::Resu
     for (_, worker) in workers {
         worker.abort();
     }
+    if stop.is_cancelled() {
+        // Said goodbye, the relay fails this instance's requests over now.
+        client.close().await?;
+    }
     result
 }
 
@@ -178,7 +187,7 @@ pub fn main() -> std::process::ExitCode {
         let stop = CancellationToken::new();
         let on_signal = stop.clone();
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            crate::stop_signal().await;
             on_signal.cancel();
         });
         run(options, stop).await;

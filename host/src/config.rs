@@ -46,6 +46,12 @@ pub struct ServerConfig {
     pub header_timeout_ms: u64,
     /// How long a TLS client may take to finish its handshake.
     pub tls_handshake_timeout_ms: u64,
+    /// QUIC handshakes in progress past which a client whose address is not
+    /// yet validated is sent a Retry first (one more round trip, and no state
+    /// kept for a spoofed source address).
+    pub quic_retry_above: usize,
+    /// QUIC handshakes in progress past which new ones are refused outright.
+    pub quic_max_handshakes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -105,6 +111,10 @@ pub struct LimitsConfig {
     pub max_in_flight_per_instance: usize,
     /// Spaces one connection may register instances of.
     pub max_registrations_per_connection: usize,
+    /// A QUIC connection serving instances that sends nothing for this long
+    /// is presumed gone (close 0x9) and its requests fail over; instances
+    /// ping at least every quarter of it (PROTOCOL §3.2).
+    pub instance_idle_timeout_ms: u64,
     /// Requests that may wait for a free instance per space; past it `overloaded`.
     pub max_waiting_per_space: usize,
     /// How long a request waits for a free instance before `overloaded` (503).
@@ -284,6 +294,8 @@ impl Default for ServerConfig {
             tls_listen: SocketAddr::from(([127, 0, 0, 1], 8444)),
             header_timeout_ms: 5_000,
             tls_handshake_timeout_ms: 5_000,
+            quic_retry_above: 64,
+            quic_max_handshakes: 4_096,
         }
     }
 }
@@ -310,6 +322,7 @@ impl Default for LimitsConfig {
             max_body_bytes: 64 * 1024 * 1024,
             max_in_flight_per_instance: 64,
             max_registrations_per_connection: 4,
+            instance_idle_timeout_ms: 2_000,
             max_waiting_per_space: 1024,
             max_wait_ms: 5_000,
             outbound_queue_bytes: 4 * 1024 * 1024,
@@ -428,6 +441,12 @@ impl Config {
                 "must be between 8192 and 1048576",
             ));
         }
+        if self.server.quic_max_handshakes == 0 {
+            return Err(invalid(
+                "server.quic_max_handshakes",
+                "must be greater than 0",
+            ));
+        }
         for (field, ms) in [
             ("server.header_timeout_ms", self.server.header_timeout_ms),
             (
@@ -438,6 +457,12 @@ impl Config {
             if !(100..=120_000).contains(&ms) {
                 return Err(invalid(field, "must be between 100 and 120000"));
             }
+        }
+        if l.instance_idle_timeout_ms < 1_000 {
+            return Err(invalid(
+                "limits.instance_idle_timeout_ms",
+                "must be at least 1000 (instances ping every quarter of it)",
+            ));
         }
         if l.request_timeout_ms == 0 {
             return Err(invalid(

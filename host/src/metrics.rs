@@ -52,6 +52,7 @@ pub struct Totals {
     pub refused_ip_cap: AtomicU64,
     pub refused_policy: AtomicU64,
     pub refused_slow_handshake: AtomicU64,
+    pub refused_handshake_cap: AtomicU64,
     pub throttled: AtomicU64,
     pub policy_closes: AtomicU64,
 }
@@ -70,6 +71,8 @@ pub enum RefusedFor {
     /// Closed before its first request: headers or the TLS handshake took
     /// longer than allowed.
     SlowHandshake,
+    /// QUIC: too many handshakes in progress (`server.quic_max_handshakes`).
+    HandshakeCap,
 }
 
 impl RefusedFor {
@@ -80,6 +83,7 @@ impl RefusedFor {
             RefusedFor::IpCap => "ip_cap",
             RefusedFor::Policy => "policy",
             RefusedFor::SlowHandshake => "slow_handshake",
+            RefusedFor::HandshakeCap => "handshake_cap",
         }
     }
 }
@@ -215,6 +219,7 @@ impl Metrics {
             RefusedFor::IpCap => &self.totals.refused_ip_cap,
             RefusedFor::Policy => &self.totals.refused_policy,
             RefusedFor::SlowHandshake => &self.totals.refused_slow_handshake,
+            RefusedFor::HandshakeCap => &self.totals.refused_handshake_cap,
         };
         total.fetch_add(1, Ordering::Relaxed);
     }

@@ -120,7 +120,8 @@ pub struct OutboundCounts {
 #[derive(Debug, Serialize)]
 pub struct LimitCounts {
     /// Refusals before a connection (or HTTP request) started, by reason:
-    /// `global_cap`, `user_cap`, `ip_cap`, `policy`, `slow_handshake`.
+    /// `global_cap`, `user_cap`, `ip_cap`, `policy`, `slow_handshake`,
+    /// `handshake_cap`.
     pub refused: BTreeMap<&'static str, u64>,
     /// Publishes and requests dropped for being over a rate.
     pub throttled: u64,
@@ -192,6 +193,10 @@ pub fn stats(relay: &Relay) -> Stats {
                 (
                     "slow_handshake",
                     totals.refused_slow_handshake.load(Ordering::Relaxed),
+                ),
+                (
+                    "handshake_cap",
+                    totals.refused_handshake_cap.load(Ordering::Relaxed),
                 ),
             ]),
             throttled: totals.throttled.load(Ordering::Relaxed),

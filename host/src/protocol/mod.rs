@@ -33,6 +33,10 @@ pub enum Msg {
         heartbeat_ms: u64,
         idle_timeout_ms: u64,
         max_message_bytes: usize,
+        /// Over QUIC, the longest a connection serving instances may stay
+        /// silent before it is presumed gone (PROTOCOL §3.2).
+        #[serde(default)]
+        instance_idle_timeout_ms: u64,
     },
     /// Either direction: an application-level liveness probe (browsers cannot
     /// send WebSocket pings). Answered with `pong` carrying the same id.

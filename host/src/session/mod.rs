@@ -189,6 +189,11 @@ impl Session {
         self.greeted
     }
 
+    /// Whether this connection has registered instances of spaces.
+    pub fn serves_instances(&self) -> bool {
+        !self.instances.is_empty()
+    }
+
     pub fn conn(&self) -> &Arc<ConnInfo> {
         &self.conn
     }
@@ -286,6 +291,7 @@ impl Session {
             heartbeat_ms: config.heartbeat.interval_ms,
             idle_timeout_ms: config.heartbeat.idle_timeout_ms,
             max_message_bytes: config.limits.max_message_bytes,
+            instance_idle_timeout_ms: config.limits.instance_idle_timeout_ms,
         }
     }
 

@@ -17,7 +17,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -58,6 +58,9 @@ pub mod close {
     /// A slow consumer: it fell behind on a `disconnect` channel, could not
     /// take a response, or was shed to keep the relay within its budget.
     pub const SLOW_CONSUMER: u32 = 0x8;
+    /// A connection serving instances was silent for
+    /// `limits.instance_idle_timeout_ms`: presumed gone, its requests fail over.
+    pub const INSTANCE_SILENT: u32 = 0x9;
 }
 
 /// QUIC application error codes on single bulk streams (STOP_SENDING and
@@ -188,6 +191,7 @@ pub async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
+    let handshakes = Arc::new(AtomicUsize::new(0));
     loop {
         let incoming = tokio::select! {
             _ = relay.draining().cancelled() => break,
@@ -195,6 +199,26 @@ pub async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
         };
         let Some(incoming) = incoming else { break };
         let peer = incoming.remote_address();
+        // Handshakes cost state until they finish or time out; under a flood
+        // of Initials, make clients prove their address first (Retry), and
+        // past the cap refuse them before any state is kept.
+        let in_progress = handshakes.load(Ordering::Relaxed);
+        if in_progress >= relay.config.server.quic_max_handshakes {
+            relay
+                .metrics
+                .refused(crate::metrics::RefusedFor::HandshakeCap);
+            incoming.refuse();
+            continue;
+        }
+        if in_progress >= relay.config.server.quic_retry_above
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            if let Err(e) = incoming.retry() {
+                tracing::debug!(error = %e, "QUIC retry failed");
+            }
+            continue;
+        }
         // The caps hold for QUIC as for TCP: a place is taken before the
         // handshake. Over a cap, the client is told why after the handshake
         // while few such refusals are in progress, and refused outright
@@ -214,8 +238,9 @@ pub async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
         guard.info().set_transport(Transport::Quic);
         relay.metrics.connection_accepted();
         let span = tracing::debug_span!("quic", conn = guard.info().id, %peer);
+        let handshake = HandshakeInProgress::new(&handshakes);
         relay.tasks.spawn(tracing::Instrument::instrument(
-            handle(relay.clone(), incoming, guard, refusal),
+            handle(relay.clone(), incoming, guard, refusal, handshake),
             span,
         ));
     }
@@ -224,15 +249,34 @@ pub async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
     tracing::info!("stopped accepting QUIC connections");
 }
 
+/// Counts a QUIC handshake in progress until dropped.
+struct HandshakeInProgress(Arc<AtomicUsize>);
+
+impl HandshakeInProgress {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for HandshakeInProgress {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn handle(
     relay: Arc<Relay>,
     incoming: quinn::Incoming,
     guard: Arc<ConnGuard>,
     refusal: Option<crate::quota::Refusal>,
+    in_progress: HandshakeInProgress,
 ) {
     // The handshake: a wrong ALPN or a bad certificate fails here with a TLS alert.
     let handshake = tokio::time::timeout(relay.config.tls_handshake_timeout(), incoming);
-    let connection = match handshake.await {
+    let handshake = handshake.await;
+    drop(in_progress);
+    let connection = match handshake {
         Ok(Ok(connection)) => connection,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "QUIC handshake failed");
@@ -440,6 +484,13 @@ async fn serve(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let opened = Instant::now();
     let mut goaway_sent = false;
+    // A vanished peer sends no close; QUIC's idle timeout would notice only
+    // after `idle_timeout_ms`. Instances are held to a far shorter silence
+    // (PROTOCOL §3.2: they ping), so their callers fail over in seconds.
+    let instance_silence = Duration::from_millis(relay.config.limits.instance_idle_timeout_ms);
+    let mut last_heard = Instant::now();
+    let mut liveness = tokio::time::interval(instance_silence / 4);
+    liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::debug!("QUIC control stream open");
@@ -480,6 +531,7 @@ async fn serve(
                     }
                 }
                 Some(Inbound::Frame(message)) => {
+                    last_heard = Instant::now();
                     let wire = (LENGTH_BYTES + message.len()) as u64;
                     conn.bytes_in.fetch_add(wire, Ordering::Relaxed);
                     relay.metrics.bytes_in(wire);
@@ -512,6 +564,12 @@ async fn serve(
                 }
             }
             _ = stats_tick.tick() => record_stats(&connection, &conn),
+            _ = liveness.tick(), if session.serves_instances() => {
+                if last_heard.elapsed() >= instance_silence {
+                    tracing::warn!(silent_ms = last_heard.elapsed().as_millis() as u64, "instance connection silent; presumed gone");
+                    break Some((close::INSTANCE_SILENT, "instance silent past limits.instance_idle_timeout_ms".into()));
+                }
+            }
         }
         if outgoing.is_empty() {
             continue;

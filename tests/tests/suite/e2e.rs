@@ -40,6 +40,7 @@ over_both_transports!(
     service_app_reconnects_when_the_relay_restarts,
     conns_prints_the_connection_table,
     sigterm_drains_and_exits_zero,
+    a_stopped_or_vanished_instance_is_dropped_within_seconds,
 );
 
 fn start_service(relay: &RelayProcess, via: Via, space: &str, work_ms: u64) -> ChildProcess {
@@ -329,4 +330,45 @@ async fn environment_variables_configure_serve() {
         .await
         .unwrap();
     assert_eq!(authorized.status(), 200);
+}
+
+/// Waits for the space to report `instances`; returns how long it took.
+async fn instances_become(relay: &RelayProcess, space: &str, instances: u64) -> Duration {
+    let started = Instant::now();
+    wait_json(
+        &format!("space {space} to have {instances} instances"),
+        &relay.url(&format!("/spaces/{space}")),
+        // Far below the 45 s QUIC idle timeout that used to decide this.
+        Duration::from_secs(6),
+        |info| info["instances"] == instances,
+    )
+    .await;
+    started.elapsed()
+}
+
+async fn a_stopped_or_vanished_instance_is_dropped_within_seconds(via: Via) {
+    let relay = RelayProcess::start(RELAY, &[]).await;
+    let mut stopped = start_service(&relay, via, "demo", 50);
+    let mut vanished = start_service(&relay, via, "demo", 50);
+    let survivor = start_service(&relay, via, "demo", 50);
+    instances_become(&relay, "demo", 3).await;
+
+    // SIGTERM: the app says goodbye, the relay drops the instance at once.
+    let status = stopped.terminate(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{status}");
+    let took = instances_become(&relay, "demo", 2).await;
+    eprintln!("{via:?}: SIGTERM'd instance gone after {took:?}");
+
+    // SIGKILL: no goodbye. Over QUIC nothing at all reaches the relay; the
+    // instance's silence gives it away (limits.instance_idle_timeout_ms).
+    vanished.kill();
+    let took = instances_become(&relay, "demo", 1).await;
+    eprintln!("{via:?}: SIGKILLed instance gone after {took:?}");
+
+    // Callers reach the survivor only; none waits on a dead instance.
+    for _ in 0..4 {
+        let (status, body) = http_call(relay.url("/spaces/demo/x"), "still served").await;
+        assert_eq!((status, body.as_str()), (200, "STILL SERVED"));
+    }
+    drop(survivor);
 }

@@ -429,3 +429,18 @@ async fn a_bulk_stream_reset_or_oversize_loses_only_its_own_message() {
     );
     relay.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn clients_asked_to_prove_their_address_with_a_retry_still_connect() {
+    // Retry for every handshake: what a flood of Initials switches on.
+    let relay = TestRelay::start_with(|c| c.server.quic_retry_above = 0).await;
+    let mut client = QuicTester::greeted(relay.quic_addr.unwrap(), &relay.cert_pem)
+        .await
+        .unwrap();
+    client
+        .send(json!({"type": "ping", "id": "after-retry"}))
+        .await
+        .unwrap();
+    assert_eq!(client.recv_type("pong").await.unwrap()["id"], "after-retry");
+    relay.stop().await.unwrap();
+}
