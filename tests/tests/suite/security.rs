@@ -632,3 +632,65 @@ async fn control_messages_count_against_the_senders_rates() {
     guest.assert_alive().await.unwrap();
     relay.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn memory_returns_after_a_burst_of_header_hoarders() {
+    let relay = wasmrelay_tests::RelayProcess::start(RELAY, &[]).await;
+    let pid = relay.process.pid();
+    // Warm up what every relay allocates on first use, then take the baseline.
+    for _ in 0..20 {
+        let _ = reqwest::get(relay.url("/spaces")).await.unwrap();
+    }
+    let before = wasmrelay_tests::rss_of(pid).unwrap();
+    // 500 connections, each sending a never-ending header (390 KiB offered),
+    // from two addresses so the per-address cap (256) lets them all in.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], relay.port));
+    let hoarders: Vec<_> = (0..500u32)
+        .map(|i| {
+            tokio::spawn(async move {
+                let from = std::net::Ipv4Addr::new(127, 0, 0, 1 + (i % 2) as u8);
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind((from, 0).into()).unwrap();
+                let Ok(mut stream) = socket.connect(addr).await else {
+                    return false;
+                };
+                let _ = stream.write_all(b"GET /spaces HTTP/1.1\r\nx-hoard: ").await;
+                let chunk = vec![b'h'; 10 * 1024];
+                for _ in 0..39 {
+                    if stream.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+                let mut answer = Vec::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answer))
+                        .await;
+                answer.starts_with(b"HTTP/1.1 431")
+            })
+        })
+        .collect();
+    let mut refused = 0;
+    for hoarder in hoarders {
+        refused += usize::from(hoarder.await.unwrap());
+    }
+    assert!(refused > 0, "hoarders are answered 431");
+    let stats = wait_for(
+        "the hoarders' connections to close",
+        Duration::from_secs(20),
+        || async {
+            let stats = get_json(&relay.url("/admin/stats")).await.ok()?;
+            (stats["connections"]["total"].as_u64()? <= 1).then_some(stats)
+        },
+    )
+    .await;
+    let after = wasmrelay_tests::rss_of(pid).unwrap();
+    eprintln!(
+        "RSS before {} KiB, after 500 hoarders {} KiB ({refused} answered 431); {stats}",
+        before / 1024,
+        after / 1024
+    );
+    assert!(
+        after * 2 <= before * 3,
+        "RSS {after} after the burst is more than 1.5x {before} before it"
+    );
+}
