@@ -694,3 +694,55 @@ async fn memory_returns_after_a_burst_of_header_hoarders() {
         "RSS {after} after the burst is more than 1.5x {before} before it"
     );
 }
+
+#[tokio::test]
+async fn at_the_open_file_limit_new_connections_are_refused_at_once() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let config = data_dir.path().join("relay.toml");
+    // Hoarders must outlive the test's steps; the header deadline is long here.
+    std::fs::write(&config, "[server]\nheader_timeout_ms = 60000\n").unwrap();
+    let port = free_port();
+    let command = format!(
+        "ulimit -n 128 && exec {RELAY} serve --listen 127.0.0.1:{port} --data-dir {} --config {} --no-quic --no-tls",
+        data_dir.path().display(),
+        config.display()
+    );
+    let _relay = ChildProcess::spawn("sh", &["-c", &command]).unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let health = format!("{base}/healthz");
+    wait_for(
+        "the relay to answer /healthz",
+        Duration::from_secs(60),
+        || {
+            let health = health.clone();
+            async move { (reqwest::get(&health).await.ok()?.status() == 200).then_some(()) }
+        },
+    )
+    .await;
+    // Half-sent requests, far more than the 128 descriptors the relay may hold.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut hoarders = Vec::new();
+    for _ in 0..200 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = stream.write_all(b"GET / HTTP/1.1\r\n").await;
+        hoarders.push(stream);
+    }
+    // The relay is out of descriptors: a newcomer is closed straight away
+    // rather than left waiting in the kernel's backlog.
+    let started = Instant::now();
+    let mut newcomer = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), newcomer.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "a connection at the file limit is closed, not left hanging: {read:?}"
+    );
+    eprintln!("refused after {:?}", started.elapsed());
+    // Once the hoarders go, the relay serves again.
+    drop(hoarders);
+    wait_for("the relay to serve again", Duration::from_secs(20), || {
+        let health = health.clone();
+        async move { (reqwest::get(&health).await.ok()?.status() == 200).then_some(()) }
+    })
+    .await;
+}
