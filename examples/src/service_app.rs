@@ -11,7 +11,7 @@ use rand::Rng as _;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use wasmrelay::protocol::{Data, Msg, Request, Response};
+use wasmrelay::protocol::{Data, ErrorCode, Msg, Request, Response};
 
 use crate::client::{Client, Trust};
 
@@ -50,6 +50,11 @@ pub async fn run(options: Options, stop: CancellationToken) {
     while !stop.is_cancelled() {
         match serve_once(&options, &stop).await {
             Ok(()) => backoff = BACKOFF_START,
+            Err(e) if e.is::<Refused>() => {
+                // Retrying cannot help: the relay will say no again.
+                tracing::error!(error = %format!("{e:#}"), "registration refused; stopping");
+                return;
+            }
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "relay connection lost"),
         }
         if stop.is_cancelled() {
@@ -65,6 +70,17 @@ pub async fn run(options: Options, stop: CancellationToken) {
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+/// The relay refused to let this app serve the space (`forbidden`,
+/// `unknown_space`, `invalid_name`): a matter of configuration, not of retrying.
+#[derive(Debug, thiserror::Error)]
+#[error("the relay refused to register space {space:?}: {code}: {message}{hint}")]
+pub struct Refused {
+    space: String,
+    code: ErrorCode,
+    message: String,
+    hint: &'static str,
 }
 
 /// One connection's life: connect, register, serve until it drops.
@@ -132,6 +148,15 @@ async fn serve_once(options: &Options, stop: &CancellationToken) -> anyhow::Resu
                     }
                 }
                 Some(Msg::Goaway { reason, .. }) => tracing::info!(%reason, "relay going away"),
+                Some(Msg::Error { code, message, id: None, .. })
+                    if matches!(code, ErrorCode::Forbidden | ErrorCode::UnknownSpace | ErrorCode::InvalidName) =>
+                {
+                    let hint = match (code, &options.token) {
+                        (ErrorCode::Forbidden, None) => " (give --token with a token the relay's policy lets register, e.g. service-demo-token for the demo)",
+                        _ => "",
+                    };
+                    break Err(Refused { space: options.space.clone(), code, message, hint }.into());
+                }
                 Some(Msg::Error { code, message, .. }) => tracing::warn!(%code, %message, "relay error"),
                 Some(_) => {}
             },

@@ -152,6 +152,11 @@ impl Manifest {
         if !self.allow_hosts.is_empty() && !self.capabilities.contains(&Capability::Http) {
             return fail("allow_hosts: needs the http capability".into());
         }
+        if let Some(host) = self.allow_hosts.iter().find(|h| is_metadata_host(h)) {
+            return fail(format!(
+                "allow_hosts: {host:?} is a link-local or cloud metadata address; plugins may not reach it"
+            ));
+        }
         Ok(())
     }
 
@@ -195,9 +200,56 @@ pub fn validate_plugin_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Link-local addresses (169.254.0.0/16, fe80::/10) and the metadata names
+/// cloud providers serve instance credentials on: never a plugin's business.
+fn is_metadata_host(entry: &str) -> bool {
+    use std::net::{IpAddr, SocketAddr};
+    // Entries are `host` or `host:port`; IPv6 literals may come in brackets.
+    let ip = entry
+        .parse::<SocketAddr>()
+        .map(|addr| addr.ip())
+        .or_else(|_| entry.trim_matches(['[', ']']).parse::<IpAddr>());
+    match ip {
+        Ok(IpAddr::V4(ip)) => ip.is_link_local(),
+        Ok(IpAddr::V6(ip)) => {
+            (ip.segments()[0] & 0xffc0) == 0xfe80
+                || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
+        }
+        Err(_) => {
+            let host = entry.rsplit_once(':').map_or(entry, |(host, _)| host);
+            let host = host.trim_end_matches('.').to_ascii_lowercase();
+            matches!(host.as_str(), "metadata.google.internal" | "metadata")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_local_and_metadata_hosts_are_never_allowed() {
+        for host in [
+            "169.254.169.254",
+            "169.254.169.254:80",
+            "[fe80::1]:8080",
+            "fe80::1",
+            "[::ffff:169.254.169.254]:80",
+            "metadata.google.internal",
+            "Metadata.Google.Internal.:80",
+        ] {
+            assert!(is_metadata_host(host), "{host}");
+        }
+        for host in [
+            "localhost:8080",
+            "127.0.0.1",
+            "example.com",
+            "[::1]:80",
+            "10.0.0.1",
+        ] {
+            assert!(!is_metadata_host(host), "{host}");
+        }
+    }
 
     #[test]
     fn bundled_manifests_are_valid() {

@@ -746,3 +746,27 @@ async fn at_the_open_file_limit_new_connections_are_refused_at_once() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_example_service_app_gives_up_when_the_policy_will_not_let_it_register() {
+    use wasmrelay_examples::service_app::{self, Options};
+    let relay = TestRelay::start_with(with_demo_policy).await;
+    let run = service_app::run(
+        Options {
+            relay: relay.ws_url(),
+            trust: Default::default(),
+            token: None,
+            space: "demo".into(),
+            work_ms: 10,
+            steps: 1,
+        },
+        tokio_util::sync::CancellationToken::new(),
+    );
+    // A refusal is configuration, not a network blip: no reconnect loop.
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the app stops instead of retrying a refused registration");
+    let info = get_json(&relay.url("/spaces/demo")).await.unwrap();
+    assert_eq!(info["connected"], false, "{info}");
+    relay.stop().await.unwrap();
+}
