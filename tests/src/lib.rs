@@ -360,6 +360,17 @@ pub fn frame(message: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// Waits until the relay at `base` (`http://host:port`) answers `/healthz`
+/// with 200, failing after `limit`.
+pub async fn wait_healthy(base: &str, limit: Duration) {
+    let health = format!("{base}/healthz");
+    wait_for("the relay to answer /healthz", limit, || async {
+        let response = reqwest::get(&health).await.ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+}
+
 /// Polls `check` until it returns `Some`, failing after `limit`.
 pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
 where
@@ -473,16 +484,7 @@ impl RelayProcess {
     }
 
     async fn wait_healthy(&self) {
-        let health = self.url("/healthz");
-        wait_for(
-            "the relay to answer /healthz",
-            Duration::from_secs(60),
-            || async {
-                let response = reqwest::get(&health).await.ok()?;
-                (response.status() == 200).then_some(())
-            },
-        )
-        .await;
+        wait_healthy(&self.url(""), Duration::from_secs(60)).await;
     }
 
     /// Kills the relay (SIGKILL) and starts it again on the same ports, with

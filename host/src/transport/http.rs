@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::admit::{Accepted, Admissions};
 use super::body::StreamEnd;
 use super::io::CountingIo;
 use super::readahead::ReadAhead;
@@ -41,10 +42,6 @@ pub const TIMEOUT_HEADER: &str = "x-wasmrelay-timeout-ms";
 /// How long an HTTP connection may take to finish once the relay is closing.
 const HTTP_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-/// Connections over a cap that are still answered (with the refusal, and
-/// with health and operator endpoints) at once; past this they are closed
-/// without a word, so a flood of refused connections costs nothing to hold.
-const MAX_REFUSING: usize = 256;
 /// Shortest gap between two warnings about refused or failed accepts.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -57,7 +54,7 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// asks, except `/healthz` and authorized operator calls, so an operator is
 /// never locked out of a full relay; then it is closed.
 pub async fn accept_loop(relay: Arc<Relay>, listener: TcpListener, tls: Option<Arc<Certificates>>) {
-    let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
+    let admissions = Admissions::default();
     let mut warnings = Warnings::default();
     // One descriptor kept in reserve: at the open-file limit it is given up
     // to accept and at once close a connection, so clients are refused
@@ -87,23 +84,19 @@ pub async fn accept_loop(relay: Arc<Relay>, listener: TcpListener, tls: Option<A
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(peer);
-        let (guard, refusal) = match relay.quotas.accept(peer.ip()) {
-            Ok(slot) => (relay.table.open(peer, local).holding(slot), None),
-            Err(refusal) => {
-                relay.metrics.refused(refusal.why);
-                let Ok(permit) = refusing.clone().try_acquire_owned() else {
-                    warnings.warn(|suppressed| {
-                        tracing::warn!(%peer, reason = %refusal.reason, suppressed, "connection refused (closed unanswered: too many refusals in progress)");
-                    });
-                    continue;
-                };
+        let (guard, refusal) = match admissions.accept(&relay, peer, local) {
+            Accepted::Admitted(guard) => (guard, None),
+            Accepted::Refusing(guard, refusal) => {
                 warnings.warn(|suppressed| {
                     tracing::warn!(%peer, reason = %refusal.reason, suppressed, "connection refused");
                 });
-                (
-                    relay.table.open(peer, local).holding(permit),
-                    Some(Arc::new(refusal)),
-                )
+                (guard, Some(Arc::new(refusal)))
+            }
+            Accepted::Dropped(refusal) => {
+                warnings.warn(|suppressed| {
+                    tracing::warn!(%peer, reason = %refusal.reason, suppressed, "connection refused (closed unanswered: too many refusals in progress)");
+                });
+                continue;
             }
         };
         let guard = Arc::new(guard);

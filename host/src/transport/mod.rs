@@ -2,6 +2,7 @@
 //! http2), WebSocket upgrades, QUIC (quinn), TLS identities, byte counting,
 //! and read-ahead during bursts.
 
+pub mod admit;
 pub mod body;
 pub mod http;
 pub mod io;

@@ -24,6 +24,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::admit::{Accepted, Admissions};
 use crate::hooks::Handshake;
 use crate::protocol::{ErrorCode, Msg, codec};
 use crate::quota::ConnQuota;
@@ -181,16 +182,12 @@ async fn read_full(
     Ok(filled)
 }
 
-/// Connections over a cap that are told why (after the handshake) at once;
-/// past this, they are refused without a handshake.
-const MAX_REFUSING: usize = 256;
-
 /// Accepts QUIC connections until the relay starts draining.
 pub async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
     let local = endpoint
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
+    let admissions = Admissions::default();
     let handshakes = Arc::new(AtomicUsize::new(0));
     loop {
         let incoming = tokio::select! {
@@ -223,15 +220,12 @@ pub async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
         // handshake. Over a cap, the client is told why after the handshake
         // while few such refusals are in progress, and refused outright
         // (CONNECTION_REFUSED, no handshake) beyond that.
-        let (guard, refusal) = match relay.quotas.accept(peer.ip()) {
-            Ok(slot) => (relay.table.open(peer, local).holding(slot), None),
-            Err(refusal) => {
-                relay.metrics.refused(refusal.why);
-                let Ok(permit) = refusing.clone().try_acquire_owned() else {
-                    incoming.refuse();
-                    continue;
-                };
-                (relay.table.open(peer, local).holding(permit), Some(refusal))
+        let (guard, refusal) = match admissions.accept(&relay, peer, local) {
+            Accepted::Admitted(guard) => (guard, None),
+            Accepted::Refusing(guard, refusal) => (guard, Some(refusal)),
+            Accepted::Dropped(_) => {
+                incoming.refuse();
+                continue;
             }
         };
         let guard = Arc::new(guard);

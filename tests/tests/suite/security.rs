@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use wasmrelay_tests::{ChildProcess, TestRelay, WsTester, free_port, get_json, wait_for};
+use wasmrelay_tests::{
+    ChildProcess, TestRelay, WsTester, free_port, get_json, wait_for, wait_healthy,
+};
 
 const RELAY: &str = env!("CARGO_BIN_EXE_test-wasmrelay");
 
@@ -48,16 +50,7 @@ async fn default_relay(host: &str) -> (ChildProcess, String, tempfile::TempDir) 
     )
     .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let health = format!("{base}/healthz");
-    wait_for(
-        "the relay to answer /healthz",
-        Duration::from_secs(60),
-        || {
-            let health = health.clone();
-            async move { (reqwest::get(&health).await.ok()?.status() == 200).then_some(()) }
-        },
-    )
-    .await;
+    wait_healthy(&base, Duration::from_secs(60)).await;
     (relay, base, data_dir)
 }
 
@@ -709,16 +702,7 @@ async fn at_the_open_file_limit_new_connections_are_refused_at_once() {
     );
     let _relay = ChildProcess::spawn("sh", &["-c", &command]).unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let health = format!("{base}/healthz");
-    wait_for(
-        "the relay to answer /healthz",
-        Duration::from_secs(60),
-        || {
-            let health = health.clone();
-            async move { (reqwest::get(&health).await.ok()?.status() == 200).then_some(()) }
-        },
-    )
-    .await;
+    wait_healthy(&base, Duration::from_secs(60)).await;
     // Half-sent requests, far more than the 128 descriptors the relay may hold.
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut hoarders = Vec::new();
@@ -740,11 +724,7 @@ async fn at_the_open_file_limit_new_connections_are_refused_at_once() {
     eprintln!("refused after {:?}", started.elapsed());
     // Once the hoarders go, the relay serves again.
     drop(hoarders);
-    wait_for("the relay to serve again", Duration::from_secs(20), || {
-        let health = health.clone();
-        async move { (reqwest::get(&health).await.ok()?.status() == 200).then_some(()) }
-    })
-    .await;
+    wait_healthy(&base, Duration::from_secs(20)).await;
 }
 
 #[tokio::test]
