@@ -1,9 +1,8 @@
-//! Example programs for wasmrelay, written to be copied: a protocol client
-//! ([`client`]), a service app that serves a space ([`service_app`]), and a
-//! command-line WebSocket client ([`ws_client`]). The browser page served by
-//! the relay at `/` lives in `examples/browser/index.html`.
+//! Example programs for wasmrelay, written to be copied: a service app that
+//! serves a space ([`service_app`]) and a command-line client
+//! ([`ws_client`]), both on the `wasmrelay-client` crate. The browser page
+//! served by the relay at `/` lives in `examples/browser/index.html`.
 
-pub mod client;
 pub mod service_app;
 pub mod ws_client;
 

@@ -6,9 +6,8 @@ use std::io::Write as _;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-use wasmrelay::protocol::{Data, Msg, Request};
-
-use crate::client::{Client, Trust};
+use wasmrelay_client::protocol::{Data, Msg, Request};
+use wasmrelay_client::{Client, Options as ClientOptions, Trust};
 
 #[derive(Debug, Parser)]
 #[command(name = "ws-client", about = "Example WebSocket client for wasmrelay")]
@@ -45,38 +44,26 @@ pub enum Command {
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    let mut client = Client::connect(
-        &options.relay,
-        "ws-client",
-        &options.trust,
-        options.token.as_deref(),
-    )
-    .await?;
+    let client_options = ClientOptions::named("ws-client")
+        .token(options.token)
+        .trust(options.trust);
+    let mut client = Client::connect(&options.relay, client_options).await?;
     let mut out = std::io::stdout();
     match options.command {
         Command::Publish { channel, text } => {
-            client
-                .send(&Msg::Publish {
-                    channel,
-                    id: Some("1".into()),
-                    data: Data::from(text),
-                })
-                .await?;
-            match client.recv().await? {
-                Some(Msg::Ack { channel, seq, .. }) => {
-                    writeln!(out, "published to {channel} as #{seq}")?
-                }
-                other => bail!("unexpected answer: {other:?}"),
-            }
+            let seq = client.publish(&channel, text).await?;
+            writeln!(out, "published to {channel} as #{seq}")?;
         }
         Command::Subscribe { channel, count } => {
-            client.send(&Msg::Subscribe { channel }).await?;
+            let subscribed = client.subscribe(&channel).await?;
+            writeln!(
+                out,
+                "subscribed to {channel} ({} here)",
+                subscribed.presence
+            )?;
             let mut seen = 0;
             while count.is_none_or(|c| seen < c) {
                 match client.recv().await? {
-                    Some(Msg::Subscribed {
-                        channel, presence, ..
-                    }) => writeln!(out, "subscribed to {channel} ({presence} here)")?,
                     Some(Msg::Message { channel, seq, data }) => {
                         seen += 1;
                         writeln!(
@@ -95,44 +82,38 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             }
         }
         Command::Request { space, text, path } => {
-            client
-                .send(&Msg::Request(Request {
-                    id: "1".into(),
-                    space,
-                    method: "POST".into(),
-                    path,
-                    query: String::new(),
-                    headers: vec![],
-                    timeout_ms: None,
-                    stream: false,
-                    data: Data::from(text),
-                }))
-                .await?;
-            loop {
-                match client.recv().await? {
-                    Some(Msg::Progress { percent, data, .. }) => writeln!(
-                        out,
+            let request = Request {
+                id: String::new(),
+                space,
+                method: "POST".into(),
+                path,
+                query: String::new(),
+                headers: vec![],
+                timeout_ms: None,
+                stream: false,
+                data: Data::from(text),
+            };
+            let response = client
+                .request(request, |percent, data| {
+                    // Printed as it comes; a closed stdout shows at the next writeln.
+                    let _ = writeln!(
+                        std::io::stdout(),
                         "progress {:>5.1}% {}",
                         percent.unwrap_or(0.0),
                         String::from_utf8_lossy(data.as_bytes())
-                    )?,
-                    Some(Msg::Response(response)) => {
-                        writeln!(
-                            out,
-                            "{} {}",
-                            response.status,
-                            String::from_utf8_lossy(response.data.as_bytes())
-                        )?;
-                        break;
-                    }
-                    Some(Msg::Error { code, message, .. }) => bail!("{code}: {message}"),
-                    Some(_) => {}
-                    None => bail!("the relay closed the connection"),
-                }
-            }
+                    );
+                })
+                .await?;
+            writeln!(
+                out,
+                "{} {}",
+                response.status,
+                String::from_utf8_lossy(response.data.as_bytes())
+            )?;
         }
     }
-    client.close().await
+    client.close().await?;
+    Ok(())
 }
 
 /// Entry point of the `ws-client` binary.

@@ -14,7 +14,6 @@ pub mod config;
 pub mod hooks;
 pub mod metrics;
 pub mod plugin;
-pub mod protocol;
 pub mod quota;
 pub mod rate;
 pub mod relay;
@@ -23,6 +22,10 @@ pub mod session;
 pub mod shutdown;
 pub mod spaces;
 pub mod transport;
+
+/// The wire protocol lives in its own crate so clients can share it without
+/// the relay; re-exported so `wasmrelay::protocol` keeps naming it.
+pub use wasmrelay_protocol as protocol;
 
 pub use config::Config;
 pub use relay::{Listeners, Relay, RunError, run};

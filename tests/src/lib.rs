@@ -16,9 +16,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 use tokio_util::sync::CancellationToken;
-use wasmrelay::transport::quic::FrameError;
+use wasmrelay::protocol::quic::FrameError;
 use wasmrelay::{Config, Listeners, RunError};
-use wasmrelay_examples::client::{QuicFrame, quic_inbox};
+use wasmrelay_client::quic::{QuicFrame, inbox as quic_inbox};
 
 pub mod wire;
 
@@ -256,7 +256,7 @@ pub fn quic_client(cert_pem: &Path, alpn: &[u8]) -> anyhow::Result<quinn::Endpoi
     let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let mut config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
     config.transport_config(std::sync::Arc::new(
-        wasmrelay_examples::client::quic_transport(),
+        wasmrelay_client::quic::transport_config(),
     ));
     endpoint.set_default_client_config(config);
     Ok(endpoint)

@@ -34,13 +34,7 @@ impl Lane {
     pub fn of(msg: &Msg) -> Lane {
         match msg {
             Msg::Error { .. } | Msg::Presence { .. } | Msg::Lost { .. } => Lane::Control,
-            Msg::Request(_) | Msg::Response(_)
-                if msg
-                    .data()
-                    .is_some_and(|d| d.len() >= crate::transport::quic::BULK_THRESHOLD) =>
-            {
-                Lane::Bulk
-            }
+            _ if crate::protocol::quic::is_bulk(msg) => Lane::Bulk,
             _ => Lane::Normal,
         }
     }

@@ -13,8 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::TlsConfig;
 
-/// The ALPN protocol id of the QUIC transport.
-pub const ALPN: &[u8] = b"wasmrelay/1";
+pub use crate::protocol::quic::ALPN;
 
 /// A certificate chain and its key, ready for rustls.
 pub struct Identity {

@@ -172,7 +172,7 @@ async fn shutdown_sends_goaway_then_closes_with_shutdown_code() {
 
 #[tokio::test]
 async fn the_example_service_app_serves_over_quic() {
-    use wasmrelay_examples::client::Trust;
+    use wasmrelay_client::Trust;
     use wasmrelay_examples::service_app::{self, Options};
     // With the demo policy, so the app's token decides who it is: QUIC has
     // no handshake headers, the token travels in hello.
@@ -225,7 +225,7 @@ async fn the_example_service_app_serves_over_quic() {
 async fn clients_pin_the_certificate_by_sha256() {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
-    use wasmrelay_examples::client::{Client, Trust};
+    use wasmrelay_client::{Client, Options, Trust};
     let relay = TestRelay::start().await;
     let url = format!("quic://{}", relay.quic_addr.unwrap());
     let cert = CertificateDer::from_pem_file(&relay.cert_pem).unwrap();
@@ -234,7 +234,9 @@ async fn clients_pin_the_certificate_by_sha256() {
         ca: None,
         pin_sha256: Some(pin.clone()),
     };
-    let client = Client::connect(&url, "pinned", &trust, None).await.unwrap();
+    let client = Client::connect(&url, Options::named("pinned").trust(trust))
+        .await
+        .unwrap();
     client.close().await.unwrap();
 
     let wrong = Trust {
@@ -242,11 +244,11 @@ async fn clients_pin_the_certificate_by_sha256() {
         pin_sha256: Some("00".repeat(32)),
     };
     assert!(
-        Client::connect(&url, "wrong pin", &wrong, None)
+        Client::connect(&url, Options::named("wrong pin").trust(wrong))
             .await
             .is_err()
     );
-    let none = Client::connect(&url, "no trust", &Trust::default(), None).await;
+    let none = Client::connect(&url, Options::named("no trust")).await;
     let message = format!(
         "{:#}",
         none.err().expect("refuses without --ca or --pin-sha256")
@@ -331,7 +333,7 @@ async fn too_many_bulk_streams_wait_for_credit_and_nothing_else_suffers() {
 
     // Sixteen bulk streams, each stuck after its length prefix.
     let mut held = Vec::new();
-    for _ in 0..wasmrelay::transport::quic::MAX_BULK_STREAMS {
+    for _ in 0..wasmrelay::protocol::quic::MAX_BULK_STREAMS {
         let mut stream = greedy.connection.open_uni().await.unwrap();
         stream.write_all(&1000u32.to_be_bytes()).await.unwrap();
         held.push(stream);

@@ -149,7 +149,7 @@ fn classify(json: &[u8], err: serde_json::Error) -> DecodeError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Data, Request, Response};
+    use crate::{Data, Request, Response};
 
     fn request() -> Msg {
         Msg::Request(Request {

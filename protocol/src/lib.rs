@@ -1,10 +1,13 @@
-//! The wire protocol, version 1: the logical messages of PROTOCOL.md, their
-//! error codes, and (in `codec`) how they are laid out in text and binary frames.
+//! The wasmrelay wire protocol, version 1: the logical messages of
+//! PROTOCOL.md, their error codes, how they are laid out in text and binary
+//! frames ([`codec`]), and how frames travel over QUIC ([`quic`]).
 //!
-//! One enum, [`Msg`], serves both directions so that clients written in Rust
-//! (the examples, the tests) share the relay's own definitions.
+//! One enum, [`Msg`], serves both directions, so the relay and clients written
+//! in Rust (`wasmrelay-client`, the examples, the tests) share one definition.
+//! This crate does no I/O unless its `quinn` feature is on.
 
 pub mod codec;
+pub mod quic;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -387,6 +390,7 @@ impl<'de> Deserialize<'de> for Data {
 /// for the HTTP ingress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ErrorCode {
     /// The frame is not valid JSON, or a binary frame's header is malformed.
     BadFrame,

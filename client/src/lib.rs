@@ -1,0 +1,546 @@
+//! A small client for wasmrelay, over WebSocket (`ws://`, `wss://`) or QUIC
+//! (`quic://`): connect and say `hello`, subscribe and publish, send requests
+//! to a space, or register under a space and serve it ([`serve`]).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), wasmrelay_client::Error> {
+//! use wasmrelay_client::{Client, Options};
+//! let mut client = Client::connect("ws://127.0.0.1:8080/ws", Options::named("demo")).await?;
+//! client.subscribe("chat/lobby").await?;
+//! let seq = client.publish("chat/lobby", "hello").await?;
+//! # let _ = seq; Ok(()) }
+//! ```
+//!
+//! The helpers wait for their answer; whatever else arrives meanwhile (a
+//! channel message, a presence count) is kept and handed out by
+//! [`Client::recv`] in arrival order. For full control, [`Client::send`] and
+//! [`Client::recv`] speak [`Msg`]s directly, and [`Client::split`] gives a
+//! sending and a receiving half for separate tasks. PROTOCOL.md is the
+//! reference for writing a client in another language.
+
+mod error;
+pub mod quic;
+pub mod serve;
+mod trust;
+mod ws;
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use wasmrelay_protocol::quic::{BULK_THRESHOLD, FrameError, frame, is_bulk, write_frame};
+use wasmrelay_protocol::{Data, ErrorCode, Request, Response, VERSION, codec};
+
+pub use error::Error;
+pub use trust::Trust;
+pub use wasmrelay_protocol as protocol;
+pub use wasmrelay_protocol::{Encoding, Msg};
+
+use quic::QuicFrame;
+
+/// How to connect: who we are and how we trust the relay.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Sent as `hello.client`; shows in the relay's connection table.
+    pub name: String,
+    /// Sent as `hello.token`; the relay's policy decides who that is.
+    pub token: Option<String>,
+    /// Also put the token in a WebSocket URL's query, so admission sees it
+    /// before the upgrade (per-user connection caps apply from the start).
+    pub token_in_url: bool,
+    /// How to trust the relay's certificate (QUIC, `wss://`).
+    pub trust: Trust,
+    /// The TLS name to verify when it is not the URL's host.
+    pub server_name: Option<String>,
+    /// WebSocket frames: JSON text (default) or binary (payloads as raw bytes).
+    /// QUIC always speaks binary frames.
+    pub encoding: Encoding,
+}
+
+impl Options {
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            token: None,
+            token_in_url: false,
+            trust: Trust::default(),
+            server_name: None,
+            encoding: Encoding::Text,
+        }
+    }
+
+    pub fn token(mut self, token: Option<impl Into<String>>) -> Self {
+        self.token = token.map(Into::into);
+        self
+    }
+
+    pub fn trust(mut self, trust: Trust) -> Self {
+        self.trust = trust;
+        self
+    }
+
+    pub fn encoding(mut self, encoding: Encoding) -> Self {
+        self.encoding = encoding;
+        self
+    }
+}
+
+/// A greeted connection to a relay.
+pub struct Client {
+    sender: Sender,
+    receiver: Receiver,
+    welcome: Msg,
+    /// Messages that arrived while a helper waited for its answer.
+    pending: VecDeque<Msg>,
+    next_id: u64,
+}
+
+impl Client {
+    /// Connects to `url` — `ws://HOST:PORT/ws`, `wss://HOST[:PORT]/ws` or
+    /// `quic://HOST:PORT` — and completes `hello`.
+    pub async fn connect(url: &str, options: Options) -> Result<Self, Error> {
+        let (mut sender, mut receiver) = if let Some(authority) = url.strip_prefix("quic://") {
+            let link = quic::connect(
+                authority.trim_end_matches('/'),
+                options.server_name.as_deref(),
+                &options.trust,
+            )
+            .await?;
+            (
+                Sender {
+                    link: SendLink::Quic {
+                        endpoint: link.endpoint,
+                        connection: link.connection,
+                        control: link.control,
+                    },
+                    encoding: Encoding::Binary,
+                },
+                Receiver {
+                    link: RecvLink::Quic(link.inbox),
+                },
+            )
+        } else {
+            let url = match (&options.token, options.token_in_url) {
+                (Some(token), true) => format!("{url}?token={token}"),
+                _ => url.to_owned(),
+            };
+            let (sink, source) =
+                ws::connect(&url, options.server_name.as_deref(), &options.trust).await?;
+            (
+                Sender {
+                    link: SendLink::Ws(sink),
+                    encoding: options.encoding,
+                },
+                Receiver {
+                    link: RecvLink::Ws(source),
+                },
+            )
+        };
+        sender
+            .send(&Msg::Hello {
+                v: VERSION,
+                client: Some(options.name.clone()),
+                token: options.token.clone(),
+            })
+            .await?;
+        let welcome = match receiver.recv().await? {
+            Some(welcome @ Msg::Welcome { .. }) => welcome,
+            Some(Msg::Error { code, message, .. }) => return Err(Error::Relay { code, message }),
+            Some(other) => {
+                return Err(Error::Unexpected {
+                    expected: "welcome",
+                    got: other.kind().to_owned(),
+                });
+            }
+            None => return Err(Error::Closed { during: "hello" }),
+        };
+        Ok(Self {
+            sender,
+            receiver,
+            welcome,
+            pending: VecDeque::new(),
+            next_id: 0,
+        })
+    }
+
+    /// The relay's answer to our `hello`.
+    pub fn welcome(&self) -> &Msg {
+        &self.welcome
+    }
+
+    /// The session id the relay gave this connection.
+    pub fn session(&self) -> &str {
+        match &self.welcome {
+            Msg::Welcome { session, .. } => session,
+            _ => "",
+        }
+    }
+
+    pub async fn send(&mut self, msg: &Msg) -> Result<(), Error> {
+        self.sender.send(msg).await
+    }
+
+    /// The next protocol message; `None` once the relay has closed the connection.
+    pub async fn recv(&mut self) -> Result<Option<Msg>, Error> {
+        match self.pending.pop_front() {
+            Some(msg) => Ok(Some(msg)),
+            None => self.receiver.recv().await,
+        }
+    }
+
+    /// Subscribes to `channel`; returns its last sequence number and
+    /// subscriber count.
+    pub async fn subscribe(&mut self, channel: &str) -> Result<Subscribed, Error> {
+        self.send(&Msg::Subscribe {
+            channel: channel.to_owned(),
+        })
+        .await?;
+        self.answer("subscribed", |msg| match msg {
+            Msg::Subscribed {
+                channel: c,
+                seq,
+                presence,
+            } if c == channel => Answer::Done(Subscribed {
+                seq: *seq,
+                presence: *presence,
+            }),
+            Msg::Error { id: None, .. } => Answer::Failed,
+            _ => Answer::NotMine,
+        })
+        .await
+    }
+
+    /// Publishes `data` to `channel`; returns the sequence number it got.
+    pub async fn publish(&mut self, channel: &str, data: impl Into<Data>) -> Result<u64, Error> {
+        let id = self.fresh_id();
+        self.send(&Msg::Publish {
+            channel: channel.to_owned(),
+            id: Some(id.clone()),
+            data: data.into(),
+        })
+        .await?;
+        self.answer("ack", |msg| match msg {
+            Msg::Ack { id: i, seq, .. } if *i == id => Answer::Done(*seq),
+            Msg::Error { id: Some(i), .. } if *i == id => Answer::Failed,
+            _ => Answer::NotMine,
+        })
+        .await
+    }
+
+    /// Sends a request to a space and waits for its response, handing each
+    /// progress event to `on_progress`. An empty `request.id` gets a fresh one.
+    pub async fn request(
+        &mut self,
+        mut request: Request,
+        mut on_progress: impl FnMut(Option<f32>, &Data),
+    ) -> Result<Response, Error> {
+        if request.id.is_empty() {
+            request.id = self.fresh_id();
+        }
+        let id = request.id.clone();
+        self.send(&Msg::Request(request)).await?;
+        self.answer("response", |msg| match msg {
+            Msg::Progress {
+                id: i,
+                percent,
+                data,
+            } if *i == id => {
+                on_progress(*percent, data);
+                Answer::Consumed
+            }
+            Msg::Response(response) if response.id == id => Answer::Done(response.clone()),
+            Msg::Error { id: Some(i), .. } if *i == id => Answer::Failed,
+            _ => Answer::NotMine,
+        })
+        .await
+    }
+
+    /// Registers as an instance of `space`; returns the instance id.
+    /// [`serve`] does this and then serves requests.
+    pub async fn register(&mut self, space: &str) -> Result<String, Error> {
+        self.send(&Msg::Register {
+            space: space.to_owned(),
+        })
+        .await?;
+        let answer = self
+            .answer("registered", |msg| match msg {
+                Msg::Registered { space: s, instance } if s == space => {
+                    Answer::Done(instance.clone())
+                }
+                Msg::Error { id: None, .. } => Answer::Failed,
+                _ => Answer::NotMine,
+            })
+            .await;
+        match answer {
+            Err(Error::Relay { code, message }) if refuses_registration(code) => {
+                Err(Error::Refused {
+                    space: space.to_owned(),
+                    code,
+                    message,
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// How often an instance connected over QUIC must say something so the
+    /// relay does not take it for gone (PROTOCOL §3.2); `None` over
+    /// WebSocket, where the relay's pings do that.
+    pub fn instance_ping_every(&self) -> Option<Duration> {
+        match (&self.sender.link, &self.welcome) {
+            (
+                SendLink::Quic { .. },
+                Msg::Welcome {
+                    instance_idle_timeout_ms,
+                    ..
+                },
+            ) if *instance_idle_timeout_ms > 0 => {
+                Some(Duration::from_millis(instance_idle_timeout_ms / 4))
+            }
+            _ => None,
+        }
+    }
+
+    /// The sending and receiving halves, for separate tasks. Messages a
+    /// helper had set aside are dropped; split before using helpers.
+    pub fn split(self) -> (Sender, Receiver) {
+        (self.sender, self.receiver)
+    }
+
+    /// Closes cleanly, so the relay learns at once rather than by timeout.
+    pub async fn close(self) -> Result<(), Error> {
+        self.sender.close().await
+    }
+
+    fn fresh_id(&mut self) -> String {
+        self.next_id += 1;
+        format!("c{}", self.next_id)
+    }
+
+    /// Receives until `classify` recognises the answer, setting aside what
+    /// is not its. An `error` it claims becomes [`Error::Relay`].
+    async fn answer<T>(
+        &mut self,
+        expected: &'static str,
+        mut classify: impl FnMut(&Msg) -> Answer<T>,
+    ) -> Result<T, Error> {
+        let mut set_aside = VecDeque::new();
+        let result = loop {
+            let Some(msg) = self.receiver.recv().await? else {
+                break Err(Error::Closed { during: expected });
+            };
+            match classify(&msg) {
+                Answer::Done(value) => break Ok(value),
+                Answer::Consumed => {}
+                Answer::Failed => match msg {
+                    Msg::Error { code, message, .. } => break Err(Error::Relay { code, message }),
+                    other => {
+                        break Err(Error::Unexpected {
+                            expected,
+                            got: other.kind().to_owned(),
+                        });
+                    }
+                },
+                Answer::NotMine => set_aside.push_back(msg),
+            }
+        };
+        self.pending.extend(set_aside);
+        result
+    }
+}
+
+enum Answer<T> {
+    Done(T),
+    Failed,
+    /// Part of the answer's stream (a progress event), handled.
+    Consumed,
+    NotMine,
+}
+
+/// A channel's state when we subscribed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subscribed {
+    pub seq: u64,
+    pub presence: u64,
+}
+
+enum SendLink {
+    Ws(ws::WsSink),
+    Quic {
+        // The endpoint drives the connection: it lives as long as we send.
+        endpoint: quinn::Endpoint,
+        connection: quinn::Connection,
+        control: quinn::SendStream,
+    },
+}
+
+/// The sending half of a connection.
+pub struct Sender {
+    link: SendLink,
+    encoding: Encoding,
+}
+
+impl Sender {
+    /// Sends one message (over QUIC, a bulk body on a stream of its own).
+    pub async fn send(&mut self, msg: &Msg) -> Result<(), Error> {
+        match (&mut self.link, self.encoding) {
+            (SendLink::Ws(sink), Encoding::Text) => {
+                sink.send(Message::Text(codec::encode_text(msg).into()))
+                    .await?;
+            }
+            (SendLink::Ws(sink), _) => {
+                sink.send(Message::Binary(codec::encode_binary(msg)))
+                    .await?;
+            }
+            (SendLink::Quic { .. }, _) => {
+                let bulk = is_bulk(msg);
+                self.feed_quic(codec::encode_binary(msg), bulk).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues one binary message already encoded (PROTOCOL.md §2); over
+    /// WebSocket it leaves on [`Sender::flush`]. Over QUIC a message of
+    /// `BULK_THRESHOLD` bytes or more gets a stream of its own. For load
+    /// generators that encode once and send many times.
+    pub async fn feed(&mut self, message: Bytes) -> Result<(), Error> {
+        match &mut self.link {
+            SendLink::Ws(sink) => sink.feed(Message::Binary(message)).await?,
+            SendLink::Quic { .. } => {
+                let bulk = message.len() >= BULK_THRESHOLD;
+                self.feed_quic(message, bulk).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        if let SendLink::Ws(sink) = &mut self.link {
+            sink.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn feed_quic(&mut self, message: Bytes, bulk: bool) -> Result<(), Error> {
+        let SendLink::Quic {
+            connection,
+            control,
+            ..
+        } = &mut self.link
+        else {
+            return Ok(());
+        };
+        if bulk {
+            let mut stream = connection.open_uni().await?;
+            write_frame(&mut stream, message).await?;
+            stream.finish()?;
+        } else {
+            control.write_all(&frame(&message)).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes cleanly, so the relay learns at once rather than by timeout.
+    pub async fn close(self) -> Result<(), Error> {
+        match self.link {
+            SendLink::Ws(mut sink) => sink.close().await?,
+            SendLink::Quic {
+                endpoint,
+                connection,
+                mut control,
+            } => {
+                let _ = control.finish();
+                connection.close(0u32.into(), b"bye");
+                // Bounded: an unreachable relay never acknowledges the close.
+                let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+enum RecvLink {
+    Ws(ws::WsSource),
+    Quic(mpsc::Receiver<Result<QuicFrame, FrameError>>),
+}
+
+/// One frame as it arrived, undecoded.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub bytes: Bytes,
+    /// A WebSocket text frame (JSON); otherwise the binary layout.
+    pub text: bool,
+}
+
+impl Frame {
+    pub fn decode(&self) -> Result<Msg, Error> {
+        if self.text {
+            let text = std::str::from_utf8(&self.bytes)
+                .map_err(|e| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+            Ok(codec::decode_text(text)?)
+        } else {
+            Ok(codec::decode_binary(&self.bytes)?)
+        }
+    }
+}
+
+/// The receiving half of a connection.
+pub struct Receiver {
+    link: RecvLink,
+}
+
+impl Receiver {
+    /// The next message; `None` once the relay has closed the connection.
+    pub async fn recv(&mut self) -> Result<Option<Msg>, Error> {
+        match self.recv_frame().await? {
+            Some(frame) => frame.decode().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The next frame, undecoded; `None` once the relay has closed the connection.
+    pub async fn recv_frame(&mut self) -> Result<Option<Frame>, Error> {
+        match &mut self.link {
+            RecvLink::Ws(source) => {
+                while let Some(frame) = source.next().await {
+                    match frame? {
+                        Message::Text(text) => {
+                            return Ok(Some(Frame {
+                                bytes: Bytes::from(text),
+                                text: true,
+                            }));
+                        }
+                        Message::Binary(bytes) => {
+                            return Ok(Some(Frame { bytes, text: false }));
+                        }
+                        Message::Close(_) => return Ok(None),
+                        // Pings are answered by tungstenite itself.
+                        _ => continue,
+                    }
+                }
+                Ok(None)
+            }
+            RecvLink::Quic(inbox) => match inbox.recv().await {
+                Some(Ok(frame)) => Ok(Some(Frame {
+                    bytes: frame.message,
+                    text: false,
+                })),
+                None | Some(Err(FrameError::Lost)) => Ok(None),
+                Some(Err(e)) => Err(e.into()),
+            },
+        }
+    }
+}
+
+/// Whether an error code means the relay will not accept this registration
+/// however often it is retried.
+pub(crate) fn refuses_registration(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::Forbidden | ErrorCode::UnknownSpace | ErrorCode::InvalidName
+    )
+}
