@@ -355,6 +355,7 @@ impl Default for SpacesConfig {
 
 /// A configuration that could not be loaded; the message names the field.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read {

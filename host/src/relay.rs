@@ -130,26 +130,27 @@ impl Listeners {
 }
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RunError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
     #[error(transparent)]
     Tls(#[from] crate::transport::tls::TlsError),
-    #[error("cannot start the plugin runtime: {0}")]
-    PluginRuntime(String),
-    #[error("cannot load bundled plugin {name}: {source}")]
+    #[error("cannot start the plugin runtime")]
+    PluginRuntime(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot load bundled plugin {name}")]
     Bundled {
         name: String,
         source: crate::plugin::RegistryError,
     },
     #[error(transparent)]
     AdminCredential(#[from] crate::admin::credential::CredentialError),
-    #[error("cannot create data directory {path}: {source}")]
+    #[error("cannot create data directory {path}")]
     DataDir {
         path: std::path::PathBuf,
         source: std::io::Error,
@@ -167,7 +168,8 @@ impl Relay {
             .plugins
             .compile_cache
             .then(|| config.server.data_dir.join(&config.plugins.cache_dir));
-        let runtime = Runtime::new(&config.plugins, cache_dir).map_err(RunError::PluginRuntime)?;
+        let runtime = Runtime::new(&config.plugins, cache_dir)
+            .map_err(|e| RunError::PluginRuntime(e.into_boxed_dyn_error()))?;
         let services = HostServices {
             bus: bus.clone(),
             channels: channels.clone(),

@@ -40,6 +40,7 @@ pub fn validate_space_name(name: &str) -> Result<(), &'static str> {
 
 /// A refusal, with the code the caller gets.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 #[error("{code}: {message}")]
 pub struct SpaceError {
     pub code: ErrorCode,

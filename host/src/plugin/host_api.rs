@@ -186,9 +186,8 @@ impl http::Host for HostState {
 }
 
 /// Outbound HTTP for the `http` capability: plain `http://` to an allowed
-/// host, bounded by the plugin's call timeout. Plugin calls are synchronous,
-/// so the request runs on a short-lived thread with its own runtime rather
-/// than blocking inside the relay's.
+/// host, bounded by the plugin's call timeout. The request runs on a small
+/// runtime of its own ([`outbound_http`]) with a pooled client.
 fn fetch(ctx: &PluginContext, request: http::Request) -> Result<http::Response, String> {
     let uri: ::http::Uri = request
         .url
@@ -221,56 +220,89 @@ fn fetch(ctx: &PluginContext, request: http::Request) -> Result<http::Response, 
         .body(http_body_util::Full::new(bytes::Bytes::from(request.body)))
         .map_err(|e| format!("invalid request: {e}"))?;
     let timeout = ctx.call_timeout;
-    let worker = std::thread::Builder::new()
-        .name("wasmrelay-plugin-http".into())
-        .spawn(move || -> Result<http::Response, String> {
-            use http_body_util::BodyExt;
-            let runtime = tokio::runtime::Builder::new_current_thread()
+    let (done, answer) = std::sync::mpsc::sync_channel(1);
+    outbound_http()?.spawn(async move {
+        let call = tokio::time::timeout(timeout, send(outbound));
+        let _ = done.send(
+            call.await
+                .unwrap_or_else(|_| Err(format!("no response within {} ms", timeout.as_millis()))),
+        );
+    });
+    // Plugin calls are synchronous, so the caller must wait; block_in_place
+    // hands this worker's other tasks to another thread meanwhile, so
+    // connections sharing the worker are not held up by a plugin's fetch.
+    let wait = || {
+        answer
+            .recv()
+            .unwrap_or_else(|_| Err("the HTTP client stopped".to_owned()))
+    };
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+        // A current-thread runtime has no other worker to hand tasks to (the
+        // relay binary never runs on one; some tests and benches do).
+        _ => wait(),
+    }
+}
+
+/// The runtime outbound plugin HTTP runs on: one thread of its own, started
+/// on first use, so the relay's workers never drive (or wait inside) it.
+fn outbound_http() -> Result<&'static tokio::runtime::Handle, String> {
+    static RUNTIME: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("wasmrelay-plugin-http")
                 .enable_all()
                 .build()
-                .map_err(|e| format!("cannot start HTTP client: {e}"))?;
-            runtime.block_on(async move {
-                let client = hyper_util::client::legacy::Client::builder(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .build_http();
-                let call = async {
-                    let response = client
-                        .request(outbound)
-                        .await
-                        .map_err(|e| format!("request failed: {e}"))?;
-                    let status = response.status().as_u16();
-                    let headers = response
-                        .headers()
-                        .iter()
-                        .filter_map(|(n, v)| {
-                            v.to_str()
-                                .ok()
-                                .map(|v| (n.as_str().to_owned(), v.to_owned()))
-                        })
-                        .collect();
-                    let body = response
-                        .into_body()
-                        .collect()
-                        .await
-                        .map_err(|e| format!("reading the body failed: {e}"))?
-                        .to_bytes()
-                        .to_vec();
-                    Ok(http::Response {
-                        status,
-                        headers,
-                        body,
-                    })
-                };
-                tokio::time::timeout(timeout, call)
-                    .await
-                    .map_err(|_| format!("no response within {} ms", timeout.as_millis()))?
-            })
+                .map_err(|e| format!("cannot start the HTTP client: {e}"))
         })
-        .map_err(|e| format!("cannot start HTTP client: {e}"))?;
-    worker
-        .join()
-        .map_err(|_| "HTTP client thread panicked".to_owned())?
+        .as_ref()
+        .map(tokio::runtime::Runtime::handle)
+        .map_err(Clone::clone)
+}
+
+/// Sends one request with a pooled client and reads the whole response.
+async fn send(
+    outbound: ::http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> Result<http::Response, String> {
+    use http_body_util::BodyExt;
+    type Pool = hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >;
+    static CLIENT: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http()
+    });
+    let response = client
+        .request(outbound)
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .filter_map(|(n, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (n.as_str().to_owned(), v.to_owned()))
+        })
+        .collect();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("reading the body failed: {e}"))?
+        .to_bytes()
+        .to_vec();
+    Ok(http::Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// The in-memory store behind the `kv` capability: one namespace per plugin

@@ -35,6 +35,7 @@ pub enum Source {
 
 /// Why one call failed. The instance that failed is discarded.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CallError {
     #[error("exceeded its {0} ms call deadline")]
     Timeout(u64),

@@ -120,6 +120,7 @@ impl Default for PluginLimits {
 
 /// A manifest that cannot be used; the message names the field.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 #[error("invalid manifest: {0}")]
 pub struct ManifestError(pub String);
 

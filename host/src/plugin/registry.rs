@@ -62,6 +62,7 @@ pub struct SwapReport {
 
 /// A registry refusal that is not about the plugin's bytes.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RegistryError {
     #[error("no plugin named {0:?} is loaded")]
     NotFound(String),
@@ -171,29 +172,19 @@ impl Registry {
         Ok(report)
     }
 
-    /// Router and policy are single roles: one plugin each.
+    /// Router and policy are single roles: one plugin each. This is an
+    /// early answer, before the costly compile; `install` decides.
     fn check_role_free(&self, manifest: &Manifest) -> Result<(), LoadError> {
-        if !matches!(manifest.role, Role::Router | Role::Policy) {
-            return Ok(());
-        }
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        match slots
-            .iter()
-            .find(|(name, slot)| **name != manifest.name && slot.active.role() == manifest.role)
-        {
-            Some((holder, _)) => Err(LoadError::Conflict(format!(
-                "the {} role is held by plugin {holder:?}; swap or remove it first",
-                manifest.role.as_str()
-            ))),
-            None => Ok(()),
-        }
+        role_free(&slots, manifest)
     }
 
     /// Makes `plugin` the active version of its name; returns the one it replaced.
     fn install(&self, plugin: Arc<LoadedPlugin>) -> Result<Option<Arc<LoadedPlugin>>, LoadError> {
-        // Checked again under the lock: another load may have taken the role meanwhile.
-        self.check_role_free(&plugin.manifest)?;
+        // Checked and taken under one lock: two routers loading at once
+        // cannot both find the role free.
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        role_free(&slots, &plugin.manifest)?;
         let replaced = slots.remove(plugin.name()).map(|slot| slot.active);
         slots.insert(
             plugin.name().to_owned(),
@@ -295,6 +286,24 @@ impl Registry {
         self.policy.store(of_role(Role::Policy).next());
         self.filters
             .store(Arc::new(of_role(Role::Filter).collect()));
+    }
+}
+
+/// Whether `manifest` may take its role: router and policy are held by one
+/// plugin at a time (another version of the same name may replace itself).
+fn role_free(slots: &BTreeMap<String, Slot>, manifest: &Manifest) -> Result<(), LoadError> {
+    if !matches!(manifest.role, Role::Router | Role::Policy) {
+        return Ok(());
+    }
+    match slots
+        .iter()
+        .find(|(name, slot)| **name != manifest.name && slot.active.role() == manifest.role)
+    {
+        Some((holder, _)) => Err(LoadError::Conflict(format!(
+            "the {} role is held by plugin {holder:?}; swap or remove it first",
+            manifest.role.as_str()
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -449,5 +458,91 @@ impl Filter for Registry {
             }
         }
         Filtered::Deliver(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::LocalBus;
+    use crate::channels::Channels;
+    use crate::metrics::Metrics;
+    use crate::plugin::bundled;
+    use crate::plugin::host_api::KvStore;
+
+    fn registry() -> Arc<Registry> {
+        let channels = Arc::new(Channels::new(Arc::new(Metrics::new()), Default::default()));
+        let services = HostServices {
+            bus: Arc::new(LocalBus::new(channels.clone())),
+            channels,
+            kv: Arc::new(KvStore::default()),
+        };
+        let runtime = Runtime::new(&Default::default(), None).expect("runtime");
+        Arc::new(Registry::new(runtime, services, 64 << 20))
+    }
+
+    fn router_manifest(name: &str) -> String {
+        let bundled = bundled::find("path-router").unwrap();
+        bundled
+            .manifest
+            .replace("name = \"path-router\"", &format!("name = \"{name}\""))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_routers_loading_at_once_cannot_both_take_the_role() {
+        let registry = registry();
+        let wasm = Bytes::from_static(bundled::find("path-router").unwrap().wasm);
+        let load = |name: &'static str| {
+            let registry = registry.clone();
+            let wasm = wasm.clone();
+            tokio::spawn(async move {
+                registry
+                    .load(name, wasm, &router_manifest(name), Source::Admin)
+                    .await
+            })
+        };
+        let (a, b) = (load("router-a"), load("router-b"));
+        let results = [a.await.unwrap(), b.await.unwrap()];
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(won, 1, "exactly one router takes the role: {results:?}");
+        let refused = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+        assert!(
+            matches!(refused, RegistryError::Load(LoadError::Conflict(_))),
+            "{refused:?}"
+        );
+        let routers = registry
+            .list()
+            .into_iter()
+            .filter(|p| p.role == Role::Router)
+            .count();
+        assert_eq!(routers, 1);
+    }
+
+    #[tokio::test]
+    async fn a_new_version_replaces_itself_and_can_be_rolled_back() {
+        let registry = registry();
+        let bundled = bundled::find("path-router").unwrap();
+        let wasm = Bytes::from_static(bundled.wasm);
+        let v1 = router_manifest("router");
+        let v2 = v1.replacen("version = ", "version = \"9.9.9\"\n# was: ", 1);
+        registry
+            .load("router", wasm.clone(), &v1, Source::Admin)
+            .await
+            .unwrap();
+        let swap = registry
+            .load("router", wasm, &v2, Source::Admin)
+            .await
+            .unwrap();
+        assert_eq!(swap.version, "9.9.9");
+        assert!(swap.replaced.is_some());
+        let back = registry.rollback("router").unwrap();
+        assert_ne!(back.version, "9.9.9");
+        assert_eq!(back.replaced.as_deref(), Some("9.9.9"));
+        registry.remove("router").unwrap();
+        assert!(registry.list().is_empty());
+        assert!(matches!(
+            registry.rollback("router"),
+            Err(RegistryError::NotFound(_))
+        ));
     }
 }

@@ -21,6 +21,7 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Why a plugin could not be loaded. Each names the problem for the operator.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum LoadError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
@@ -71,7 +72,10 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn new(config: &PluginsConfig, cache_dir: Option<PathBuf>) -> Result<Arc<Self>, String> {
+    pub fn new(
+        config: &PluginsConfig,
+        cache_dir: Option<PathBuf>,
+    ) -> Result<Arc<Self>, wasmtime::Error> {
         let mut pool = PoolingAllocationConfig::new();
         let slots = config.max_instances;
         pool.total_component_instances(slots)
@@ -88,7 +92,7 @@ impl Runtime {
             .epoch_interruption(true)
             .parallel_compilation(true)
             .wasm_component_model(true);
-        let engine = Engine::new(&wasm).map_err(|e| format!("{e:#}"))?;
+        let engine = Engine::new(&wasm)?;
         spawn_epoch_ticker(&engine);
         if let Some(dir) = &cache_dir
             && let Err(e) = std::fs::create_dir_all(dir)

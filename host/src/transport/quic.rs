@@ -268,6 +268,7 @@ fn bulk_failure(error: &FrameError, max: usize) -> Option<Msg> {
 
 /// Why a bulk write did not complete.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 enum BulkWriteError {
     #[error("no stream credit or no progress within the idle timeout")]
     Stalled,

@@ -29,6 +29,7 @@ pub struct Identity {
 }
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TlsError {
     #[error("cannot read {path}: {reason}")]
     Read { path: PathBuf, reason: String },

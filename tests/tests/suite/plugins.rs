@@ -584,3 +584,60 @@ async fn repeated_memory_hogs_leave_the_host_memory_bounded() {
     let info = get_json(&relay.url("/admin/plugins/evil")).await.unwrap();
     assert_eq!(info["out_of_memory"], 26, "{info}");
 }
+
+/// A plugin's outbound HTTP waits off the relay's workers: with one worker,
+/// another connection is served while a filter's fetch is held open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_plugins_http_fetch_does_not_hold_up_other_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    let (arrived_tx, arrived) = tokio::sync::oneshot::channel::<()>();
+    let (release, release_rx) = tokio::sync::oneshot::channel::<()>();
+    // An upstream that answers only when the test says so.
+    tokio::spawn(async move {
+        let (mut socket, _) = upstream.accept().await.unwrap();
+        let mut request = [0u8; 1024];
+        let _ = socket.read(&mut request).await.unwrap();
+        let _ = arrived_tx.send(());
+        let _ = release_rx.await;
+        socket
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello")
+            .await
+            .unwrap();
+    });
+
+    let relay = TestRelay::start().await;
+    let manifest = format!(
+        "name = \"evil\"\nversion = \"1.0.0\"\nrole = \"filter\"\ncapabilities = [\"log\", \"kv\", \"http\"]\nchannels = [\"evil/*\"]\nallow_hosts = [\"127.0.0.1:{port}\"]\n[limits]\ncall_timeout_ms = 10000\n"
+    );
+    let (status, body) = put_plugin(&relay, "evil", EVIL, &manifest).await;
+    assert_eq!(status, 200, "{body}");
+    let mut subscriber = subscribed(&relay, "evil/fetch").await;
+    let mut bystander = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    let mut publisher = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    let url = format!("fetch:http://127.0.0.1:{port}/");
+    let publishing = tokio::spawn(async move { publish(&mut publisher, "evil/fetch", &url).await });
+
+    tokio::time::timeout(Duration::from_secs(10), arrived)
+        .await
+        .expect("the filter's request reaches the upstream")
+        .unwrap();
+    // The fetch is held open now; the bystander is still served.
+    bystander
+        .send(json!({"type": "ping", "id": "during-fetch"}))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(10), bystander.recv_type("pong"))
+        .await
+        .expect("a pong while a plugin's fetch is in flight")
+        .unwrap();
+    assert_eq!(pong["id"], "during-fetch");
+
+    release.send(()).unwrap();
+    let ack = publishing.await.unwrap();
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let message = subscriber.recv_type("message").await.unwrap();
+    assert_eq!(message["data"], "200 hello", "{message}");
+    relay.stop().await.unwrap();
+}
