@@ -2,7 +2,12 @@
 
 use std::path::Path;
 
-const FIXTURES: [&str; 3] = ["evil-filter", "future-filter", "noop-filter"];
+const FIXTURES: [&str; 4] = [
+    "evil-filter",
+    "fetch-filter",
+    "future-filter",
+    "noop-filter",
+];
 
 fn main() {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo");

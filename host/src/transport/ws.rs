@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
-use super::http::{Body, json_error, refusal_response};
+use super::http::reply::{Body, json_error, refusal_response};
 use crate::hooks::Handshake;
 use crate::protocol::{Encoding, ErrorCode, codec};
 use crate::quota::ConnQuota;

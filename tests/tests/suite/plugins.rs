@@ -10,6 +10,7 @@ use wasmrelay::plugin::bundled;
 use wasmrelay_tests::{TEST_ADMIN_TOKEN, TestRelay, WsTester, admin_client, get_json, wait_json};
 
 const EVIL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/evil-filter.wasm"));
+const FETCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fetch-filter.wasm"));
 const FUTURE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/future-filter.wasm"));
 const RELAY: &str = env!("CARGO_BIN_EXE_test-wasmrelay");
 
@@ -609,15 +610,16 @@ async fn a_plugins_http_fetch_does_not_hold_up_other_connections() {
 
     let relay = TestRelay::start().await;
     let manifest = format!(
-        "name = \"evil\"\nversion = \"1.0.0\"\nrole = \"filter\"\ncapabilities = [\"log\", \"kv\", \"http\"]\nchannels = [\"evil/*\"]\nallow_hosts = [\"127.0.0.1:{port}\"]\n[limits]\ncall_timeout_ms = 10000\n"
+        "name = \"fetch\"\nversion = \"1.0.0\"\nrole = \"filter\"\ncapabilities = [\"http\"]\nchannels = [\"fetch/*\"]\nallow_hosts = [\"127.0.0.1:{port}\"]\n[limits]\ncall_timeout_ms = 10000\n"
     );
-    let (status, body) = put_plugin(&relay, "evil", EVIL, &manifest).await;
+    let (status, body) = put_plugin(&relay, "fetch", FETCH, &manifest).await;
     assert_eq!(status, 200, "{body}");
-    let mut subscriber = subscribed(&relay, "evil/fetch").await;
+    let mut subscriber = subscribed(&relay, "fetch/upstream").await;
     let mut bystander = WsTester::greeted(&relay.ws_url()).await.unwrap();
     let mut publisher = WsTester::greeted(&relay.ws_url()).await.unwrap();
     let url = format!("fetch:http://127.0.0.1:{port}/");
-    let publishing = tokio::spawn(async move { publish(&mut publisher, "evil/fetch", &url).await });
+    let publishing =
+        tokio::spawn(async move { publish(&mut publisher, "fetch/upstream", &url).await });
 
     tokio::time::timeout(Duration::from_secs(10), arrived)
         .await
