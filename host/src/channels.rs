@@ -161,3 +161,120 @@ impl Channels {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ChannelOverride;
+    use crate::session::queue::Budget;
+    use crate::session::table::ConnTable;
+    use crate::testing::Peer;
+
+    struct World {
+        table: Arc<ConnTable>,
+        budget: Arc<Budget>,
+        channels: Channels,
+    }
+
+    impl World {
+        fn new(policies: ChannelsConfig) -> Self {
+            Self {
+                table: Arc::new(ConnTable::default()),
+                budget: Budget::new(1 << 30),
+                channels: Channels::new(Arc::new(Metrics::new()), policies),
+            }
+        }
+
+        fn subscriber(&self, channel: &str, queue_messages: usize) -> Peer {
+            let peer = Peer::new(&self.table, &self.budget, queue_messages);
+            self.channels.subscribe(
+                channel,
+                Subscriber {
+                    conn: peer.conn().clone(),
+                    queue: peer.queue.clone(),
+                },
+            );
+            peer
+        }
+    }
+
+    fn seqs(messages: &[Msg]) -> Vec<u64> {
+        messages
+            .iter()
+            .filter_map(|m| match m {
+                Msg::Message { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_subscriber_gets_every_message_in_seq_order() {
+        let world = World::new(ChannelsConfig::default());
+        let a = world.subscriber("room", 64);
+        let b = world.subscriber("room", 64);
+        for n in 0..10 {
+            assert_eq!(
+                world.channels.publish("room", Data::from(format!("{n}"))),
+                n + 1
+            );
+        }
+        let expected: Vec<u64> = (1..=10).collect();
+        assert_eq!(seqs(&a.queued()), expected);
+        assert_eq!(seqs(&b.queued()), expected);
+    }
+
+    #[test]
+    fn presence_tells_the_others_and_the_last_to_leave_removes_the_channel() {
+        let world = World::new(ChannelsConfig::default());
+        let first = world.subscriber("room", 64);
+        let second = world.subscriber("room", 64);
+        assert!(first.queued().contains(&Msg::Presence {
+            channel: "room".into(),
+            count: 2
+        }));
+        assert_eq!(world.channels.presence("room"), 2);
+        world.channels.unsubscribe("room", first.conn().id);
+        world.channels.unsubscribe("room", second.conn().id);
+        assert!(world.channels.is_empty());
+        // Nothing is kept for a channel nobody listens to.
+        assert_eq!(world.channels.publish("room", Data::from("lost")), 0);
+    }
+
+    #[test]
+    fn a_full_subscriber_loses_its_oldest_messages_and_the_others_lose_nothing() {
+        let world = World::new(ChannelsConfig::default());
+        let slow = world.subscriber("room", 4);
+        let fast = world.subscriber("room", 64);
+        // The subscribe-time presence notice went to `slow`; clear it.
+        let _ = slow.queued();
+        for _ in 0..10 {
+            world.channels.publish("room", Data::from("x"));
+        }
+        let kept = seqs(&slow.queued());
+        assert_eq!(kept, [7, 8, 9, 10], "the newest four are kept");
+        assert_eq!(
+            slow.conn()
+                .dropped
+                .load(std::sync::atomic::Ordering::Relaxed),
+            6
+        );
+        assert_eq!(seqs(&fast.queued()), (1..=10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_disconnect_channel_closes_a_subscriber_that_falls_behind() {
+        let mut policies = ChannelsConfig::default();
+        policies.overrides.push(ChannelOverride {
+            prefix: "ticks/".into(),
+            slow_consumer: SlowConsumer::Disconnect,
+        });
+        let world = World::new(policies);
+        let slow = world.subscriber("ticks/a", 2);
+        for _ in 0..3 {
+            world.channels.publish("ticks/a", Data::from("x"));
+        }
+        let reason = slow.closed().expect("closed for falling behind");
+        assert!(reason.contains("ticks/a"), "{reason}");
+    }
+}

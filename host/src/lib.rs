@@ -21,6 +21,8 @@ pub mod secrets;
 pub mod session;
 pub mod shutdown;
 pub mod spaces;
+#[cfg(test)]
+mod testing;
 pub mod transport;
 
 /// The wire protocol lives in its own crate so clients can share it without

@@ -400,7 +400,7 @@ async fn housekeeping(relay: Arc<Relay>) {
     let mut sweep_due = SWEEP_EVERY;
     loop {
         tick.tick().await;
-        let expired = relay.spaces.expire(Instant::now());
+        let expired = relay.spaces.expire(tokio::time::Instant::now());
         if expired > 0 {
             tracing::debug!(expired, "requests timed out");
         }

@@ -10,12 +10,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use serde::Serialize;
 use tokio::sync::oneshot;
+// tokio's clock, so deadlines and waits can be tested on paused time.
+use tokio::time::Instant;
 
 use crate::config::{LimitsConfig, SpacesConfig};
 use crate::metrics::Metrics;
@@ -878,4 +880,250 @@ fn send_cancel(instance: &Instance, id: u64, reason: &str, metrics: &Metrics) {
         Overflow::DropNewest,
         metrics,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::queue::Budget;
+    use crate::session::table::ConnTable;
+    use crate::testing::Peer;
+
+    struct World {
+        table: Arc<ConnTable>,
+        budget: Arc<Budget>,
+        spaces: Spaces,
+    }
+
+    impl World {
+        fn new(edit: impl FnOnce(&mut SpacesConfig, &mut LimitsConfig)) -> Self {
+            let (mut spaces, mut limits) = (SpacesConfig::default(), LimitsConfig::default());
+            edit(&mut spaces, &mut limits);
+            Self {
+                table: Arc::new(ConnTable::default()),
+                budget: Budget::new(1 << 30),
+                spaces: Spaces::new(&spaces, &limits, Arc::new(Metrics::new())),
+            }
+        }
+
+        fn peer(&self) -> Peer {
+            Peer::new(&self.table, &self.budget, 64)
+        }
+
+        fn instance(&self, space: &str, principal: &str) -> (Peer, Arc<Instance>) {
+            let peer = self.peer();
+            let instance = self
+                .spaces
+                .register(space, principal, peer.conn(), peer.queue.clone())
+                .unwrap();
+            (peer, instance)
+        }
+    }
+
+    fn request(space: &str, id: &str) -> Request {
+        Request {
+            id: id.to_owned(),
+            space: space.to_owned(),
+            method: "POST".into(),
+            path: "/".into(),
+            query: String::new(),
+            headers: vec![],
+            timeout_ms: None,
+            stream: false,
+            data: Data::from("hi"),
+        }
+    }
+
+    fn response(id: &str) -> Response {
+        Response {
+            id: id.to_owned(),
+            status: 200,
+            headers: vec![],
+            data: Data::from("HI"),
+        }
+    }
+
+    /// The relay-side id of the one request queued for an instance.
+    fn forwarded_id(instance: &Peer) -> String {
+        match instance.queued().as_slice() {
+            [Msg::Request(request)] => request.id.clone(),
+            other => panic!("expected one request, got {other:?}"),
+        }
+    }
+
+    fn error_code(msg: &Msg) -> ErrorCode {
+        match msg {
+            Msg::Error { code, .. } => *code,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_spread_over_instances_and_responses_reach_their_caller() {
+        let world = World::new(|_, _| {});
+        let (a, _) = world.instance("demo", "svc");
+        let (b, _) = world.instance("demo", "svc");
+        let caller = world.peer();
+        world
+            .spaces
+            .dispatch(request("demo", "one"), caller.caller("one"))
+            .unwrap();
+        world
+            .spaces
+            .dispatch(request("demo", "two"), caller.caller("two"))
+            .unwrap();
+        let (at_a, at_b) = (forwarded_id(&a), forwarded_id(&b));
+        assert_ne!(at_a, at_b);
+        // Only the instance working on a request may answer it.
+        let stolen = world.spaces.respond(b.conn(), response(&at_a));
+        assert_eq!(stolen.unwrap_err().code, ErrorCode::UnknownRequest);
+        world.spaces.respond(a.conn(), response(&at_a)).unwrap();
+        world.spaces.respond(b.conn(), response(&at_b)).unwrap();
+        let mut answered: Vec<String> = caller
+            .queued()
+            .into_iter()
+            .map(|msg| match msg {
+                Msg::Response(response) => response.id,
+                other => panic!("expected a response, got {other:?}"),
+            })
+            .collect();
+        answered.sort();
+        assert_eq!(answered, ["one", "two"]);
+        assert_eq!(world.spaces.pending_count(), 0);
+    }
+
+    #[test]
+    fn a_callers_id_in_flight_twice_is_a_duplicate() {
+        let world = World::new(|_, _| {});
+        let (_instance, _) = world.instance("demo", "");
+        let caller = world.peer();
+        world
+            .spaces
+            .dispatch(request("demo", "same"), caller.caller("same"))
+            .unwrap();
+        let again = world
+            .spaces
+            .dispatch(request("demo", "same"), caller.caller("same"));
+        assert_eq!(again.unwrap_err().code, ErrorCode::DuplicateId);
+    }
+
+    #[test]
+    fn a_lost_instance_fails_its_requests_at_once() {
+        let world = World::new(|_, _| {});
+        let (_peer, instance) = world.instance("demo", "");
+        let caller = world.peer();
+        let (http_tx, mut http_rx) = oneshot::channel();
+        world
+            .spaces
+            .dispatch(request("demo", "ws"), caller.caller("ws"))
+            .unwrap();
+        world
+            .spaces
+            .dispatch(request("demo", ""), Caller::Http(http_tx))
+            .unwrap();
+        world.spaces.unregister(&instance);
+        let told = caller.queued();
+        assert_eq!(told.len(), 1);
+        assert_eq!(error_code(&told[0]), ErrorCode::InstanceLost);
+        let http = http_rx.try_recv().unwrap().unwrap_err();
+        assert_eq!(http.code, ErrorCode::InstanceLost);
+        let next = world
+            .spaces
+            .dispatch(request("demo", "later"), caller.caller("later"));
+        assert_eq!(next.unwrap_err().code, ErrorCode::NoInstance);
+    }
+
+    #[test]
+    fn a_space_held_by_one_user_refuses_another_unless_shared() {
+        let world = World::new(|spaces, _| spaces.shared = vec!["open".into()]);
+        let _held = world.instance("demo", "alice");
+        let other = world.peer();
+        let refused = world
+            .spaces
+            .register("demo", "mallory", other.conn(), other.queue.clone());
+        assert_eq!(refused.unwrap_err().code, ErrorCode::Forbidden);
+        let _alice_again = world.instance("demo", "alice");
+        let _first = world.instance("open", "alice");
+        let _second = world.instance("open", "bob");
+        assert_eq!(world.spaces.info("open").unwrap().instances, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_past_its_deadline_times_out_and_the_instance_is_told_to_cancel() {
+        let world = World::new(|_, _| {});
+        let (instance, _) = world.instance("demo", "");
+        let caller = world.peer();
+        let mut slow = request("demo", "slow");
+        slow.timeout_ms = Some(100);
+        world.spaces.dispatch(slow, caller.caller("slow")).unwrap();
+        let relay_id = forwarded_id(&instance);
+        tokio::time::advance(Duration::from_millis(99)).await;
+        assert_eq!(world.spaces.expire(Instant::now()), 0);
+        assert!(caller.queue.is_empty());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(world.spaces.expire(Instant::now()), 1);
+        assert_eq!(error_code(&caller.queued()[0]), ErrorCode::Timeout);
+        match instance.queued().as_slice() {
+            [Msg::Cancel { id, .. }] => assert_eq!(*id, relay_id),
+            other => panic!("expected a cancel, got {other:?}"),
+        }
+        // A late response finds nothing to answer.
+        let late = world.spaces.respond(instance.conn(), response(&relay_id));
+        assert_eq!(late.unwrap_err().code, ErrorCode::UnknownRequest);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_for_a_free_slot_and_fails_overloaded_when_none_frees() {
+        let world = World::new(|_, limits| {
+            limits.max_in_flight_per_instance = 1;
+            limits.max_wait_ms = 50;
+        });
+        let (instance, _) = world.instance("demo", "");
+        let caller = world.peer();
+        for id in ["first", "second", "third"] {
+            world
+                .spaces
+                .dispatch(request("demo", id), caller.caller(id))
+                .unwrap();
+        }
+        assert_eq!(world.spaces.info("demo").unwrap().waiting, 2);
+        // The first answer frees the slot: the second starts at once.
+        let first = forwarded_id(&instance);
+        world
+            .spaces
+            .respond(instance.conn(), response(&first))
+            .unwrap();
+        let second = forwarded_id(&instance);
+        assert_ne!(first, second);
+        // The third gets no slot within max_wait_ms.
+        tokio::time::advance(Duration::from_millis(50)).await;
+        assert_eq!(world.spaces.expire(Instant::now()), 1);
+        // (Errors ride the control lane, so they come out first.)
+        let told = caller.queued();
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert!(
+            told.iter()
+                .any(|m| matches!(m, Msg::Response(r) if r.id == "first"))
+        );
+        assert!(told.iter().any(|m| matches!(m,
+            Msg::Error { code: ErrorCode::Overloaded, id: Some(id), .. } if id == "third")));
+        assert_eq!(world.spaces.info("demo").unwrap().waiting, 0);
+    }
+
+    #[test]
+    fn a_caller_that_goes_away_cancels_its_requests() {
+        let world = World::new(|_, _| {});
+        let (instance, _) = world.instance("demo", "");
+        let caller = world.peer();
+        world
+            .spaces
+            .dispatch(request("demo", "x"), caller.caller("x"))
+            .unwrap();
+        let relay_id = forwarded_id(&instance);
+        world.spaces.caller_gone(caller.conn().id);
+        assert!(
+            matches!(instance.queued().as_slice(), [Msg::Cancel { id, .. }] if *id == relay_id)
+        );
+        assert_eq!(world.spaces.pending_count(), 0);
+    }
 }
