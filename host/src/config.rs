@@ -519,7 +519,7 @@ impl Config {
             }
         }
         for name in &self.spaces.declared {
-            if let Err(reason) = crate::spaces::validate_space_name(name) {
+            if let Err(reason) = crate::protocol::names::validate_space_name(name) {
                 return Err(invalid("spaces.declared", format!("{name:?}: {reason}")));
             }
         }
@@ -534,12 +534,12 @@ impl Config {
         }
         let p = &self.plugins;
         for name in &p.bundled {
-            if crate::plugin::bundled::find(name).is_none() {
+            if crate::bundled::find(name).is_none() {
                 return Err(invalid(
                     "plugins.bundled",
                     format!(
                         "{name:?} is not a bundled plugin (bundled: {})",
-                        crate::plugin::bundled::BUNDLED
+                        crate::bundled::BUNDLED
                             .iter()
                             .map(|b| b.name)
                             .collect::<Vec<_>>()

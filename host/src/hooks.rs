@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 
 use crate::protocol::{Data, ErrorCode};
+use crate::rate::Rate;
 
 /// What admission sees of a connection before it is upgraded.
 #[derive(Debug)]
@@ -23,7 +24,18 @@ pub struct Grant {
     pub user: String,
     pub tier: String,
     /// The tier's caps and rates, which the relay enforces (`quota`).
-    pub limits: Option<crate::quota::TierLimits>,
+    pub limits: Option<TierLimits>,
+}
+
+/// What a tier allows, as the policy decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TierLimits {
+    /// Connections one user may hold at once.
+    pub max_connections: u32,
+    /// Messages of no particular class, per user.
+    pub messages: Rate,
+    /// Per-class rates, per user.
+    pub classes: Vec<(String, Rate)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

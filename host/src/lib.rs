@@ -7,6 +7,7 @@
 //! ARCHITECTURE.md maps the modules.
 
 pub mod admin;
+pub mod bundled;
 pub mod bus;
 pub mod channels;
 pub mod cli;

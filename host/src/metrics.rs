@@ -14,7 +14,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::protocol::ErrorCode;
-use crate::session::table::ConnTable;
 
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
@@ -256,12 +255,17 @@ impl Metrics {
         total.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition, with the connection gauge refreshed from the table.
-    pub fn render(&self, table: &ConnTable) -> String {
+    /// The Prometheus text exposition, with the connection gauge set from
+    /// `connections`: (transport, state, count) as the table counts them now.
+    /// (Taken as figures, so metrics need not know the connection table.)
+    pub fn render(
+        &self,
+        connections: impl IntoIterator<Item = (&'static str, &'static str, u64)>,
+    ) -> String {
         self.connections.clear();
-        for (transport, state, count) in table.counts() {
+        for (transport, state, count) in connections {
             self.connections
-                .get_or_create(&[("transport", transport.as_str()), ("state", state.as_str())])
+                .get_or_create(&[("transport", transport), ("state", state)])
                 .set(count as i64);
         }
         let mut out = String::new();

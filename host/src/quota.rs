@@ -30,16 +30,7 @@ use crate::metrics::RefusedFor;
 use crate::protocol::ErrorCode;
 use crate::rate::{Bucket, Rate};
 
-/// What a tier allows, as the policy decided.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TierLimits {
-    /// Connections one user may hold at once.
-    pub max_connections: u32,
-    /// Messages of no particular class, per user.
-    pub messages: Rate,
-    /// Per-class rates, per user.
-    pub classes: Vec<(String, Rate)>,
-}
+pub use crate::hooks::TierLimits;
 
 /// Why a connection was refused before it opened.
 #[derive(Debug, Clone, PartialEq)]

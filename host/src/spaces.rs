@@ -26,19 +26,7 @@ use crate::session::queue::{OutboundQueue, Overflow};
 use crate::session::table::ConnInfo;
 use crate::session::{Outbound, deliver};
 
-/// Space names: 1–64 of `A-Z a-z 0-9 . _ -`, so they are safe in URLs and logs.
-pub fn validate_space_name(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() || name.len() > 64 {
-        return Err("must be 1 to 64 characters");
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err("may contain only letters, digits, '.', '_' and '-'");
-    }
-    Ok(())
-}
+pub use crate::protocol::names::validate_space_name;
 
 /// A refusal, with the code the caller gets.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -7,6 +7,7 @@
 //! This crate does no I/O unless its `quinn` feature is on.
 
 pub mod codec;
+pub mod names;
 pub mod quic;
 
 use bytes::Bytes;

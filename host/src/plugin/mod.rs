@@ -4,7 +4,8 @@
 //! the bundled plugins and the watched plugin folder.
 
 pub mod bindings;
-pub mod bundled;
+/// The plugins compiled into the binary (data only, so config can check names).
+pub use crate::bundled;
 mod cache;
 pub mod host_api;
 pub mod loaded;

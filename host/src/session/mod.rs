@@ -74,16 +74,7 @@ pub fn account_sent(conn: &ConnInfo, metrics: &Metrics, batch: &[Outbound]) {
     metrics.messages_out(count);
 }
 
-/// Channel names: 1–256 bytes, no control characters.
-pub fn validate_channel_name(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() || name.len() > 256 {
-        return Err("channel name must be 1 to 256 bytes");
-    }
-    if name.chars().any(char::is_control) {
-        return Err("channel name must not contain control characters");
-    }
-    Ok(())
-}
+pub use crate::protocol::names::validate_channel_name;
 
 pub struct Session {
     relay: Arc<Relay>,

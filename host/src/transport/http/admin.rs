@@ -59,7 +59,13 @@ pub fn route(relay: &Relay, method: &Method, segments: &[&str]) -> hyper::Respon
         (&Method::GET, ["metrics"]) => text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            relay.metrics.render(&relay.table),
+            relay.metrics.render(
+                relay
+                    .table
+                    .counts()
+                    .into_iter()
+                    .map(|(transport, state, count)| (transport.as_str(), state.as_str(), count)),
+            ),
         ),
         _ => json_error(
             StatusCode::NOT_FOUND,

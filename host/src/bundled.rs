@@ -11,17 +11,17 @@ pub const BUNDLED: [Bundled; 3] = [
     Bundled {
         name: "path-router",
         wasm: include_bytes!(concat!(env!("OUT_DIR"), "/path-router.wasm")),
-        manifest: include_str!("../../../plugins/path-router/plugin.toml"),
+        manifest: include_str!("../../plugins/path-router/plugin.toml"),
     },
     Bundled {
         name: "tiered-policy",
         wasm: include_bytes!(concat!(env!("OUT_DIR"), "/tiered-policy.wasm")),
-        manifest: include_str!("../../../plugins/tiered-policy/plugin.toml"),
+        manifest: include_str!("../../plugins/tiered-policy/plugin.toml"),
     },
     Bundled {
         name: "stamp-filter",
         wasm: include_bytes!(concat!(env!("OUT_DIR"), "/stamp-filter.wasm")),
-        manifest: include_str!("../../../plugins/stamp-filter/plugin.toml"),
+        manifest: include_str!("../../plugins/stamp-filter/plugin.toml"),
     },
 ];
 
