@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 
 use crate::config::{ChannelsConfig, SlowConsumer};
+use crate::delivery::queue::{OutboundQueue, Overflow};
+use crate::delivery::table::ConnInfo;
+use crate::delivery::{Outbound, deliver};
 use crate::metrics::Metrics;
 use crate::protocol::{Data, Msg};
-use crate::session::queue::{OutboundQueue, Overflow};
-use crate::session::table::ConnInfo;
-use crate::session::{Outbound, deliver};
 
 /// A subscriber's delivery handle.
 #[derive(Debug, Clone)]
@@ -166,8 +166,8 @@ impl Channels {
 mod tests {
     use super::*;
     use crate::config::ChannelOverride;
-    use crate::session::queue::Budget;
-    use crate::session::table::ConnTable;
+    use crate::delivery::queue::Budget;
+    use crate::delivery::table::ConnTable;
     use crate::testing::Peer;
 
     struct World {

@@ -12,6 +12,7 @@ pub mod bus;
 pub mod channels;
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod hooks;
 pub mod metrics;
 pub mod plugin;

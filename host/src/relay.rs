@@ -14,13 +14,13 @@ use crate::admin::AdminCredential;
 use crate::bus::{Bus, LocalBus};
 use crate::channels::Channels;
 use crate::config::{Config, ConfigError};
+use crate::delivery::queue::Budget;
+use crate::delivery::table::ConnTable;
 use crate::hooks::{Admission, Admit, Filter, Grant, Handshake, Router};
 use crate::metrics::{Metrics, RefusedFor};
 use crate::plugin::host_api::{HostServices, KvStore};
 use crate::plugin::{Registry, Runtime, Source, bundled};
 use crate::quota::{ConnQuota, Quotas, Refusal};
-use crate::session::queue::Budget;
-use crate::session::table::ConnTable;
 use crate::spaces::Spaces;
 use crate::transport;
 

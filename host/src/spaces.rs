@@ -20,11 +20,11 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::{LimitsConfig, SpacesConfig};
+use crate::delivery::queue::{OutboundQueue, Overflow};
+use crate::delivery::table::ConnInfo;
+use crate::delivery::{Outbound, deliver};
 use crate::metrics::Metrics;
 use crate::protocol::{Data, ErrorCode, Msg, Request, Response};
-use crate::session::queue::{OutboundQueue, Overflow};
-use crate::session::table::ConnInfo;
-use crate::session::{Outbound, deliver};
 
 pub use crate::protocol::names::validate_space_name;
 
@@ -873,8 +873,8 @@ fn send_cancel(instance: &Instance, id: u64, reason: &str, metrics: &Metrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::queue::Budget;
-    use crate::session::table::ConnTable;
+    use crate::delivery::queue::Budget;
+    use crate::delivery::table::ConnTable;
     use crate::testing::Peer;
 
     struct World {

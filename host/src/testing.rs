@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
+use crate::delivery::Outbound;
+use crate::delivery::queue::{Budget, OutboundQueue, QueueLimits};
+use crate::delivery::table::{ConnGuard, ConnInfo, ConnTable};
 use crate::protocol::Msg;
-use crate::session::Outbound;
-use crate::session::queue::{Budget, OutboundQueue, QueueLimits};
-use crate::session::table::{ConnGuard, ConnInfo, ConnTable};
 use crate::spaces::Caller;
 
 /// One protocol connection: its row and its outbound queue.

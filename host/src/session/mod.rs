@@ -7,52 +7,20 @@
 //! Dropping a session undoes everything it did, so a connection that ends in
 //! any way leaves nothing behind.
 
-pub mod outbound;
-pub mod queue;
-pub mod table;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-pub use outbound::Outbound;
-use queue::{OutboundQueue, Overflow, Pushed, QueueLimits};
+use crate::delivery::Outbound;
+use crate::delivery::queue::{OutboundQueue, QueueLimits};
+use crate::delivery::table::{ConnInfo, ConnState, Transport};
 
 use crate::channels::Subscriber;
 use crate::hooks::{Filtered, Handshake, MayRegister, Route, RouteInput};
-use crate::metrics::Metrics;
 use crate::protocol::{DecodeError, ErrorCode, Msg, Request, VERSION};
 use crate::quota::{ConnQuota, Verdict};
 use crate::relay::Relay;
 use crate::spaces::{Caller, Instance};
-use table::{ConnInfo, ConnState, Transport};
-
-/// Puts `out` on a connection's outbound queue without waiting, applying
-/// `overflow` when the consumer is behind; counts what it loses. Returns
-/// whether `out` was queued.
-pub fn deliver(
-    conn: &ConnInfo,
-    queue: &OutboundQueue,
-    out: Outbound,
-    overflow: Overflow,
-    metrics: &Metrics,
-) -> bool {
-    match queue.push(out, overflow) {
-        Pushed::Queued { evicted } => {
-            if evicted > 0 {
-                conn.dropped.fetch_add(evicted, Ordering::Relaxed);
-                metrics.messages_dropped(evicted);
-            }
-            true
-        }
-        Pushed::Dropped { evicted } => {
-            conn.dropped.fetch_add(1 + evicted, Ordering::Relaxed);
-            metrics.messages_dropped(1 + evicted);
-            false
-        }
-        Pushed::Closed => false,
-    }
-}
 
 /// The `goaway` every connection is sent when the relay starts draining.
 pub fn goaway(relay: &Relay) -> Outbound {
@@ -60,18 +28,6 @@ pub fn goaway(relay: &Relay) -> Outbound {
         reason: "relay shutting down".to_owned(),
         reconnect_ms: relay.config.server.shutdown_grace_ms,
     })
-}
-
-/// Counts messages a connection has written, and the errors among them.
-pub fn account_sent(conn: &ConnInfo, metrics: &Metrics, batch: &[Outbound]) {
-    for out in batch {
-        if let Msg::Error { code, .. } = out.msg() {
-            metrics.error_sent(*code);
-        }
-    }
-    let count = batch.len() as u64;
-    conn.msgs_out.fetch_add(count, Ordering::Relaxed);
-    metrics.messages_out(count);
 }
 
 pub use crate::protocol::names::validate_channel_name;

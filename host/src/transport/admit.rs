@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+use crate::delivery::table::ConnGuard;
 use crate::quota::Refusal;
 use crate::relay::Relay;
-use crate::session::table::ConnGuard;
 
 /// Refused connections that are answered at once, per listener; past this
 /// they are dropped, so a flood of refusals costs nothing to hold.

@@ -9,9 +9,9 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::delivery::Outbound;
 use crate::protocol::{Data, Msg};
 use crate::relay::Relay;
-use crate::session::Outbound;
 use crate::spaces::BodyTarget;
 
 /// Bodies larger than this (or of unknown length) are streamed; smaller

@@ -10,8 +10,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::delivery::table::ConnInfo;
 use crate::metrics::Metrics;
-use crate::session::table::ConnInfo;
 
 pub struct CountingIo<S> {
     inner: S,

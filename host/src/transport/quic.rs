@@ -25,6 +25,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::admit::{Accepted, Admissions};
+use crate::delivery::table::{ConnGuard, ConnInfo, ConnState, Transport};
+use crate::delivery::{Outbound, account_sent};
 use crate::hooks::Handshake;
 use crate::protocol::quic::{
     FrameError, LENGTH_BYTES, MAX_BULK_STREAMS, close, frame, is_bulk, length_prefix, read_frame,
@@ -33,8 +35,7 @@ use crate::protocol::quic::{
 use crate::protocol::{ErrorCode, Msg, codec};
 use crate::quota::ConnQuota;
 use crate::relay::Relay;
-use crate::session::table::{ConnGuard, ConnInfo, ConnState, Transport};
-use crate::session::{Closing, Outbound, Session, account_sent, goaway};
+use crate::session::{Closing, Session, goaway};
 
 /// Whole frames waiting for the session; readers block (and QUIC flow
 /// control pushes back on the peer) when the session falls behind.
@@ -494,7 +495,7 @@ async fn serve(
 /// Copies quinn's path figures into the connection's table row.
 fn record_stats(connection: &quinn::Connection, conn: &ConnInfo) {
     let stats = connection.stats();
-    let figures = crate::session::table::QuicFigures {
+    let figures = crate::delivery::table::QuicFigures {
         rtt_us: stats.path.rtt.as_micros() as u64,
         cwnd_bytes: stats.path.cwnd,
         lost_packets: stats.path.lost_packets,

@@ -11,9 +11,9 @@ use serde::Serialize;
 
 use super::reply::{Body, json, json_error, text};
 use crate::admin::AdminCredential;
+use crate::delivery::table::ConnSnapshot;
 use crate::protocol::ErrorCode;
 use crate::relay::Relay;
-use crate::session::table::ConnSnapshot;
 
 /// Checks `Authorization: Bearer <token>` against the relay's admin credential.
 #[allow(clippy::result_large_err)]

@@ -13,10 +13,10 @@ use hyper::body::{Body as _, Incoming};
 use tokio::sync::oneshot;
 
 use super::reply::{Body, json_error, refusal_response, set_retry_after, status_for};
+use crate::delivery::table::ConnGuard;
 use crate::hooks::{Handshake, Route, RouteInput};
 use crate::protocol::{Data, ErrorCode, Request};
 use crate::relay::Relay;
-use crate::session::table::ConnGuard;
 use crate::spaces::Caller;
 use crate::transport::body::{self, StreamEnd};
 

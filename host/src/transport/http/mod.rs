@@ -19,10 +19,10 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::delivery::table::ConnGuard;
 use crate::metrics::RefusedFor;
 use crate::quota::Refusal;
 use crate::relay::Relay;
-use crate::session::table::ConnGuard;
 use crate::transport::admit::{Accepted, Admissions};
 use crate::transport::io::CountingIo;
 use crate::transport::readahead::ReadAhead;

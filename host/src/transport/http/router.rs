@@ -15,10 +15,10 @@ use serde::Serialize;
 use super::admin;
 use super::ingress::ingress;
 use super::reply::{Body, json, json_error, refusal_response};
+use crate::delivery::table::{ConnGuard, ConnState};
 use crate::protocol::ErrorCode;
 use crate::quota::Refusal;
 use crate::relay::Relay;
-use crate::session::table::{ConnGuard, ConnState};
 
 /// The browser page served at `/` (also an example people copy).
 const INDEX_HTML: &str = include_str!("../../../../examples/browser/index.html");
