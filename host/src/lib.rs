@@ -23,6 +23,7 @@ pub mod secrets;
 pub mod session;
 pub mod shutdown;
 pub mod spaces;
+pub mod state;
 #[cfg(test)]
 mod testing;
 pub mod transport;

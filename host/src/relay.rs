@@ -1,5 +1,5 @@
-//! The relay as a whole: the shared state every connection task sees, and
-//! [`run`], which serves listeners until told to shut down and then drains
+//! The relay as a whole: [`Listeners`] and [`run`], which builds the shared
+//! state ([`Relay`], in `state`) and serves listeners until told to shut down and then drains
 //! gracefully (goaway, in-flight requests finish up to the grace period,
 //! WebSockets close with 1001).
 
@@ -8,51 +8,16 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::admin::AdminCredential;
-use crate::bus::{Bus, LocalBus};
-use crate::channels::Channels;
 use crate::config::{Config, ConfigError};
-use crate::delivery::queue::Budget;
-use crate::delivery::table::ConnTable;
-use crate::hooks::{Admission, Admit, Filter, Grant, Handshake, Router};
-use crate::metrics::{Metrics, RefusedFor};
-use crate::plugin::host_api::{HostServices, KvStore};
-use crate::plugin::{Registry, Runtime, Source, bundled};
-use crate::quota::{ConnQuota, Quotas, Refusal};
-use crate::spaces::Spaces;
+use crate::plugin::{Source, bundled};
+pub use crate::state::{Relay, StartError};
 use crate::transport;
 
 /// How often pending requests are checked against their deadlines.
 const EXPIRY_TICK: Duration = Duration::from_millis(50);
 /// How long connections get to close after the grace period before `run` returns.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
-
-/// State shared by every connection of one relay.
-pub struct Relay {
-    pub config: Arc<Config>,
-    pub table: Arc<ConnTable>,
-    pub channels: Arc<Channels>,
-    pub bus: Arc<dyn Bus>,
-    pub spaces: Arc<Spaces>,
-    pub metrics: Arc<Metrics>,
-    /// Loaded plugins; also the admission, router and filter hooks.
-    pub plugins: Arc<Registry>,
-    /// Connection caps and rate buckets, enforcing what admission granted.
-    pub quotas: Arc<Quotas>,
-    /// The byte budget all outbound queues share.
-    pub budget: Arc<Budget>,
-    /// What operator endpoints ask of a caller.
-    pub admin: AdminCredential,
-    /// Cancelled when shutdown starts: stop accepting, send goaway, refuse new work.
-    draining: CancellationToken,
-    /// Cancelled when the grace period ends: close every connection.
-    closing: CancellationToken,
-    /// Every connection task, so shutdown can wait for them.
-    pub tasks: TaskTracker,
-    started: Instant,
-}
 
 /// The sockets `run` serves; bound by the caller so tests can use port 0.
 pub struct Listeners {
@@ -141,129 +106,18 @@ pub enum RunError {
     },
     #[error(transparent)]
     Tls(#[from] crate::transport::tls::TlsError),
-    #[error("cannot start the plugin runtime")]
-    PluginRuntime(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Start(#[from] StartError),
     #[error("cannot load bundled plugin {name}")]
     Bundled {
         name: String,
         source: crate::plugin::RegistryError,
     },
-    #[error(transparent)]
-    AdminCredential(#[from] crate::admin::credential::CredentialError),
     #[error("cannot create data directory {path}")]
     DataDir {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-}
-
-impl Relay {
-    pub fn new(config: Config) -> Result<Arc<Self>, RunError> {
-        let admin = crate::admin::credential::resolve(&config)?;
-        let metrics = Arc::new(Metrics::new());
-        let channels = Arc::new(Channels::new(metrics.clone(), config.channels.clone()));
-        let spaces = Arc::new(Spaces::new(&config.spaces, &config.limits, metrics.clone()));
-        let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(channels.clone()));
-        let cache_dir = config
-            .plugins
-            .compile_cache
-            .then(|| config.server.data_dir.join(&config.plugins.cache_dir));
-        let runtime = Runtime::new(&config.plugins, cache_dir)
-            .map_err(|e| RunError::PluginRuntime(e.into_boxed_dyn_error()))?;
-        let services = HostServices {
-            bus: bus.clone(),
-            channels: channels.clone(),
-            kv: Arc::new(KvStore::default()),
-        };
-        let plugins = Arc::new(Registry::new(
-            runtime,
-            services,
-            config.plugins.max_memory_bytes,
-        ));
-        Ok(Arc::new(Self {
-            bus,
-            channels,
-            spaces,
-            table: Arc::new(ConnTable::default()),
-            metrics,
-            plugins,
-            quotas: Arc::new(Quotas::new(&config.limits)),
-            budget: Budget::new(config.limits.outbound_budget_bytes),
-            admin,
-            config: Arc::new(config),
-            draining: CancellationToken::new(),
-            closing: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            started: Instant::now(),
-        }))
-    }
-
-    pub fn admission(&self) -> &dyn Admission {
-        self.plugins.as_ref()
-    }
-
-    /// The policy's verdict alone (HTTP ingress asks it for every request);
-    /// a denial is counted.
-    pub fn admit_policy(&self, handshake: &Handshake<'_>) -> Result<Option<Grant>, Refusal> {
-        match self.admission().admit(handshake) {
-            Admit::Allow(grant) => Ok(grant),
-            Admit::Deny {
-                status,
-                code,
-                reason,
-            } => {
-                self.metrics.refused(RefusedFor::Policy);
-                Err(Refusal {
-                    why: RefusedFor::Policy,
-                    status,
-                    code,
-                    reason,
-                    retry_after: None,
-                })
-            }
-        }
-    }
-
-    /// Admission for a new connection: the policy's verdict, then the user's
-    /// tier cap (the relay-wide and address caps were taken at accept). The
-    /// quota holds the user's slot until dropped.
-    pub fn admit_connection(
-        &self,
-        handshake: &Handshake<'_>,
-    ) -> Result<(Option<Grant>, ConnQuota), Refusal> {
-        let grant = self.admit_policy(handshake)?;
-        match self.quotas.open(grant.as_ref()) {
-            Ok(quota) => Ok((grant, quota)),
-            Err(refusal) => {
-                self.metrics.refused(refusal.why);
-                Err(refusal)
-            }
-        }
-    }
-
-    pub fn router(&self) -> &dyn Router {
-        self.plugins.as_ref()
-    }
-
-    pub fn filter(&self) -> &dyn Filter {
-        self.plugins.as_ref()
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.is_cancelled()
-    }
-
-    pub fn draining(&self) -> &CancellationToken {
-        &self.draining
-    }
-
-    pub fn closing(&self) -> &CancellationToken {
-        &self.closing
-    }
-
-    pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
-    }
 }
 
 /// Validates `config`, serves `listeners` until `shutdown` is cancelled, then
@@ -315,7 +169,7 @@ pub async fn run(
         _ => None,
     };
     if let Some(certificates) = &listeners.certificates {
-        tokio::spawn(certificates.clone().watch(relay.draining.clone()));
+        tokio::spawn(certificates.clone().watch(relay.draining().clone()));
     }
     let quic_endpoint = listeners.quic.clone();
     let quic_accept = listeners.quic.map(|endpoint| {
@@ -335,7 +189,7 @@ pub async fn run(
                 relay.plugins.clone(),
                 dir,
                 Duration::from_millis(relay.config.plugins.watch_interval_ms),
-                relay.draining.clone(),
+                relay.draining().clone(),
             ))
         });
 
@@ -346,7 +200,7 @@ pub async fn run(
         pending = relay.spaces.pending_count(),
         "shutting down: draining"
     );
-    relay.draining.cancel();
+    relay.start_draining();
     let _ = accept.await;
     if let Some(https_accept) = https_accept {
         let _ = https_accept.await;
@@ -367,7 +221,7 @@ pub async fn run(
         );
     }
 
-    relay.closing.cancel();
+    relay.start_closing();
     relay.tasks.close();
     if tokio::time::timeout(CLOSE_WAIT, relay.tasks.wait())
         .await

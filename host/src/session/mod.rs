@@ -19,8 +19,8 @@ use crate::channels::Subscriber;
 use crate::hooks::{Filtered, Handshake, MayRegister, Route, RouteInput};
 use crate::protocol::{DecodeError, ErrorCode, Msg, Request, VERSION};
 use crate::quota::{ConnQuota, Verdict};
-use crate::relay::Relay;
 use crate::spaces::{Caller, Instance};
+use crate::state::Relay;
 
 /// The `goaway` every connection is sent when the relay starts draining.
 pub fn goaway(relay: &Relay) -> Outbound {

@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 
 use crate::delivery::table::ConnGuard;
 use crate::quota::Refusal;
-use crate::relay::Relay;
+use crate::state::Relay;
 
 /// Refused connections that are answered at once, per listener; past this
 /// they are dropped, so a flood of refusals costs nothing to hold.

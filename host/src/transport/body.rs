@@ -11,8 +11,8 @@ use hyper::body::Incoming;
 
 use crate::delivery::Outbound;
 use crate::protocol::{Data, Msg};
-use crate::relay::Relay;
 use crate::spaces::BodyTarget;
+use crate::state::Relay;
 
 /// Bodies larger than this (or of unknown length) are streamed; smaller
 /// ones travel inline in the `request`.

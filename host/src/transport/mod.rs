@@ -8,5 +8,6 @@ pub mod http;
 pub mod io;
 pub mod quic;
 pub mod readahead;
+pub mod reply;
 pub mod tls;
 pub mod ws;

@@ -34,8 +34,8 @@ use crate::protocol::quic::{
 };
 use crate::protocol::{ErrorCode, Msg, codec};
 use crate::quota::ConnQuota;
-use crate::relay::Relay;
 use crate::session::{Closing, Session, goaway};
+use crate::state::Relay;
 
 /// Whole frames waiting for the session; readers block (and QUIC flow
 /// control pushes back on the peer) when the session falls behind.

@@ -21,14 +21,14 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
-use super::http::reply::{Body, json_error, refusal_response};
+use super::reply::{Body, json_error, refusal_response};
 use crate::delivery::table::{ConnGuard, ConnState, Transport};
 use crate::delivery::{Outbound, account_sent};
 use crate::hooks::Handshake;
 use crate::protocol::{Encoding, ErrorCode, codec};
 use crate::quota::ConnQuota;
-use crate::relay::Relay;
 use crate::session::{Closing, Session, goaway};
+use crate::state::Relay;
 
 /// At most this many queued messages are written before one flush, so a busy
 /// connection batches syscalls but still gets to its heartbeat and inbound.

@@ -9,11 +9,11 @@ use std::sync::atomic::Ordering;
 use http::{HeaderMap, Method, StatusCode, header};
 use serde::Serialize;
 
-use super::reply::{Body, json, json_error, text};
+use crate::transport::reply::{Body, json, json_error, text};
 use crate::admin::AdminCredential;
 use crate::delivery::table::ConnSnapshot;
 use crate::protocol::ErrorCode;
-use crate::relay::Relay;
+use crate::state::Relay;
 
 /// Checks `Authorization: Bearer <token>` against the relay's admin credential.
 #[allow(clippy::result_large_err)]

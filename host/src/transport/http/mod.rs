@@ -3,11 +3,10 @@
 //! header and TLS deadlines, and serves HTTP/1.1 and HTTP/2 with hyper,
 //! handing each request to [`router`]. The endpoints live beside it:
 //! [`ingress`] (requests into spaces), [`admin`] (the operator API), and
-//! [`reply`] (the JSON and error bodies they all answer with).
+//! `transport::reply` (the JSON and error bodies they all answer with).
 
 mod admin;
 mod ingress;
-pub mod reply;
 mod router;
 
 use std::sync::Arc;
@@ -22,14 +21,14 @@ use tokio_util::sync::CancellationToken;
 use crate::delivery::table::ConnGuard;
 use crate::metrics::RefusedFor;
 use crate::quota::Refusal;
-use crate::relay::Relay;
+use crate::state::Relay;
 use crate::transport::admit::{Accepted, Admissions};
 use crate::transport::io::CountingIo;
 use crate::transport::readahead::ReadAhead;
 use crate::transport::tls::Certificates;
 
 pub use ingress::TIMEOUT_HEADER;
-pub use reply::Body;
+pub use super::reply::Body;
 /// How long an HTTP connection may take to finish once the relay is closing.
 const HTTP_CLOSE_WAIT: Duration = Duration::from_secs(2);
 

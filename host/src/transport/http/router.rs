@@ -14,11 +14,11 @@ use serde::Serialize;
 
 use super::admin;
 use super::ingress::ingress;
-use super::reply::{Body, json, json_error, refusal_response};
+use crate::transport::reply::{Body, json, json_error, refusal_response};
 use crate::delivery::table::{ConnGuard, ConnState};
 use crate::protocol::ErrorCode;
 use crate::quota::Refusal;
-use crate::relay::Relay;
+use crate::state::Relay;
 
 /// The browser page served at `/` (also an example people copy).
 const INDEX_HTML: &str = include_str!("../../../../examples/browser/index.html");

@@ -1,0 +1,178 @@
+//! The state every connection of one relay shares — configuration, the
+//! connection table, channels, bus, spaces, quotas, plugins, metrics, the
+//! shutdown tokens — and the decisions made from it (admission). It sits
+//! below `session` and `transport`, which take it as their handle; `relay`
+//! above them builds it and runs the listeners.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::AdminCredential;
+use crate::bus::{Bus, LocalBus};
+use crate::channels::Channels;
+use crate::config::Config;
+use crate::delivery::queue::Budget;
+use crate::delivery::table::ConnTable;
+use crate::hooks::{Admission, Admit, Filter, Grant, Handshake, Router};
+use crate::metrics::{Metrics, RefusedFor};
+use crate::plugin::host_api::{HostServices, KvStore};
+use crate::plugin::{Registry, Runtime};
+use crate::quota::{ConnQuota, Quotas, Refusal};
+use crate::spaces::Spaces;
+
+/// Why the shared state could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("cannot start the plugin runtime")]
+    PluginRuntime(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    AdminCredential(#[from] crate::admin::credential::CredentialError),
+}
+
+/// State shared by every connection of one relay.
+pub struct Relay {
+    pub config: Arc<Config>,
+    pub table: Arc<ConnTable>,
+    pub channels: Arc<Channels>,
+    pub bus: Arc<dyn Bus>,
+    pub spaces: Arc<Spaces>,
+    pub metrics: Arc<Metrics>,
+    /// Loaded plugins; also the admission, router and filter hooks.
+    pub plugins: Arc<Registry>,
+    /// Connection caps and rate buckets, enforcing what admission granted.
+    pub quotas: Arc<Quotas>,
+    /// The byte budget all outbound queues share.
+    pub budget: Arc<Budget>,
+    /// What operator endpoints ask of a caller.
+    pub admin: AdminCredential,
+    /// Cancelled when shutdown starts: stop accepting, send goaway, refuse new work.
+    draining: CancellationToken,
+    /// Cancelled when the grace period ends: close every connection.
+    closing: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    started: Instant,
+}
+
+impl Relay {
+    pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
+        let admin = crate::admin::credential::resolve(&config)?;
+        let metrics = Arc::new(Metrics::new());
+        let channels = Arc::new(Channels::new(metrics.clone(), config.channels.clone()));
+        let spaces = Arc::new(Spaces::new(&config.spaces, &config.limits, metrics.clone()));
+        let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(channels.clone()));
+        let cache_dir = config
+            .plugins
+            .compile_cache
+            .then(|| config.server.data_dir.join(&config.plugins.cache_dir));
+        let runtime = Runtime::new(&config.plugins, cache_dir)
+            .map_err(|e| StartError::PluginRuntime(e.into_boxed_dyn_error()))?;
+        let services = HostServices {
+            bus: bus.clone(),
+            channels: channels.clone(),
+            kv: Arc::new(KvStore::default()),
+        };
+        let plugins = Arc::new(Registry::new(
+            runtime,
+            services,
+            config.plugins.max_memory_bytes,
+        ));
+        Ok(Arc::new(Self {
+            bus,
+            channels,
+            spaces,
+            table: Arc::new(ConnTable::default()),
+            metrics,
+            plugins,
+            quotas: Arc::new(Quotas::new(&config.limits)),
+            budget: Budget::new(config.limits.outbound_budget_bytes),
+            admin,
+            config: Arc::new(config),
+            draining: CancellationToken::new(),
+            closing: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            started: Instant::now(),
+        }))
+    }
+
+    pub fn admission(&self) -> &dyn Admission {
+        self.plugins.as_ref()
+    }
+
+    /// The policy's verdict alone (HTTP ingress asks it for every request);
+    /// a denial is counted.
+    pub fn admit_policy(&self, handshake: &Handshake<'_>) -> Result<Option<Grant>, Refusal> {
+        match self.admission().admit(handshake) {
+            Admit::Allow(grant) => Ok(grant),
+            Admit::Deny {
+                status,
+                code,
+                reason,
+            } => {
+                self.metrics.refused(RefusedFor::Policy);
+                Err(Refusal {
+                    why: RefusedFor::Policy,
+                    status,
+                    code,
+                    reason,
+                    retry_after: None,
+                })
+            }
+        }
+    }
+
+    /// Admission for a new connection: the policy's verdict, then the user's
+    /// tier cap (the relay-wide and address caps were taken at accept). The
+    /// quota holds the user's slot until dropped.
+    pub fn admit_connection(
+        &self,
+        handshake: &Handshake<'_>,
+    ) -> Result<(Option<Grant>, ConnQuota), Refusal> {
+        let grant = self.admit_policy(handshake)?;
+        match self.quotas.open(grant.as_ref()) {
+            Ok(quota) => Ok((grant, quota)),
+            Err(refusal) => {
+                self.metrics.refused(refusal.why);
+                Err(refusal)
+            }
+        }
+    }
+
+    pub fn router(&self) -> &dyn Router {
+        self.plugins.as_ref()
+    }
+
+    pub fn filter(&self) -> &dyn Filter {
+        self.plugins.as_ref()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    pub fn draining(&self) -> &CancellationToken {
+        &self.draining
+    }
+
+    pub fn closing(&self) -> &CancellationToken {
+        &self.closing
+    }
+
+    /// Shutdown, first step: stop accepting, send goaway, refuse new work.
+    pub fn start_draining(&self) {
+        self.draining.cancel();
+    }
+
+    /// Shutdown, last step: close every connection.
+    pub fn start_closing(&self) {
+        self.closing.cancel();
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
