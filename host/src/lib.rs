@@ -14,6 +14,8 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod hooks;
+#[cfg(test)]
+mod layers;
 pub mod metrics;
 pub mod plugin;
 pub mod quota;

@@ -9,11 +9,11 @@ use std::sync::atomic::Ordering;
 use http::{HeaderMap, Method, StatusCode, header};
 use serde::Serialize;
 
-use crate::transport::reply::{Body, json, json_error, text};
 use crate::admin::AdminCredential;
 use crate::delivery::table::ConnSnapshot;
 use crate::protocol::ErrorCode;
 use crate::state::Relay;
+use crate::transport::reply::{Body, json, json_error, text};
 
 /// Checks `Authorization: Bearer <token>` against the relay's admin credential.
 #[allow(clippy::result_large_err)]

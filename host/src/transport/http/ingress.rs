@@ -12,13 +12,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use tokio::sync::oneshot;
 
-use crate::transport::reply::{Body, json_error, refusal_response, set_retry_after, status_for};
 use crate::delivery::table::ConnGuard;
 use crate::hooks::{Handshake, Route, RouteInput};
 use crate::protocol::{Data, ErrorCode, Request};
 use crate::spaces::Caller;
 use crate::state::Relay;
 use crate::transport::body::{self, StreamEnd};
+use crate::transport::reply::{Body, json_error, refusal_response, set_retry_after, status_for};
 
 /// Header by which an HTTP caller asks for a deadline shorter than the default.
 pub const TIMEOUT_HEADER: &str = "x-wasmrelay-timeout-ms";

@@ -27,8 +27,8 @@ use crate::transport::io::CountingIo;
 use crate::transport::readahead::ReadAhead;
 use crate::transport::tls::Certificates;
 
-pub use ingress::TIMEOUT_HEADER;
 pub use super::reply::Body;
+pub use ingress::TIMEOUT_HEADER;
 /// How long an HTTP connection may take to finish once the relay is closing.
 const HTTP_CLOSE_WAIT: Duration = Duration::from_secs(2);
 

@@ -14,11 +14,11 @@ use serde::Serialize;
 
 use super::admin;
 use super::ingress::ingress;
-use crate::transport::reply::{Body, json, json_error, refusal_response};
 use crate::delivery::table::{ConnGuard, ConnState};
 use crate::protocol::ErrorCode;
 use crate::quota::Refusal;
 use crate::state::Relay;
+use crate::transport::reply::{Body, json, json_error, refusal_response};
 
 /// The browser page served at `/` (also an example people copy).
 const INDEX_HTML: &str = include_str!("../../../../examples/browser/index.html");
