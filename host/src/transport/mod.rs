@@ -4,6 +4,7 @@
 
 pub mod admit;
 pub mod body;
+pub mod conn;
 pub mod http;
 pub mod io;
 pub mod quic;

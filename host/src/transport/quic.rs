@@ -18,15 +18,16 @@ use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::admit::{Accepted, Admissions};
-use crate::delivery::table::{ConnGuard, ConnInfo, ConnState, Transport};
-use crate::delivery::{Outbound, account_sent};
+use super::conn::{self, Close, Event, Link};
+use crate::delivery::Outbound;
+use crate::delivery::table::{ConnGuard, ConnInfo, Transport};
 use crate::hooks::Handshake;
 use crate::protocol::quic::{
     FrameError, LENGTH_BYTES, MAX_BULK_STREAMS, close, frame, is_bulk, length_prefix, read_frame,
@@ -34,13 +35,12 @@ use crate::protocol::quic::{
 };
 use crate::protocol::{ErrorCode, Msg, codec};
 use crate::quota::ConnQuota;
-use crate::session::{Closing, Session, goaway};
+use crate::session::Closing;
 use crate::state::Relay;
 
 /// Whole frames waiting for the session; readers block (and QUIC flow
 /// control pushes back on the peer) when the session falls behind.
 const INBOUND_FRAMES: usize = 64;
-const WRITE_BATCH: usize = 64;
 /// Bulk bodies are written in pieces so a stalled peer is noticed per piece.
 const BULK_WRITE_CHUNK: usize = 64 * 1024;
 /// Unacknowledged bytes quinn may hold for one connection.
@@ -324,172 +324,208 @@ fn record_bulk_write(
     }
 }
 
+/// Runs one QUIC connection to its end: the connection loop over a
+/// [`QuicLink`].
 async fn serve(
     relay: Arc<Relay>,
     connection: quinn::Connection,
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     recv: quinn::RecvStream,
     guard: Arc<ConnGuard>,
     quota: ConnQuota,
 ) {
-    let conn = guard.info().clone();
     let max = relay.config.limits.max_message_bytes;
-    let idle_timeout = relay.config.idle_timeout();
-    let (inbound_tx, mut inbound) = mpsc::channel(INBOUND_FRAMES);
+    let (inbound_tx, inbound) = mpsc::channel(INBOUND_FRAMES);
     let control_reader = tokio::spawn(read_control(recv, max, inbound_tx.clone()));
-    // Dropping these sets aborts the bulk readers and writers with the connection.
-    let mut bulk_readers = JoinSet::new();
-    let mut bulk_writers: JoinSet<Result<u64, BulkWriteError>> = JoinSet::new();
-    let mut accepting_bulk = true;
-    let (mut session, queue) = Session::open(relay.clone(), conn.clone(), quota);
-    let interval = relay.config.heartbeat_interval();
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let opened = Instant::now();
-    let mut goaway_sent = false;
-    // A vanished peer sends no close; QUIC's idle timeout would notice only
-    // after `idle_timeout_ms`. Instances are held to a far shorter silence
-    // (PROTOCOL §3.2: they ping), so their callers fail over in seconds.
-    let instance_silence = Duration::from_millis(relay.config.limits.instance_idle_timeout_ms);
-    let mut last_heard = Instant::now();
-    let mut liveness = tokio::time::interval(instance_silence / 4);
-    liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::debug!("QUIC control stream open");
+    let link = QuicLink {
+        conn: guard.info().clone(),
+        relay: relay.clone(),
+        connection,
+        send,
+        inbound,
+        inbound_tx,
+        control_reader,
+        bulk_readers: JoinSet::new(),
+        bulk_writers: JoinSet::new(),
+        accepting_bulk: true,
+        max,
+        idle_timeout: relay.config.idle_timeout(),
+        stats_tick,
+    };
+    conn::run(relay, link, guard, quota).await;
+    tracing::debug!("QUIC connection closed");
+}
 
-    let close: Option<(u32, Cow<'static, str>)> = loop {
-        // Checked here, after the previous turn wrote the last error out.
-        if let Some(closing) = session.closing() {
-            break Some(match closing {
-                Closing::Policy => (close::POLICY, closing.reason().into()),
-                Closing::Capacity(reason) => (
-                    close::REFUSED,
-                    format!("{}: {reason}", ErrorCode::TooManyConnections).into(),
-                ),
-            });
-        }
-        let mut outgoing: Vec<Outbound> = Vec::new();
+/// A QUIC connection as the connection loop's [`Link`]: whole frames from
+/// the control stream and from bulk streams (each read by a task of its own,
+/// so the loop never cancels a half-read frame), control frames batched into
+/// one write, each bulk body on a stream of its own. QUIC's keep-alive and
+/// idle timeout stand in for pings; instances must ping (PROTOCOL §3.2).
+struct QuicLink {
+    conn: Arc<ConnInfo>,
+    relay: Arc<Relay>,
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+    inbound: mpsc::Receiver<Inbound>,
+    /// For the bulk readers this link starts.
+    inbound_tx: mpsc::Sender<Inbound>,
+    control_reader: tokio::task::JoinHandle<()>,
+    // Dropping these sets aborts the bulk readers and writers with the link.
+    bulk_readers: JoinSet<()>,
+    bulk_writers: JoinSet<Result<u64, BulkWriteError>>,
+    accepting_bulk: bool,
+    max: usize,
+    idle_timeout: Duration,
+    stats_tick: tokio::time::Interval,
+}
+
+impl Link for QuicLink {
+    const REAPS_SILENT: bool = false;
+
+    async fn next_event(&mut self, _greeted: bool) -> Event {
         tokio::select! {
-            _ = relay.closing().cancelled() => break Some((close::SHUTDOWN, "relay shutting down".into())),
-            _ = relay.draining().cancelled(), if !goaway_sent => {
-                goaway_sent = true;
-                conn.set_state(ConnState::Draining);
-                outgoing.push(goaway(&relay));
-            }
-            item = inbound.recv() => match item {
-                None | Some(Inbound::ControlEnd(None | Some(FrameError::Lost))) => break None,
+            item = self.inbound.recv() => match item {
+                None | Some(Inbound::ControlEnd(None | Some(FrameError::Lost))) => Event::End(None),
                 Some(Inbound::ControlEnd(Some(FrameError::TooLarge(length)))) => {
-                    tracing::info!(length, max, "frame over the size limit");
-                    break Some((close::TOO_LARGE, "frame larger than max_message_bytes".into()));
+                    tracing::info!(length, max = self.max, "frame over the size limit");
+                    Event::End(Some(link_close(close::TOO_LARGE, "frame larger than max_message_bytes")))
                 }
                 Some(Inbound::ControlEnd(Some(e))) => {
                     tracing::debug!(error = %e, "control stream broken");
-                    break Some((close::PROTOCOL, "control stream ended mid-frame".into()));
+                    Event::End(Some(link_close(close::PROTOCOL, "control stream ended mid-frame")))
                 }
                 Some(Inbound::BulkFailed(e)) => {
                     tracing::debug!(error = %e, "bulk stream failed");
-                    if let Some(reply) = bulk_failure(&e, max) {
-                        outgoing.push(reply.into());
+                    match bulk_failure(&e, self.max) {
+                        Some(reply) => Event::Reply(reply),
+                        None => Event::Nothing,
                     }
                 }
                 Some(Inbound::Frame(message)) => {
-                    last_heard = Instant::now();
                     let wire = (LENGTH_BYTES + message.len()) as u64;
-                    conn.bytes_in.fetch_add(wire, Ordering::Relaxed);
-                    relay.metrics.bytes_in(wire);
-                    if let Some(reply) = session.receive(codec::decode_binary(&message)) {
-                        outgoing.push(reply);
+                    self.conn.bytes_in.fetch_add(wire, Ordering::Relaxed);
+                    self.relay.metrics.bytes_in(wire);
+                    Event::Message(codec::decode_binary(&message))
+                }
+            },
+            stream = self.connection.accept_uni(), if self.accepting_bulk => {
+                match stream {
+                    Ok(recv) => {
+                        let reader = read_bulk(recv, self.max, self.idle_timeout, self.inbound_tx.clone());
+                        self.bulk_readers.spawn(reader);
                     }
+                    // The connection is going; the control reader reports how.
+                    Err(_) => self.accepting_bulk = false,
                 }
-            },
-            stream = connection.accept_uni(), if accepting_bulk => match stream {
-                Ok(recv) => {
-                    bulk_readers.spawn(read_bulk(recv, max, idle_timeout, inbound_tx.clone()));
-                }
-                // The connection is going; the control reader reports how.
-                Err(_) => accepting_bulk = false,
-            },
-            Some(_) = bulk_readers.join_next(), if !bulk_readers.is_empty() => {}
-            Some(done) = bulk_writers.join_next(), if !bulk_writers.is_empty() => {
-                record_bulk_write(done, &conn, &relay);
+                Event::Nothing
             }
-            batch = queue.next_batch(WRITE_BATCH) => match batch {
-                Ok(batch) => outgoing.extend(batch),
-                Err(reason) => {
-                    tracing::info!(%reason, "closing a slow consumer");
-                    break Some((close::SLOW_CONSUMER, "slow consumer".into()));
-                }
-            },
-            _ = tick.tick() => {
-                if !session.greeted() && opened.elapsed() >= idle_timeout {
-                    break Some((close::NO_HELLO, "no hello within idle_timeout_ms".into()));
-                }
+            Some(_) = self.bulk_readers.join_next(), if !self.bulk_readers.is_empty() => Event::Nothing,
+            Some(done) = self.bulk_writers.join_next(), if !self.bulk_writers.is_empty() => {
+                record_bulk_write(done, &self.conn, &self.relay);
+                Event::Nothing
             }
-            _ = stats_tick.tick() => record_stats(&connection, &conn),
-            _ = liveness.tick(), if session.serves_instances() => {
-                if last_heard.elapsed() >= instance_silence {
-                    tracing::warn!(silent_ms = last_heard.elapsed().as_millis() as u64, "instance connection silent; presumed gone");
-                    break Some((close::INSTANCE_SILENT, "instance silent past limits.instance_idle_timeout_ms".into()));
-                }
+            _ = self.stats_tick.tick() => {
+                record_stats(&self.connection, &self.conn);
+                Event::Nothing
             }
         }
-        if outgoing.is_empty() {
-            continue;
-        }
+    }
+
+    async fn send(&mut self, outgoing: &[Outbound]) -> Result<(), ()> {
         let mut batch = BytesMut::new();
-        for out in &outgoing {
+        for out in outgoing {
             if !is_bulk(out.msg()) {
                 batch.put_slice(&frame(&out.binary()));
                 continue;
             }
-            if bulk_writers.len() >= MAX_BULK_STREAMS as usize {
+            if self.bulk_writers.len() >= MAX_BULK_STREAMS as usize {
                 // Every bulk stream is busy: wait for one, as a full control
                 // stream would make us wait.
-                if let Some(done) = bulk_writers.join_next().await {
-                    record_bulk_write(done, &conn, &relay);
+                if let Some(done) = self.bulk_writers.join_next().await {
+                    record_bulk_write(done, &self.conn, &self.relay);
                 }
             }
-            bulk_writers.spawn(write_bulk(connection.clone(), out.binary(), idle_timeout));
+            let writer = write_bulk(self.connection.clone(), out.binary(), self.idle_timeout);
+            self.bulk_writers.spawn(writer);
         }
-        account_sent(&conn, &relay.metrics, &outgoing);
         if batch.is_empty() {
-            continue;
+            return Ok(());
         }
         let bytes = batch.len() as u64;
         // QUIC flow control is the backpressure: a peer that stops reading
         // stalls this write, bounded by the idle timeout.
-        tokio::select! {
-            written = tokio::time::timeout(idle_timeout, send.write_all(&batch)) => match written {
-                Ok(Ok(())) => {}
-                _ => break None,
-            },
-            // Closed for being slow, or shutting down: no need to wait for
-            // a peer that is not reading; CONNECTION_CLOSE goes out regardless.
-            _ = queue.closed() => continue,
-            _ = relay.closing().cancelled() => continue,
+        match tokio::time::timeout(self.idle_timeout, self.send.write_all(&batch)).await {
+            Ok(Ok(())) => {}
+            _ => return Err(()),
         }
-        conn.bytes_out.fetch_add(bytes, Ordering::Relaxed);
-        relay.metrics.bytes_out(bytes);
-    };
+        self.conn.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        self.relay.metrics.bytes_out(bytes);
+        Ok(())
+    }
 
-    conn.set_state(ConnState::Closing);
-    drop(session);
-    control_reader.abort();
-    if let Some((code, reason)) = close {
+    async fn heartbeat(&mut self) -> Result<(), ()> {
+        // quinn's keep-alive does this.
+        Ok(())
+    }
+
+    fn instance_silence(&self) -> Option<Duration> {
+        // A vanished peer sends no close; QUIC's idle timeout would notice
+        // only after `idle_timeout_ms`.
+        Some(Duration::from_millis(
+            self.relay.config.limits.instance_idle_timeout_ms,
+        ))
+    }
+
+    async fn close(mut self, close: Option<Close>) {
+        self.control_reader.abort();
+        let Some(close) = close else { return };
+        let (code, reason) = close_code_for(close);
         tracing::debug!(code, %reason, "closing");
         // A response already on its way gets a moment to arrive.
+        let (writers, conn, relay) = (&mut self.bulk_writers, &self.conn, &self.relay);
         let _ = tokio::time::timeout(BULK_FLUSH_ON_CLOSE, async {
-            while let Some(done) = bulk_writers.join_next().await {
-                record_bulk_write(done, &conn, &relay);
+            while let Some(done) = writers.join_next().await {
+                record_bulk_write(done, conn, relay);
             }
         })
         .await;
-        let _ = send.finish();
-        connection.close(code.into(), reason.as_bytes());
+        let _ = self.send.finish();
+        self.connection.close(code.into(), reason.as_bytes());
     }
-    tracing::debug!("QUIC connection closed");
-    drop(guard);
+}
+
+fn link_close(code: u32, reason: &'static str) -> Close {
+    Close::Link {
+        code,
+        reason: reason.into(),
+    }
+}
+
+/// The application close code and reason for why the relay closes
+/// (PROTOCOL.md §1.1).
+fn close_code_for(close: Close) -> (u32, Cow<'static, str>) {
+    match close {
+        Close::Shutdown => (close::SHUTDOWN, "relay shutting down".into()),
+        Close::Session(closing @ Closing::Policy) => (close::POLICY, closing.reason().into()),
+        Close::Session(Closing::Capacity(reason)) => (
+            close::REFUSED,
+            format!("{}: {reason}", ErrorCode::TooManyConnections).into(),
+        ),
+        Close::SlowConsumer(reason) => {
+            tracing::info!(%reason, "closing a slow consumer");
+            (close::SLOW_CONSUMER, "slow consumer".into())
+        }
+        Close::NoHello => (close::NO_HELLO, "no hello within idle_timeout_ms".into()),
+        Close::Idle => (close::SHUTDOWN, "idle timeout".into()),
+        Close::InstanceSilent => (
+            close::INSTANCE_SILENT,
+            "instance silent past limits.instance_idle_timeout_ms".into(),
+        ),
+        Close::Link { code, reason } => (code, reason),
+    }
 }
 
 /// Copies quinn's path figures into the connection's table row.

@@ -1,13 +1,13 @@
-//! WebSocket: the upgrade at `/ws`, and the one task per connection that runs
-//! a [`Session`] over it — a `select!` over inbound frames, the outbound
-//! queue, the heartbeat and shutdown.
+//! WebSocket: the upgrade at `/ws`, and the WebSocket side of the connection
+//! loop (`transport::conn`): text or binary frames, pings as heartbeat,
+//! close frames.
 //!
 //! Close codes: 1001 on shutdown or when a silent peer is reaped, 1002 on a
 //! WebSocket protocol violation, 1008 when no `hello` came within the idle timeout, 1007 on invalid UTF-8 in a text frame, 1009 on
 //! a message over `limits.max_message_bytes`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -21,18 +21,16 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
+use super::conn::{self, Close, Event, Link};
 use super::reply::{Body, json_error, refusal_response};
-use crate::delivery::table::{ConnGuard, ConnState, Transport};
-use crate::delivery::{Outbound, account_sent};
+use crate::delivery::Outbound;
+use crate::delivery::table::{ConnGuard, Transport};
 use crate::hooks::Handshake;
 use crate::protocol::{Encoding, ErrorCode, codec};
 use crate::quota::ConnQuota;
-use crate::session::{Closing, Session, goaway};
+use crate::session::Closing;
 use crate::state::Relay;
 
-/// At most this many queued messages are written before one flush, so a busy
-/// connection batches syscalls but still gets to its heartbeat and inbound.
-const WRITE_BATCH: usize = 64;
 /// How long a closing handshake may take before the socket is just dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -147,9 +145,9 @@ fn ws_config(relay: &Relay) -> WebSocketConfig {
         .max_frame_size(Some(max))
 }
 
-fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame {
-    CloseFrame {
-        code,
+fn link_close(code: CloseCode, reason: &'static str) -> Close {
+    Close::Link {
+        code: u16::from(code).into(),
         reason: reason.into(),
     }
 }
@@ -157,128 +155,90 @@ fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame {
 /// Runs one WebSocket connection to its end.
 pub async fn serve<S>(
     relay: Arc<Relay>,
-    mut ws: WebSocketStream<S>,
+    ws: WebSocketStream<S>,
     guard: Arc<ConnGuard>,
     quota: ConnQuota,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let conn = guard.info().clone();
-    conn.set_transport(Transport::Ws);
-    let (mut session, queue) = Session::open(relay.clone(), conn.clone(), quota);
-    let mut encoding = Encoding::Text;
-    let idle_timeout = relay.config.idle_timeout();
-    let interval = relay.config.heartbeat_interval();
-    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let opened = Instant::now();
-    let mut last_heard = opened;
-    let mut goaway_sent = false;
+    guard.info().set_transport(Transport::Ws);
     tracing::debug!("websocket open");
+    let link = WsLink {
+        ws,
+        encoding: Encoding::Text,
+        idle_timeout: relay.config.idle_timeout(),
+    };
+    conn::run(relay, link, guard, quota).await;
+    tracing::debug!("websocket closed");
+}
 
-    let close = loop {
-        // Checked here, after the previous turn wrote the last error out.
-        if let Some(closing) = session.closing() {
-            let code = match closing {
-                Closing::Policy => CloseCode::Policy,
-                Closing::Capacity(_) => CloseCode::Again,
-            };
-            break Some(CloseFrame {
-                code,
-                reason: closing.reason().into(),
-            });
+/// A WebSocket as the connection loop's [`Link`]: frames in the encoding
+/// the peer's `hello` came in, pings as the heartbeat, close frames.
+struct WsLink<S> {
+    ws: WebSocketStream<S>,
+    /// Chosen by the frame kind of the messages before `hello` is done.
+    encoding: Encoding,
+    idle_timeout: Duration,
+}
+
+impl<S> Link for WsLink<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    const REAPS_SILENT: bool = true;
+
+    async fn next_event(&mut self, greeted: bool) -> Event {
+        let message = match self.ws.next().await {
+            None => return Event::End(None),
+            Some(Ok(message)) => message,
+            Some(Err(e)) => return Event::End(close_for_error(e)),
+        };
+        match message {
+            Message::Text(text) => {
+                if !greeted {
+                    self.encoding = Encoding::Text;
+                }
+                Event::Message(codec::decode_text(&text))
+            }
+            Message::Binary(frame) => {
+                if !greeted {
+                    self.encoding = Encoding::Binary;
+                }
+                Event::Message(codec::decode_binary(&frame))
+            }
+            Message::Close(_) => {
+                // tungstenite has queued the closing reply; push it out.
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.flush()).await;
+                Event::End(None)
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Event::Heard,
         }
-        let mut outgoing: Vec<Outbound> = Vec::new();
-        // Unbiased: a peer that never stops sending must not starve its own
-        // deliveries or its heartbeat.
-        tokio::select! {
-            _ = relay.closing().cancelled() => {
-                break Some(close_frame(CloseCode::Away, "relay shutting down"));
-            }
-            _ = relay.draining().cancelled(), if !goaway_sent => {
-                goaway_sent = true;
-                conn.set_state(ConnState::Draining);
-                outgoing.push(goaway(&relay));
-            }
-            inbound = ws.next() => {
-                let message = match inbound {
-                    None => break None,
-                    Some(Ok(message)) => message,
-                    Some(Err(e)) => break close_for_error(e),
-                };
-                last_heard = Instant::now();
-                let decoded = match message {
-                    Message::Text(text) => {
-                        if !session.greeted() {
-                            encoding = Encoding::Text;
-                        }
-                        Some(codec::decode_text(&text))
-                    }
-                    Message::Binary(frame) => {
-                        if !session.greeted() {
-                            encoding = Encoding::Binary;
-                        }
-                        Some(codec::decode_binary(&frame))
-                    }
-                    Message::Close(_) => {
-                        // tungstenite has queued the closing reply; push it out.
-                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
-                        break None;
-                    }
-                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
-                };
-                if let Some(reply) = decoded.and_then(|decoded| session.receive(decoded)) {
-                    outgoing.push(reply);
-                }
-            }
-            batch = queue.next_batch(WRITE_BATCH) => match batch {
-                Ok(batch) => outgoing.extend(batch),
-                Err(reason) => break Some(CloseFrame {
-                    code: CloseCode::Again,
-                    reason: reason.into(),
-                }),
-            },
-            _ = heartbeat.tick() => {
-                // Libraries answer pings by themselves, so a client that never
-                // says hello would otherwise look alive forever.
-                if !session.greeted() && opened.elapsed() >= idle_timeout {
-                    break Some(close_frame(CloseCode::Policy, "no hello within idle_timeout_ms"));
-                }
-                if last_heard.elapsed() >= idle_timeout {
-                    tracing::info!(silent_ms = last_heard.elapsed().as_millis() as u64, "reaping silent connection");
-                    break Some(close_frame(CloseCode::Away, "idle timeout"));
-                }
-                if send_all(&mut ws, std::iter::once(Message::Ping(Default::default())), idle_timeout).await.is_err() {
-                    break None;
-                }
-            }
-        }
-        if outgoing.is_empty() {
-            continue;
-        }
-        account_sent(&conn, &relay.metrics, &outgoing);
-        let frames = outgoing.into_iter().map(|out| match encoding {
+    }
+
+    async fn send(&mut self, batch: &[Outbound]) -> Result<(), ()> {
+        let encoding = self.encoding;
+        let frames = batch.iter().map(|out| match encoding {
             Encoding::Text => Message::Text(out.text()),
             Encoding::Binary => Message::Binary(out.binary()),
         });
-        // A consumer closed for being slow is usually blocked right here:
-        // stop waiting for it and go to the close.
-        tokio::select! {
-            sent = send_all(&mut ws, frames, idle_timeout) => if sent.is_err() {
-                tracing::debug!("peer stopped reading; dropping the connection");
-                break None;
-            },
-            _ = queue.closed() => continue,
-            _ = relay.closing().cancelled() => continue,
-        }
-    };
+        send_all(&mut self.ws, frames, self.idle_timeout).await
+    }
 
-    conn.set_state(ConnState::Closing);
-    // Undo subscriptions and registrations before the slow close handshake, so
-    // pending requests fail at once and peers see presence drop.
-    drop(session);
-    if let Some(frame) = close {
+    async fn heartbeat(&mut self) -> Result<(), ()> {
+        let ping = std::iter::once(Message::Ping(Default::default()));
+        send_all(&mut self.ws, ping, self.idle_timeout).await
+    }
+
+    fn instance_silence(&self) -> Option<Duration> {
+        // The relay's pings reap a vanished peer within the idle timeout.
+        None
+    }
+
+    async fn close(mut self, close: Option<Close>) {
+        let Some(close) = close else { return };
+        let frame = close_frame_for(close);
         tracing::debug!(code = u16::from(frame.code), reason = %frame.reason, "closing");
+        let ws = &mut self.ws;
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             if ws.close(Some(frame)).await.is_ok() {
                 // Wait for the peer's closing frame so it sees a clean close.
@@ -287,8 +247,23 @@ pub async fn serve<S>(
         })
         .await;
     }
-    tracing::debug!("websocket closed");
-    drop(guard);
+}
+
+/// The close frame for why the relay closes (PROTOCOL.md §3.3).
+fn close_frame_for(close: Close) -> CloseFrame {
+    let (code, reason): (CloseCode, String) = match close {
+        Close::Shutdown => (CloseCode::Away, "relay shutting down".into()),
+        Close::Session(closing @ Closing::Policy) => (CloseCode::Policy, closing.reason()),
+        Close::Session(closing @ Closing::Capacity(_)) => (CloseCode::Again, closing.reason()),
+        Close::SlowConsumer(reason) => (CloseCode::Again, reason),
+        Close::NoHello => (CloseCode::Policy, "no hello within idle_timeout_ms".into()),
+        Close::Idle | Close::InstanceSilent => (CloseCode::Away, "idle timeout".into()),
+        Close::Link { code, reason } => (CloseCode::from(code as u16), reason.into_owned()),
+    };
+    CloseFrame {
+        code,
+        reason: reason.into(),
+    }
 }
 
 /// Writes frames and flushes, giving up when the peer will not take them
@@ -313,23 +288,23 @@ where
     }
 }
 
-/// Maps a read error to the close frame the peer should get, if any.
-fn close_for_error(error: WsError) -> Option<CloseFrame> {
+/// Maps a read error to the close the peer should get, if any.
+fn close_for_error(error: WsError) -> Option<Close> {
     match error {
         WsError::Capacity(e) => {
             tracing::info!(error = %e, "message over the size limit");
-            Some(close_frame(
+            Some(link_close(
                 CloseCode::Size,
                 "message larger than max_message_bytes",
             ))
         }
-        WsError::Utf8(_) => Some(close_frame(
+        WsError::Utf8(_) => Some(link_close(
             CloseCode::Invalid,
             "text frame is not valid UTF-8",
         )),
         WsError::Protocol(e) => {
             tracing::debug!(error = %e, "websocket protocol violation");
-            Some(close_frame(
+            Some(link_close(
                 CloseCode::Protocol,
                 "websocket protocol violation",
             ))
