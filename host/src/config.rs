@@ -30,6 +30,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Where the relay keeps what must survive a restart.
     pub data_dir: PathBuf,
+    /// This node's name in the ids it hands out (sessions, instances,
+    /// requests), so a cluster can tell whose an id is. Empty: a random one
+    /// at each start.
+    pub node: String,
     /// How long in-flight requests may take to finish after SIGTERM / Ctrl-C.
     pub shutdown_grace_ms: u64,
     /// Serve QUIC (UDP) as well.
@@ -287,6 +291,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("wasmrelay-data"),
+            node: String::new(),
             shutdown_grace_ms: 10_000,
             quic: true,
             quic_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
@@ -395,6 +400,9 @@ impl Config {
                 field,
                 reason: reason.into(),
             }
+        }
+        if let Err(reason) = crate::ids::validate_node(&self.server.node) {
+            return Err(invalid("server.node", reason));
         }
         let l = &self.limits;
         if l.max_message_bytes < 1024 {

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod hooks;
+pub mod ids;
 #[cfg(test)]
 mod layers;
 pub mod metrics;

@@ -23,6 +23,7 @@ use crate::config::{LimitsConfig, SpacesConfig};
 use crate::delivery::queue::{OutboundQueue, Overflow};
 use crate::delivery::table::ConnInfo;
 use crate::delivery::{Outbound, deliver};
+use crate::ids::NodeId;
 use crate::metrics::Metrics;
 use crate::protocol::{Data, ErrorCode, Msg, Request, Response};
 
@@ -207,11 +208,18 @@ pub struct Spaces {
     max_waiting: usize,
     max_wait: Duration,
     default_timeout: Duration,
+    /// Request and instance ids carry it.
+    node: NodeId,
     metrics: Arc<Metrics>,
 }
 
 impl Spaces {
-    pub fn new(spaces: &SpacesConfig, limits: &LimitsConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        spaces: &SpacesConfig,
+        limits: &LimitsConfig,
+        node: NodeId,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let map = DashMap::new();
         for name in &spaces.declared {
             map.insert(name.clone(), Arc::new(Space::new(true)));
@@ -231,6 +239,7 @@ impl Spaces {
             max_waiting: limits.max_waiting_per_space,
             max_wait: Duration::from_millis(limits.max_wait_ms),
             default_timeout: Duration::from_millis(limits.request_timeout_ms),
+            node,
             metrics,
         }
     }
@@ -264,7 +273,7 @@ impl Spaces {
         }
         let n = self.next_instance.fetch_add(1, Ordering::Relaxed) + 1;
         let instance = Arc::new(Instance {
-            id: format!("{space}#{n}"),
+            id: format!("{space}#{}", self.node.scoped(n)),
             space: space.to_owned(),
             principal: principal.to_owned(),
             conn: conn.clone(),
@@ -379,7 +388,7 @@ impl Spaces {
         }
         let now = Instant::now();
         let forwarded = Msg::Request(Request {
-            id: id.to_string(),
+            id: self.instance_side_id(id),
             timeout_ms: Some(timeout.as_millis() as u64),
             ..req
         });
@@ -513,6 +522,27 @@ impl Spaces {
         }
     }
 
+    /// The id the instance working on request `id` knows it by: it carries
+    /// this node, so in a cluster a response can find its way back.
+    pub fn instance_side_id(&self, id: u64) -> String {
+        self.node.scoped(id)
+    }
+
+    /// Tells an instance to stop working on request `id`.
+    fn send_cancel(&self, instance: &Instance, id: u64, reason: &str) {
+        let msg = Msg::Cancel {
+            id: self.instance_side_id(id),
+            reason: reason.to_owned(),
+        };
+        deliver(
+            &instance.conn,
+            &instance.queue,
+            Outbound::new(msg),
+            Overflow::DropNewest,
+            &self.metrics,
+        );
+    }
+
     /// Forwards an instance's progress report to the request's caller.
     pub fn progress(
         &self,
@@ -560,7 +590,7 @@ impl Spaces {
 
     /// Parses an instance-side id and checks the request is pending on that instance.
     fn own_pending(&self, from: &ConnInfo, id: &str) -> Result<u64, SpaceError> {
-        let key: u64 = id.parse().map_err(|_| not_pending(id))?;
+        let key = self.node.parse_scoped(id).ok_or_else(|| not_pending(id))?;
         match self.pending.get(&key) {
             Some(p) if p.instance.as_ref().is_some_and(|i| i.conn.id == from.id) => Ok(key),
             _ => Err(not_pending(id)),
@@ -594,7 +624,7 @@ impl Spaces {
                     ),
                 };
                 if let Some(instance) = &pending.instance {
-                    send_cancel(instance, id, "deadline passed", &self.metrics);
+                    self.send_cancel(instance, id, "deadline passed");
                 }
                 self.finish(pending, Err(error));
                 count += 1;
@@ -608,7 +638,7 @@ impl Spaces {
     pub fn abandon(&self, id: u64) {
         if let Some((_, pending)) = self.pending.remove(&id) {
             if let Some(instance) = &pending.instance {
-                send_cancel(instance, id, "caller disconnected", &self.metrics);
+                self.send_cancel(instance, id, "caller disconnected");
             }
             self.release(&pending);
             self.metrics
@@ -628,7 +658,7 @@ impl Spaces {
         for id in orphaned {
             if let Some((_, pending)) = self.pending.remove(&id) {
                 if let Some(instance) = &pending.instance {
-                    send_cancel(instance, id, "caller disconnected", &self.metrics);
+                    self.send_cancel(instance, id, "caller disconnected");
                 }
                 self.release(&pending);
                 self.metrics
@@ -856,20 +886,6 @@ fn not_pending(id: &str) -> SpaceError {
     )
 }
 
-fn send_cancel(instance: &Instance, id: u64, reason: &str, metrics: &Metrics) {
-    let msg = Msg::Cancel {
-        id: id.to_string(),
-        reason: reason.to_owned(),
-    };
-    deliver(
-        &instance.conn,
-        &instance.queue,
-        Outbound::new(msg),
-        Overflow::DropNewest,
-        metrics,
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -890,7 +906,12 @@ mod tests {
             Self {
                 table: Arc::new(ConnTable::default()),
                 budget: Budget::new(1 << 30),
-                spaces: Spaces::new(&spaces, &limits, Arc::new(Metrics::new())),
+                spaces: Spaces::new(
+                    &spaces,
+                    &limits,
+                    NodeId::resolve("test"),
+                    Arc::new(Metrics::new()),
+                ),
             }
         }
 

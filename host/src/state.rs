@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::delivery::queue::Budget;
 use crate::delivery::table::ConnTable;
 use crate::hooks::{Admission, Admit, Filter, Grant, Handshake, Router};
+use crate::ids::NodeId;
 use crate::metrics::{Metrics, RefusedFor};
 use crate::plugin::host_api::{HostServices, KvStore};
 use crate::plugin::{Registry, Runtime};
@@ -35,6 +36,8 @@ pub enum StartError {
 
 /// State shared by every connection of one relay.
 pub struct Relay {
+    /// This node's name in the ids it hands out.
+    pub node: NodeId,
     pub config: Arc<Config>,
     pub table: Arc<ConnTable>,
     pub channels: Arc<Channels>,
@@ -63,7 +66,13 @@ impl Relay {
         let admin = crate::admin::credential::resolve(&config)?;
         let metrics = Arc::new(Metrics::new());
         let channels = Arc::new(Channels::new(metrics.clone(), config.channels.clone()));
-        let spaces = Arc::new(Spaces::new(&config.spaces, &config.limits, metrics.clone()));
+        let node = NodeId::resolve(&config.server.node);
+        let spaces = Arc::new(Spaces::new(
+            &config.spaces,
+            &config.limits,
+            node.clone(),
+            metrics.clone(),
+        ));
         let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(channels.clone()));
         let cache_dir = config
             .plugins
@@ -82,6 +91,7 @@ impl Relay {
             config.plugins.max_memory_bytes,
         ));
         Ok(Arc::new(Self {
+            node,
             bus,
             channels,
             spaces,

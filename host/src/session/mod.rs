@@ -234,7 +234,7 @@ impl Session {
         let config = &self.relay.config;
         Msg::Welcome {
             v: VERSION,
-            session: self.conn.id.to_string(),
+            session: self.relay.node.scoped(self.conn.id),
             heartbeat_ms: config.heartbeat.interval_ms,
             idle_timeout_ms: config.heartbeat.idle_timeout_ms,
             max_message_bytes: config.limits.max_message_bytes,

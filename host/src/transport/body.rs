@@ -46,7 +46,7 @@ pub async fn stream_body(
     max: usize,
     deadline: tokio::time::Instant,
 ) -> StreamEnd {
-    let relay_id = id.to_string();
+    let relay_id = relay.spaces.instance_side_id(id);
     let piece = |data, last| Msg::Body {
         id: relay_id.clone(),
         last,
