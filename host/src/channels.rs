@@ -99,6 +99,13 @@ impl Channels {
         }
         state.last_seq += 1;
         let seq = state.last_seq;
+        self.fan_out(channel, &state, seq, data);
+        seq
+    }
+
+    /// Queues message `seq` for every subscriber, under the channel's lock
+    /// (the caller holds it), so all see the same order.
+    fn fan_out(&self, channel: &str, state: &ChannelState, seq: u64, data: Data) {
         let out = Outbound::new(Msg::Message {
             channel: channel.to_owned(),
             seq,
@@ -111,7 +118,24 @@ impl Channels {
         for sub in state.subscribers.values() {
             deliver(&sub.conn, &sub.queue, out.clone(), overflow, &self.metrics);
         }
-        seq
+    }
+
+    /// Delivers a message numbered elsewhere (a cluster's broker) to this
+    /// node's subscribers. One older than the channel's last seq is a
+    /// duplicate and is dropped; a gap (messages this node never saw) is
+    /// allowed, and subscribers see it in the seqs. Returns whether it was
+    /// delivered.
+    pub fn deliver_numbered(&self, channel: &str, seq: u64, data: Data) -> bool {
+        let Some(ch) = self.map.get(channel).map(|c| c.clone()) else {
+            return false;
+        };
+        let mut state = ch.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.subscribers.is_empty() || seq <= state.last_seq {
+            return false;
+        }
+        state.last_seq = seq;
+        self.fan_out(channel, &state, seq, data);
+        true
     }
 
     pub fn presence(&self, channel: &str) -> u64 {
@@ -222,6 +246,33 @@ mod tests {
         let expected: Vec<u64> = (1..=10).collect();
         assert_eq!(seqs(&a.queued()), expected);
         assert_eq!(seqs(&b.queued()), expected);
+    }
+
+    #[test]
+    fn messages_numbered_elsewhere_are_delivered_once_in_order() {
+        let world = World::new(ChannelsConfig::default());
+        let a = world.subscriber("room", 64);
+        let _ = a.queued();
+        assert!(world.channels.deliver_numbered("room", 5, Data::from("x")));
+        assert!(
+            !world
+                .channels
+                .deliver_numbered("room", 5, Data::from("dup"))
+        );
+        assert!(
+            !world
+                .channels
+                .deliver_numbered("room", 3, Data::from("old"))
+        );
+        assert!(world.channels.deliver_numbered("room", 6, Data::from("y")));
+        assert_eq!(seqs(&a.queued()), [5, 6]);
+        // A local publish continues the sequence.
+        assert_eq!(world.channels.publish("room", Data::from("z")), 7);
+        assert!(
+            !world
+                .channels
+                .deliver_numbered("nobody", 1, Data::from("x"))
+        );
     }
 
     #[test]

@@ -160,7 +160,11 @@ impl kv::Host for HostState {
 
 impl publish::Host for HostState {
     fn publish(&mut self, channel: String, data: Vec<u8>) -> u64 {
-        self.ctx.services.bus.publish(&channel, Data::from(data))
+        match self.ctx.services.bus.publish(&channel, Data::from(data)) {
+            crate::bus::Ack::Numbered(seq) => seq,
+            // Numbered later (a cluster): the WIT's 0, "not known here".
+            crate::bus::Ack::Pending(_) => 0,
+        }
     }
 }
 

@@ -11,12 +11,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::delivery::Outbound;
-use crate::delivery::queue::{OutboundQueue, QueueLimits};
+use crate::delivery::queue::{OutboundQueue, Overflow, QueueLimits};
 use crate::delivery::table::{ConnInfo, ConnState, Transport};
+use crate::delivery::{Outbound, deliver};
 
+use crate::bus::{Ack, BusError};
 use crate::channels::Subscriber;
 use crate::hooks::{Filtered, Handshake, MayRegister, Route, RouteInput};
+use crate::metrics::Metrics;
 use crate::protocol::{DecodeError, ErrorCode, Msg, Request, VERSION};
 use crate::quota::{ConnQuota, Verdict};
 use crate::spaces::{Caller, Instance};
@@ -31,6 +33,35 @@ pub fn goaway(relay: &Relay) -> Outbound {
 }
 
 pub use crate::protocol::names::validate_channel_name;
+
+/// Sends the `ack` (or the error) for a publish the bus numbers later,
+/// through the publisher's own queue; the session does not wait for it.
+async fn acknowledge_later(
+    conn: Arc<ConnInfo>,
+    queue: Arc<OutboundQueue>,
+    metrics: Arc<Metrics>,
+    id: String,
+    channel: String,
+    numbered: tokio::sync::oneshot::Receiver<Result<u64, BusError>>,
+) {
+    let reply = match numbered.await {
+        Ok(Ok(seq)) => Msg::Ack { id, channel, seq },
+        Ok(Err(e)) => Msg::error(ErrorCode::Overloaded, e.to_string(), Some(id)),
+        Err(_) => Msg::error(
+            ErrorCode::Overloaded,
+            "the message bus dropped the publish",
+            Some(id),
+        ),
+    };
+    // A publisher this far behind on reading loses the ack, counted.
+    deliver(
+        &conn,
+        &queue,
+        Outbound::new(reply),
+        Overflow::DropNewest,
+        &metrics,
+    );
+}
 
 pub struct Session {
     relay: Arc<Relay>,
@@ -343,12 +374,23 @@ impl Session {
             Filtered::Deliver(data) => data,
             Filtered::Drop { code, reason } => return Some(Msg::error(code, reason, id)),
         };
-        let seq = self.relay.bus.publish(&target, data);
-        id.map(|id| Msg::Ack {
-            id,
-            channel: target,
-            seq,
-        })
+        match self.relay.bus.publish(&target, data) {
+            Ack::Numbered(seq) => id.map(|id| Msg::Ack {
+                id,
+                channel: target,
+                seq,
+            }),
+            Ack::Pending(numbered) => {
+                if let Some(id) = id {
+                    let (conn, queue) = (self.conn.clone(), self.queue.clone());
+                    let metrics = self.relay.metrics.clone();
+                    tokio::spawn(acknowledge_later(
+                        conn, queue, metrics, id, target, numbered,
+                    ));
+                }
+                None
+            }
+        }
     }
 
     fn register(&mut self, space: String) -> Msg {
@@ -464,5 +506,61 @@ impl Drop for Session {
             self.relay.spaces.unregister(&instance);
         }
         self.relay.spaces.caller_gone(self.conn.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::queue::Budget;
+    use crate::delivery::table::ConnTable;
+    use crate::testing::Peer;
+
+    async fn acknowledged(answer: Option<Result<u64, BusError>>) -> Msg {
+        let publisher = Peer::new(&Arc::new(ConnTable::default()), &Budget::new(1 << 20), 8);
+        let (numbered_tx, numbered) = tokio::sync::oneshot::channel();
+        let waiting = tokio::spawn(acknowledge_later(
+            publisher.conn().clone(),
+            publisher.queue.clone(),
+            Arc::new(Metrics::new()),
+            "p1".into(),
+            "room".into(),
+            numbered,
+        ));
+        assert!(publisher.queue.is_empty(), "nothing before the bus answers");
+        match answer {
+            Some(answer) => numbered_tx.send(answer).unwrap(),
+            None => drop(numbered_tx),
+        }
+        waiting.await.unwrap();
+        let mut queued = publisher.queued();
+        assert_eq!(queued.len(), 1, "{queued:?}");
+        queued.remove(0)
+    }
+
+    #[tokio::test]
+    async fn a_publish_numbered_later_is_acknowledged_then() {
+        let ack = acknowledged(Some(Ok(7))).await;
+        assert_eq!(
+            ack,
+            Msg::Ack {
+                id: "p1".into(),
+                channel: "room".into(),
+                seq: 7
+            }
+        );
+        let failed = acknowledged(Some(Err(BusError::Unavailable("down".into())))).await;
+        assert!(
+            matches!(&failed, Msg::Error { code: ErrorCode::Overloaded, id: Some(id), .. } if id == "p1"),
+            "{failed:?}"
+        );
+        let dropped = acknowledged(None).await;
+        assert!(matches!(
+            dropped,
+            Msg::Error {
+                code: ErrorCode::Overloaded,
+                ..
+            }
+        ));
     }
 }
