@@ -40,6 +40,18 @@ struct ChannelState {
     subscribers: HashMap<u64, Subscriber>,
 }
 
+/// How many subscribe to a channel across the system: on one node, its own
+/// subscribers ([`Channels`]); a cluster backend sums every node's.
+pub trait PresenceView: Send + Sync {
+    fn presence(&self, channel: &str) -> u64;
+}
+
+impl PresenceView for Channels {
+    fn presence(&self, channel: &str) -> u64 {
+        Channels::presence(self, channel)
+    }
+}
+
 pub struct Channels {
     map: DashMap<String, Arc<Channel>>,
     metrics: Arc<Metrics>,

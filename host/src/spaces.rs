@@ -192,6 +192,25 @@ pub struct SpaceInfo {
     pub declared: bool,
 }
 
+/// Which spaces exist and how they are served, as `GET /spaces` shows them:
+/// on one node, [`Spaces`] itself; a cluster backend merges every node's view
+/// (and is where a request finds an instance held by another node).
+pub trait Directory: Send + Sync {
+    /// Every space, by name.
+    fn list(&self) -> Vec<SpaceInfo>;
+    fn info(&self, name: &str) -> Option<SpaceInfo>;
+}
+
+impl Directory for Spaces {
+    fn list(&self) -> Vec<SpaceInfo> {
+        Spaces::list(self)
+    }
+
+    fn info(&self, name: &str) -> Option<SpaceInfo> {
+        Spaces::info(self, name)
+    }
+}
+
 pub struct Spaces {
     spaces: DashMap<String, Arc<Space>>,
     pending: DashMap<u64, Pending>,

@@ -22,7 +22,7 @@ use crate::metrics::{Metrics, RefusedFor};
 use crate::plugin::host_api::{HostServices, KvStore};
 use crate::plugin::{Registry, Runtime};
 use crate::quota::{ConnQuota, Quotas, Refusal};
-use crate::spaces::Spaces;
+use crate::spaces::{Directory, Spaces};
 
 /// Why the shared state could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +43,8 @@ pub struct Relay {
     pub channels: Arc<Channels>,
     pub bus: Arc<dyn Bus>,
     pub spaces: Arc<Spaces>,
+    /// The spaces as the operator API shows them (cluster-wide in a cluster).
+    pub directory: Arc<dyn Directory>,
     pub metrics: Arc<Metrics>,
     /// Loaded plugins; also the admission, router and filter hooks.
     pub plugins: Arc<Registry>,
@@ -82,7 +84,7 @@ impl Relay {
             .map_err(|e| StartError::PluginRuntime(e.into_boxed_dyn_error()))?;
         let services = HostServices {
             bus: bus.clone(),
-            channels: channels.clone(),
+            presence: channels.clone(),
             kv: Arc::new(KvStore::default()),
         };
         let plugins = Arc::new(Registry::new(
@@ -91,6 +93,7 @@ impl Relay {
             config.plugins.max_memory_bytes,
         ));
         Ok(Arc::new(Self {
+            directory: spaces.clone(),
             node,
             bus,
             channels,

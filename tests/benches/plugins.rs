@@ -68,7 +68,7 @@ fn hook_costs(settings: &Settings) {
     let channels = Arc::new(Channels::new(metrics, Default::default()));
     let services = HostServices {
         bus: Arc::new(LocalBus::new(channels.clone())),
-        channels,
+        presence: channels.clone(),
         kv: Arc::new(KvStore::default()),
     };
     let runtime = Runtime::new(&PluginsConfig::default(), None).expect("runtime");

@@ -12,14 +12,15 @@ use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use super::bindings::{clock, http, kv, log, presence, publish, types};
 use super::manifest::Manifest;
 use crate::bus::Bus;
-use crate::channels::Channels;
+use crate::channels::PresenceView;
 use crate::protocol::Data;
 
 /// Relay services a plugin's capabilities reach.
 #[derive(Clone)]
 pub struct HostServices {
     pub bus: Arc<dyn Bus>,
-    pub channels: Arc<Channels>,
+    /// What the `presence` capability reads.
+    pub presence: Arc<dyn PresenceView>,
     pub kv: Arc<KvStore>,
 }
 
@@ -170,7 +171,7 @@ impl publish::Host for HostState {
 
 impl presence::Host for HostState {
     fn count(&mut self, channel: String) -> u64 {
-        self.ctx.services.channels.presence(&channel)
+        self.ctx.services.presence.presence(&channel)
     }
 }
 

@@ -474,7 +474,7 @@ mod tests {
         let channels = Arc::new(Channels::new(Arc::new(Metrics::new()), Default::default()));
         let services = HostServices {
             bus: Arc::new(LocalBus::new(channels.clone())),
-            channels,
+            presence: channels.clone(),
             kv: Arc::new(KvStore::default()),
         };
         let runtime = Runtime::new(&Default::default(), None).expect("runtime");

@@ -159,7 +159,7 @@ pub fn stats(relay: &Relay) -> Stats {
         total += count;
     }
     let totals = &relay.metrics.totals;
-    let spaces = relay.spaces.list();
+    let spaces = relay.directory.list();
     Stats {
         uptime_ms: relay.uptime().as_millis() as u64,
         draining: relay.is_draining(),

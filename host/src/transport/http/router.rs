@@ -50,8 +50,8 @@ pub(super) async fn route(
         (&Method::GET, [""]) => html(INDEX_HTML),
         (&Method::GET, ["healthz"]) => health(&relay),
         (_, ["ws"]) => crate::transport::ws::upgrade(relay, guard, req),
-        (&Method::GET, ["spaces"]) => json(StatusCode::OK, &relay.spaces.list()),
-        (&Method::GET, ["spaces", name]) => match relay.spaces.info(name) {
+        (&Method::GET, ["spaces"]) => json(StatusCode::OK, &relay.directory.list()),
+        (&Method::GET, ["spaces", name]) => match relay.directory.info(name) {
             Some(info) => json(StatusCode::OK, &info),
             None => json_error(
                 StatusCode::NOT_FOUND,
