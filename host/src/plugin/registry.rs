@@ -40,6 +40,8 @@ pub struct Registry {
     services: HostServices,
     max_memory_bytes: u64,
     slots: Mutex<BTreeMap<String, Slot>>,
+    /// The plugin folder's refused files, by plugin name.
+    folder_refusals: Mutex<BTreeMap<String, String>>,
     router: ArcSwapOption<LoadedPlugin>,
     policy: ArcSwapOption<LoadedPlugin>,
     filters: ArcSwap<Vec<Arc<LoadedPlugin>>>,
@@ -101,6 +103,10 @@ pub struct PluginInfo {
     pub out_of_memory: u64,
     pub call_time: Option<Percentiles>,
     pub previous: Option<PreviousInfo>,
+    /// Why the plugin folder's current files for this name were refused
+    /// (the active version keeps serving); gone once they load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub folder_refusal: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -116,6 +122,7 @@ impl Registry {
             services,
             max_memory_bytes,
             slots: Mutex::new(BTreeMap::new()),
+            folder_refusals: Mutex::new(BTreeMap::new()),
             router: ArcSwapOption::empty(),
             policy: ArcSwapOption::empty(),
             filters: ArcSwap::from_pointee(Vec::new()),
@@ -242,8 +249,26 @@ impl Registry {
         slots.get(name).map(|slot| slot.active.source)
     }
 
+    /// Remembers why the plugin folder's files for `name` were refused
+    /// (`None`: they loaded), for the operator API.
+    pub fn set_folder_refusal(&self, name: &str, refusal: Option<String>) {
+        let mut refusals = self
+            .folder_refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match refusal {
+            Some(reason) => refusals.insert(name.to_owned(), reason),
+            None => refusals.remove(name),
+        };
+    }
+
     pub fn list(&self) -> Vec<PluginInfo> {
         use std::sync::atomic::Ordering::Relaxed;
+        let refusals = self
+            .folder_refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots
             .iter()
@@ -268,6 +293,7 @@ impl Registry {
                         version: prev.manifest.version.clone(),
                         digest: prev.digest.clone(),
                     }),
+                    folder_refusal: refusals.get(name).cloned(),
                 }
             })
             .collect()

@@ -111,6 +111,7 @@ async fn load(registry: &Registry, name: &str, wasm_path: &Path, manifest_path: 
     ) {
         (Ok(wasm), Ok(manifest)) => (wasm, manifest),
         (Err(e), _) | (_, Err(e)) => {
+            registry.set_folder_refusal(name, Some(format!("cannot read the files: {e}")));
             tracing::warn!(plugin = name, error = %e, "cannot read plugin files");
             return;
         }
@@ -120,9 +121,11 @@ async fn load(registry: &Registry, name: &str, wasm_path: &Path, manifest_path: 
         .await
     {
         Ok(report) => {
+            registry.set_folder_refusal(name, None);
             tracing::info!(plugin = name, version = %report.version, total_ms = report.total_ms, "loaded from the plugin folder")
         }
         Err(e) => {
+            registry.set_folder_refusal(name, Some(e.to_string()));
             tracing::warn!(plugin = name, error = %e, "refused a plugin from the plugin folder; the previous version keeps serving")
         }
     }

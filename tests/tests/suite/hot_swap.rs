@@ -128,8 +128,17 @@ async fn router_swapped_20_times_under_100_busy_clients() {
         }));
     }
 
-    // Let traffic build up, then swap while it flows.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Let traffic build up, then swap while it flows: each swap waits for
+    // publishes routed since the previous one, and the end for a round more.
+    let more_publishes = |n: u64| {
+        let tally = tally.clone();
+        let target = tally.publishes.load(Ordering::Relaxed) + n;
+        wasmrelay_tests::wait_for("publishes to flow", Duration::from_secs(30), move || {
+            let done = tally.publishes.load(Ordering::Relaxed) >= target;
+            async move { done.then_some(()) }
+        })
+    };
+    more_publishes(CLIENTS as u64).await;
     let mut swap_ms = Vec::new();
     for version in 2..=SWAPS + 1 {
         let started = Instant::now();
@@ -137,9 +146,9 @@ async fn router_swapped_20_times_under_100_busy_clients() {
         swap_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(report["version"], format!("{version}.0.0"));
         committed.store(version, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        more_publishes(CLIENTS as u64 / 4).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    more_publishes(CLIENTS as u64).await;
     stop.store(true, Ordering::Relaxed);
     for client in clients {
         client.await.expect("client finished without failures");

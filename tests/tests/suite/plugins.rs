@@ -426,8 +426,21 @@ async fn the_watched_folder_loads_swaps_and_unloads() {
 
     // A broken manifest is refused; 1.1.0 keeps serving.
     std::fs::write(folder.path().join("evil.toml"), "this is = not [a manifest").unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(plugin_info(&relay, "evil").await["version"], "1.1.0");
+    let refused = wait_json(
+        "the folder's broken manifest to be refused",
+        &plugins_url,
+        Duration::from_secs(30),
+        |p| p["folder_refusal"].is_string(),
+    )
+    .await;
+    assert_eq!(refused["version"], "1.1.0");
+    assert!(
+        refused["folder_refusal"]
+            .as_str()
+            .unwrap()
+            .contains("manifest"),
+        "{refused}"
+    );
 
     std::fs::remove_file(folder.path().join("evil.wasm")).unwrap();
     wasmrelay_tests::wait_for(

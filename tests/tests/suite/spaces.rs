@@ -557,17 +557,25 @@ async fn large_http_bodies_stream_to_the_instance_as_fast_as_it_reads() {
     assert!(request.get("data").is_none(), "{request}");
     assert_eq!(request["method"], "PUT");
 
-    // The instance does not read for a while: the relay holds no more than
-    // its queue bound of the body, and the upload waits.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let table = get_json(&relay.url("/admin/connections")).await.unwrap();
-    let queued = table["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|row| row["queue_bytes"].as_u64().unwrap())
-        .max()
-        .unwrap();
+    // The instance does not read: once its queue has filled, the relay holds
+    // no more than its queue bound of the body, and the upload waits.
+    let most_queued = |table: &serde_json::Value| {
+        table["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row["queue_bytes"].as_u64().unwrap())
+            .max()
+            .unwrap()
+    };
+    let table = wasmrelay_tests::wait_json(
+        "the instance's queue to fill",
+        &relay.url("/admin/connections"),
+        Duration::from_secs(30),
+        |table| most_queued(table) >= (QUEUE_BYTES / 2) as u64,
+    )
+    .await;
+    let queued = most_queued(&table);
     assert!(
         queued <= (QUEUE_BYTES + 64 * 1024) as u64,
         "{queued} bytes queued"
