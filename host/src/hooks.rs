@@ -18,6 +18,18 @@ pub struct Handshake<'a> {
     pub headers: &'a http::HeaderMap,
 }
 
+impl<'a> Handshake<'a> {
+    /// What admission sees of an HTTP request (or WebSocket upgrade) from `peer`.
+    pub fn of<B>(peer: SocketAddr, req: &'a http::Request<B>) -> Self {
+        Self {
+            peer,
+            path: req.uri().path(),
+            query: req.uri().query().unwrap_or(""),
+            headers: req.headers(),
+        }
+    }
+}
+
 /// Who an admitted connection is, as admission decided.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grant {

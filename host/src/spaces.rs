@@ -938,6 +938,13 @@ mod tests {
             Peer::new(&self.table, &self.budget, 64)
         }
 
+        /// `caller` sends request `id` to `space`; panics if it is refused.
+        fn call(&self, caller: &Peer, space: &str, id: &str) {
+            self.spaces
+                .dispatch(request(space, id), caller.caller(id))
+                .unwrap();
+        }
+
         fn instance(&self, space: &str, principal: &str) -> (Peer, Arc<Instance>) {
             let peer = self.peer();
             let instance = self
@@ -992,14 +999,8 @@ mod tests {
         let (a, _) = world.instance("demo", "svc");
         let (b, _) = world.instance("demo", "svc");
         let caller = world.peer();
-        world
-            .spaces
-            .dispatch(request("demo", "one"), caller.caller("one"))
-            .unwrap();
-        world
-            .spaces
-            .dispatch(request("demo", "two"), caller.caller("two"))
-            .unwrap();
+        world.call(&caller, "demo", "one");
+        world.call(&caller, "demo", "two");
         let (at_a, at_b) = (forwarded_id(&a), forwarded_id(&b));
         assert_ne!(at_a, at_b);
         // Only the instance working on a request may answer it.
@@ -1025,10 +1026,7 @@ mod tests {
         let world = World::new(|_, _| {});
         let (_instance, _) = world.instance("demo", "");
         let caller = world.peer();
-        world
-            .spaces
-            .dispatch(request("demo", "same"), caller.caller("same"))
-            .unwrap();
+        world.call(&caller, "demo", "same");
         let again = world
             .spaces
             .dispatch(request("demo", "same"), caller.caller("same"));
@@ -1041,10 +1039,7 @@ mod tests {
         let (_peer, instance) = world.instance("demo", "");
         let caller = world.peer();
         let (http_tx, mut http_rx) = oneshot::channel();
-        world
-            .spaces
-            .dispatch(request("demo", "ws"), caller.caller("ws"))
-            .unwrap();
+        world.call(&caller, "demo", "ws");
         world
             .spaces
             .dispatch(request("demo", ""), Caller::Http(http_tx))
@@ -1109,10 +1104,7 @@ mod tests {
         let (instance, _) = world.instance("demo", "");
         let caller = world.peer();
         for id in ["first", "second", "third"] {
-            world
-                .spaces
-                .dispatch(request("demo", id), caller.caller(id))
-                .unwrap();
+            world.call(&caller, "demo", id);
         }
         assert_eq!(world.spaces.info("demo").unwrap().waiting, 2);
         // The first answer frees the slot: the second starts at once.
@@ -1143,10 +1135,7 @@ mod tests {
         let world = World::new(|_, _| {});
         let (instance, _) = world.instance("demo", "");
         let caller = world.peer();
-        world
-            .spaces
-            .dispatch(request("demo", "x"), caller.caller("x"))
-            .unwrap();
+        world.call(&caller, "demo", "x");
         let relay_id = forwarded_id(&instance);
         world.spaces.caller_gone(caller.conn().id);
         assert!(

@@ -81,12 +81,7 @@ pub fn upgrade(
             "the relay is shutting down",
         );
     }
-    let handshake = Handshake {
-        peer: guard.info().peer,
-        path: req.uri().path(),
-        query: req.uri().query().unwrap_or(""),
-        headers,
-    };
+    let handshake = Handshake::of(guard.info().peer, &req);
     let quota = match relay.admit_connection(&handshake) {
         Ok((grant, quota)) => {
             guard.info().record_grant(grant);

@@ -126,12 +126,7 @@ fn admit(
             "the relay is shutting down and takes no new requests",
         ));
     }
-    let handshake = Handshake {
-        peer: guard.info().peer,
-        path: req.uri().path(),
-        query: req.uri().query().unwrap_or(""),
-        headers: req.headers(),
-    };
+    let handshake = Handshake::of(guard.info().peer, req);
     let grant = relay
         .admit_policy(&handshake)
         .map_err(|refusal| Box::new(refusal_response(&refusal)))?;
