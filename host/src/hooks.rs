@@ -147,3 +147,8 @@ impl Router for OpenDoor {
         Route::Pass
     }
 }
+
+/// All the decision points at once, as a session needs them.
+pub trait Hooks: Admission + Router + Filter {}
+
+impl<T: Admission + Router + Filter> Hooks for T {}

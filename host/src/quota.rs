@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::config::LimitsConfig;
 use crate::hooks::Grant;
-use crate::metrics::RefusedFor;
+use crate::metrics::{Metrics, RefusedFor};
 use crate::protocol::ErrorCode;
 use crate::rate::{Bucket, Rate};
 
@@ -103,6 +103,32 @@ pub struct Quotas {
     connections: AtomicUsize,
     per_ip: DashMap<IpAddr, usize>,
     users: DashMap<String, Arc<UserState>>,
+}
+
+/// The admission policy's verdict on `handshake`, a denial counted and
+/// turned into the refusal to answer with.
+pub fn admit_policy(
+    admission: &dyn crate::hooks::Admission,
+    metrics: &Metrics,
+    handshake: &crate::hooks::Handshake<'_>,
+) -> Result<Option<Grant>, Refusal> {
+    match admission.admit(handshake) {
+        crate::hooks::Admit::Allow(grant) => Ok(grant),
+        crate::hooks::Admit::Deny {
+            status,
+            code,
+            reason,
+        } => {
+            metrics.refused(RefusedFor::Policy);
+            Err(Refusal {
+                why: RefusedFor::Policy,
+                status,
+                code,
+                reason,
+                retry_after: None,
+            })
+        }
+    }
 }
 
 /// Retry-After for refusals: caps free up when someone disconnects, which

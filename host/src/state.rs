@@ -16,9 +16,9 @@ use crate::channels::Channels;
 use crate::config::Config;
 use crate::delivery::queue::Budget;
 use crate::delivery::table::ConnTable;
-use crate::hooks::{Admission, Admit, Filter, Grant, Handshake, Router};
+use crate::hooks::{Admission, Filter, Grant, Handshake, Router};
 use crate::ids::NodeId;
-use crate::metrics::{Metrics, RefusedFor};
+use crate::metrics::Metrics;
 use crate::plugin::host_api::{HostServices, KvStore};
 use crate::plugin::{Registry, Runtime};
 use crate::quota::{ConnQuota, Quotas, Refusal};
@@ -119,22 +119,22 @@ impl Relay {
     /// The policy's verdict alone (HTTP ingress asks it for every request);
     /// a denial is counted.
     pub fn admit_policy(&self, handshake: &Handshake<'_>) -> Result<Option<Grant>, Refusal> {
-        match self.admission().admit(handshake) {
-            Admit::Allow(grant) => Ok(grant),
-            Admit::Deny {
-                status,
-                code,
-                reason,
-            } => {
-                self.metrics.refused(RefusedFor::Policy);
-                Err(Refusal {
-                    why: RefusedFor::Policy,
-                    status,
-                    code,
-                    reason,
-                    retry_after: None,
-                })
-            }
+        crate::quota::admit_policy(self.admission(), &self.metrics, handshake)
+    }
+
+    /// What each connection's session gets to use.
+    pub fn session_context(&self) -> crate::session::Context {
+        crate::session::Context {
+            config: self.config.clone(),
+            node: self.node.clone(),
+            channels: self.channels.clone(),
+            bus: self.bus.clone(),
+            spaces: self.spaces.clone(),
+            quotas: self.quotas.clone(),
+            metrics: self.metrics.clone(),
+            budget: self.budget.clone(),
+            hooks: self.plugins.clone(),
+            draining: self.draining.clone(),
         }
     }
 

@@ -15,21 +15,55 @@ use crate::delivery::queue::{OutboundQueue, Overflow, QueueLimits};
 use crate::delivery::table::{ConnInfo, ConnState, Transport};
 use crate::delivery::{Outbound, deliver};
 
+use crate::bus::Bus;
 use crate::bus::{Ack, BusError};
+use crate::channels::Channels;
 use crate::channels::Subscriber;
+use crate::config::Config;
+use crate::delivery::queue::Budget;
+use crate::hooks::Hooks;
 use crate::hooks::{Filtered, Handshake, MayRegister, Route, RouteInput};
+use crate::ids::NodeId;
 use crate::metrics::Metrics;
 use crate::protocol::{DecodeError, ErrorCode, Msg, Request, VERSION};
+use crate::quota::Quotas;
 use crate::quota::{ConnQuota, Verdict};
+use crate::spaces::Spaces;
 use crate::spaces::{Caller, Instance};
-use crate::state::Relay;
+use tokio_util::sync::CancellationToken;
 
 /// The `goaway` every connection is sent when the relay starts draining.
-pub fn goaway(relay: &Relay) -> Outbound {
+pub fn goaway(config: &Config) -> Outbound {
     Outbound::new(Msg::Goaway {
         reason: "relay shutting down".to_owned(),
-        reconnect_ms: relay.config.server.shutdown_grace_ms,
+        reconnect_ms: config.server.shutdown_grace_ms,
     })
+}
+
+/// What a session may use: the shared services of the layers below it, and
+/// nothing of the transports, the operator API or the plugin registry
+/// beyond its hooks. Built once by the relay and cloned per connection.
+#[derive(Clone)]
+pub struct Context {
+    pub config: Arc<Config>,
+    pub node: NodeId,
+    pub channels: Arc<Channels>,
+    pub bus: Arc<dyn Bus>,
+    pub spaces: Arc<Spaces>,
+    pub quotas: Arc<Quotas>,
+    pub metrics: Arc<Metrics>,
+    /// The byte budget every outbound queue shares.
+    pub budget: Arc<Budget>,
+    /// Admission, routing and filtering (the plugins, or the open door).
+    pub hooks: Arc<dyn Hooks>,
+    /// Cancelled when the relay starts shutting down.
+    pub draining: CancellationToken,
+}
+
+impl Context {
+    fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
 }
 
 pub use crate::protocol::names::validate_channel_name;
@@ -64,7 +98,7 @@ async fn acknowledge_later(
 }
 
 pub struct Session {
-    relay: Arc<Relay>,
+    relay: Context,
     conn: Arc<ConnInfo>,
     /// This connection's own outbound queue; others deliver to it.
     queue: Arc<OutboundQueue>,
@@ -107,7 +141,7 @@ impl Session {
     /// A session for `conn` with its bounded outbound queue; the transport
     /// drains the returned receiver.
     pub fn open(
-        relay: Arc<Relay>,
+        relay: Context,
         conn: Arc<ConnInfo>,
         quota: ConnQuota,
     ) -> (Self, Arc<OutboundQueue>) {
@@ -298,7 +332,11 @@ impl Session {
             query: "",
             headers: &headers,
         };
-        let grant = match self.relay.admit_policy(&handshake) {
+        let grant = match crate::quota::admit_policy(
+            self.relay.hooks.as_ref(),
+            &self.relay.metrics,
+            &handshake,
+        ) {
             Ok(Some(grant)) => grant,
             Ok(None) => return None,
             Err(refusal) => return Some(Msg::error(refusal.code, refusal.reason, None)),
@@ -363,14 +401,14 @@ impl Session {
         }
         let target = match self
             .relay
-            .router()
+            .hooks
             .route(&RouteInput::Publish { channel: &channel })
         {
             Route::Pass => channel,
             Route::Rewrite { target } => target,
             Route::Reject { code, reason } => return Some(Msg::error(code, reason, id)),
         };
-        let data = match self.relay.filter().filter(&target, data) {
+        let data = match self.relay.hooks.filter(&target, data) {
             Filtered::Deliver(data) => data,
             Filtered::Drop { code, reason } => return Some(Msg::error(code, reason, id)),
         };
@@ -450,7 +488,7 @@ impl Session {
                 "registering needs an identified client: connect with a token the policy knows (?token=, Authorization: Bearer, or hello.token)".to_owned(),
             ));
         };
-        match self.relay.admission().may_register(&user, &tier, space) {
+        match self.relay.hooks.may_register(&user, &tier, space) {
             MayRegister::Allow | MayRegister::Undecided => Ok(user),
             MayRegister::Refuse { code, reason } => Err((code, reason)),
         }
@@ -475,7 +513,7 @@ impl Session {
                 Some(id),
             ));
         }
-        match self.relay.router().route(&RouteInput::Request {
+        match self.relay.hooks.route(&RouteInput::Request {
             space: &req.space,
             method: &req.method,
             path: &req.path,

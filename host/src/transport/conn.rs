@@ -85,7 +85,7 @@ pub trait Link: Send {
 /// Runs one connection to its end over `link`.
 pub async fn run<L: Link>(relay: Arc<Relay>, mut link: L, guard: Arc<ConnGuard>, quota: ConnQuota) {
     let conn = guard.info().clone();
-    let (mut session, queue) = Session::open(relay.clone(), conn.clone(), quota);
+    let (mut session, queue) = Session::open(relay.session_context(), conn.clone(), quota);
     let idle_timeout = relay.config.idle_timeout();
     let interval = relay.config.heartbeat_interval();
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -112,7 +112,7 @@ pub async fn run<L: Link>(relay: Arc<Relay>, mut link: L, guard: Arc<ConnGuard>,
             _ = relay.draining().cancelled(), if !goaway_sent => {
                 goaway_sent = true;
                 conn.set_state(ConnState::Draining);
-                outgoing.push(goaway(&relay));
+                outgoing.push(goaway(&relay.config));
             }
             event = link.next_event(session.greeted()) => match event {
                 Event::Message(decoded) => {
