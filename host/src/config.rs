@@ -627,6 +627,16 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_node_name_is_refused_naming_the_field() {
+        let mut config = Config::default();
+        config.server.node = "Node One".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("server.node"), "{err}");
+        config.server.node = "node-1".into();
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
     fn unknown_field_is_named() {
         let err = Config::from_toml("[limits]\nmax_mesage_bytes = 5\n").unwrap_err();
         assert!(err.to_string().contains("max_mesage_bytes"), "{err}");

@@ -279,7 +279,12 @@ async fn send(
     >;
     static CLIENT: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
     let client = CLIENT.get_or_init(|| {
+        // Bounded: only allow-listed hosts are reached, and at most a few
+        // idle connections are kept to each.
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(4)
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .pool_timer(hyper_util::rt::TokioTimer::new())
             .build_http()
     });
     let response = client

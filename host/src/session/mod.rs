@@ -1,7 +1,7 @@
 //! A protocol session: the state of one connection that speaks PROTOCOL.md
 //! (greeting, subscriptions, registrations, requests in flight) and what each
-//! inbound message does. Transport-neutral: the WebSocket loop in
-//! `transport::ws` (and the QUIC one, later) decodes frames, hands messages
+//! inbound message does. Transport-neutral: the connection loop in
+//! `transport::conn` (over WebSocket or QUIC) decodes frames, hands messages
 //! here, and writes what comes back.
 //!
 //! Dropping a session undoes everything it did, so a connection that ends in
