@@ -34,32 +34,35 @@ pub enum StartError {
     AdminCredential(#[from] crate::admin::credential::CredentialError),
 }
 
-/// State shared by every connection of one relay.
+/// State shared by every connection of one relay. Its fields are visible
+/// inside the crate only, to the layers above `state` (transports, `relay`);
+/// a session gets the narrower [`crate::session::Context`], and users of the
+/// library get [`crate::run`].
 pub struct Relay {
     /// This node's name in the ids it hands out.
-    pub node: NodeId,
-    pub config: Arc<Config>,
-    pub table: Arc<ConnTable>,
-    pub channels: Arc<Channels>,
-    pub bus: Arc<dyn Bus>,
-    pub spaces: Arc<Spaces>,
+    pub(crate) node: NodeId,
+    pub(crate) config: Arc<Config>,
+    pub(crate) table: Arc<ConnTable>,
+    pub(crate) channels: Arc<Channels>,
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) spaces: Arc<Spaces>,
     /// The spaces as the operator API shows them (cluster-wide in a cluster).
-    pub directory: Arc<dyn Directory>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) directory: Arc<dyn Directory>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Loaded plugins; also the admission, router and filter hooks.
-    pub plugins: Arc<Registry>,
+    pub(crate) plugins: Arc<Registry>,
     /// Connection caps and rate buckets, enforcing what admission granted.
-    pub quotas: Arc<Quotas>,
+    pub(crate) quotas: Arc<Quotas>,
     /// The byte budget all outbound queues share.
-    pub budget: Arc<Budget>,
+    pub(crate) budget: Arc<Budget>,
     /// What operator endpoints ask of a caller.
-    pub admin: AdminCredential,
+    pub(crate) admin: AdminCredential,
     /// Cancelled when shutdown starts: stop accepting, send goaway, refuse new work.
     draining: CancellationToken,
     /// Cancelled when the grace period ends: close every connection.
     closing: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
-    pub tasks: TaskTracker,
+    pub(crate) tasks: TaskTracker,
     started: Instant,
 }
 

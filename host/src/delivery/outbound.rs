@@ -1,11 +1,12 @@
 //! What travels through a connection's outbound queue: a message plus its
 //! encodings, made lazily and at most once per frame kind, so a publish fanned
 //! out to many subscribers is serialized once, not once per subscriber.
+//! The encodings are plain [`Bytes`]; which frame carries them is the
+//! transport's business.
 
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::protocol::{Msg, codec};
 
@@ -15,7 +16,7 @@ pub struct Outbound(Arc<Envelope>);
 #[derive(Debug)]
 struct Envelope {
     msg: Msg,
-    text: OnceLock<Utf8Bytes>,
+    text: OnceLock<Bytes>,
     binary: OnceLock<Bytes>,
 }
 
@@ -32,10 +33,11 @@ impl Outbound {
         &self.0.msg
     }
 
-    pub fn text(&self) -> Utf8Bytes {
+    /// The JSON encoding; always valid UTF-8 (it is made from a `String`).
+    pub fn text(&self) -> Bytes {
         self.0
             .text
-            .get_or_init(|| Utf8Bytes::from(codec::encode_text(&self.0.msg)))
+            .get_or_init(|| Bytes::from(codec::encode_text(&self.0.msg)))
             .clone()
     }
 

@@ -18,7 +18,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tracing::Instrument;
 
 use super::conn::{self, Close, Event, Link};
@@ -213,7 +213,12 @@ where
     async fn send(&mut self, batch: &[Outbound]) -> Result<(), ()> {
         let encoding = self.encoding;
         let frames = batch.iter().map(|out| match encoding {
-            Encoding::Text => Message::Text(out.text()),
+            Encoding::Text => match Utf8Bytes::try_from(out.text()) {
+                Ok(json) => Message::Text(json),
+                // Not reached: the JSON was made from a `String`. Should it
+                // ever be, a binary frame still decodes on every client.
+                Err(_) => Message::Binary(out.binary()),
+            },
             Encoding::Binary => Message::Binary(out.binary()),
         });
         send_all(&mut self.ws, frames, self.idle_timeout).await

@@ -14,11 +14,14 @@
 //!
 //! Users' buckets outlive their connections (reconnecting does not refill a
 //! bucket) and are forgotten only once full again, by [`Quotas::sweep`].
+//! Per-user state lives behind [`users::UserLedger`], the seam a cluster
+//! fills to make tier limits hold across nodes.
 
-use std::collections::HashMap;
+pub mod users;
+
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -29,6 +32,7 @@ use crate::hooks::Grant;
 use crate::metrics::{Metrics, RefusedFor};
 use crate::protocol::ErrorCode;
 use crate::rate::{Bucket, Rate};
+use users::{LocalUsers, UserAccount, UserLedger};
 
 pub use crate::hooks::TierLimits;
 
@@ -51,49 +55,6 @@ pub struct Throttled {
     pub retry_after: Duration,
 }
 
-/// One user's shared state.
-#[derive(Debug)]
-struct UserState {
-    connections: AtomicUsize,
-    buckets: Mutex<UserBuckets>,
-}
-
-#[derive(Debug)]
-struct UserBuckets {
-    messages: Bucket,
-    classes: HashMap<String, Bucket>,
-}
-
-impl UserBuckets {
-    fn new(limits: &TierLimits) -> Self {
-        Self {
-            messages: Bucket::new(limits.messages),
-            classes: limits
-                .classes
-                .iter()
-                .map(|(name, rate)| (name.clone(), Bucket::new(*rate)))
-                .collect(),
-        }
-    }
-
-    /// Follows a policy change: buckets whose rate changed start afresh.
-    fn conform(&mut self, limits: &TierLimits) {
-        if self.messages.rate() != limits.messages {
-            self.messages = Bucket::new(limits.messages);
-        }
-        self.classes
-            .retain(|name, _| limits.classes.iter().any(|(n, _)| n == name));
-        for (name, rate) in &limits.classes {
-            match self.classes.get(name) {
-                Some(bucket) if bucket.rate() == *rate => {}
-                _ => {
-                    self.classes.insert(name.clone(), Bucket::new(*rate));
-                }
-            }
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct Quotas {
     max_connections: usize,
@@ -102,7 +63,7 @@ pub struct Quotas {
     violations_before_close: u32,
     connections: AtomicUsize,
     per_ip: DashMap<IpAddr, usize>,
-    users: DashMap<String, Arc<UserState>>,
+    users: Arc<dyn UserLedger>,
 }
 
 /// The admission policy's verdict on `handshake`, a denial counted and
@@ -136,7 +97,13 @@ pub fn admit_policy(
 const CAP_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 impl Quotas {
+    /// Quotas whose per-user state stays in this process.
     pub fn new(limits: &LimitsConfig) -> Self {
+        Self::with_ledger(limits, Arc::new(LocalUsers::default()))
+    }
+
+    /// Quotas keeping per-user state in `users` (shared, in a cluster).
+    pub fn with_ledger(limits: &LimitsConfig, users: Arc<dyn UserLedger>) -> Self {
         Self {
             max_connections: limits.max_connections,
             max_connections_per_ip: limits.max_connections_per_ip,
@@ -146,28 +113,13 @@ impl Quotas {
             violations_before_close: limits.rate_violations_before_close,
             connections: AtomicUsize::new(0),
             per_ip: DashMap::new(),
-            users: DashMap::new(),
+            users,
         }
     }
 
     /// Connections currently holding a quota.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
-    }
-
-    fn user(&self, grant: &Grant, limits: &TierLimits) -> Arc<UserState> {
-        let state = self
-            .users
-            .entry(grant.user.clone())
-            .or_insert_with(|| {
-                Arc::new(UserState {
-                    connections: AtomicUsize::new(0),
-                    buckets: Mutex::new(UserBuckets::new(limits)),
-                })
-            })
-            .clone();
-        lock(&state.buckets).conform(limits);
-        state
     }
 
     /// Takes a place for a just-accepted connection under the relay-wide
@@ -221,13 +173,15 @@ impl Quotas {
             violations: 0,
         };
         if let Some((grant, limits)) = grant.and_then(|g| g.limits.as_ref().map(|l| (g, l))) {
-            let user = self.user(grant, limits);
+            let account = self.users.account(&grant.user, limits);
             let cap = limits.max_connections as usize;
-            let held = user.connections.fetch_add(1, Ordering::AcqRel);
-            quota.user = Some(user);
-            if held >= cap {
+            if !account.try_hold(cap) {
                 return Err(user_cap_refusal(grant, cap));
             }
+            quota.user = Some(Held {
+                name: grant.user.clone(),
+                account,
+            });
         }
         Ok(quota)
     }
@@ -238,23 +192,15 @@ impl Quotas {
         let Some((grant, limits)) = grant.and_then(|g| g.limits.as_ref().map(|l| (g, l))) else {
             return Ok(());
         };
-        let user = self.user(grant, limits);
-        take_user(&user, Some(name), Instant::now())
+        self.users
+            .account(&grant.user, limits)
+            .take(Some(name), Instant::now())
     }
 
     /// Forgets users with no connections whose buckets are full again, so the
     /// table does not grow with every address that ever called.
     pub fn sweep(&self) {
-        let now = Instant::now();
-        self.users.retain(|_, user| {
-            if user.connections.load(Ordering::Acquire) > 0 {
-                return true;
-            }
-            let mut buckets = lock(&user.buckets);
-            let full = buckets.messages.is_full_at(now)
-                && buckets.classes.values_mut().all(|b| b.is_full_at(now));
-            !full
-        });
+        self.users.sweep(Instant::now());
         self.per_ip.retain(|_, held| *held > 0);
     }
 
@@ -277,34 +223,9 @@ fn user_cap_refusal(grant: &Grant, cap: usize) -> Refusal {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The class a channel or space name belongs to: its first segment.
 pub fn class_of(name: &str) -> &str {
     name.split(['/', ':', '.']).next().unwrap_or(name)
-}
-
-/// Takes from the class bucket when `name` is given and the tier names its
-/// class, else from the user's general message bucket.
-fn take_user(user: &UserState, name: Option<&str>, now: Instant) -> Result<(), Throttled> {
-    let class = name.map(class_of);
-    let mut buckets = lock(&user.buckets);
-    // The scope is spelled out only on refusal: this runs for every message.
-    match class.and_then(|class| buckets.classes.get_mut(class).map(|b| (class, b))) {
-        Some((class, bucket)) => bucket.take_at(now).map_err(|retry_after| Throttled {
-            scope: format!("class:{class}"),
-            retry_after,
-        }),
-        None => buckets
-            .messages
-            .take_at(now)
-            .map_err(|retry_after| Throttled {
-                scope: "user".to_owned(),
-                retry_after,
-            }),
-    }
 }
 
 /// A connection's place under the relay-wide and per-address caps, from
@@ -328,9 +249,16 @@ impl Drop for SocketSlot {
 #[derive(Debug)]
 pub struct ConnQuota {
     quotas: Arc<Quotas>,
-    user: Option<Arc<UserState>>,
+    user: Option<Held>,
     connection: Option<Bucket>,
     violations: u32,
+}
+
+/// The user a connection counts against, and their account.
+#[derive(Debug)]
+struct Held {
+    name: String,
+    account: Arc<dyn UserAccount>,
 }
 
 /// The verdict on one rate-limited message.
@@ -352,21 +280,24 @@ impl ConnQuota {
         let Some(limits) = grant.limits.as_ref() else {
             return Ok(());
         };
-        let user = self.quotas.user(grant, limits);
+        let account = self.quotas.users.account(&grant.user, limits);
         if self
             .user
             .as_ref()
-            .is_some_and(|held| Arc::ptr_eq(held, &user))
+            .is_some_and(|held| held.name == grant.user)
         {
             return Ok(());
         }
         let cap = limits.max_connections as usize;
-        if user.connections.fetch_add(1, Ordering::AcqRel) >= cap {
-            user.connections.fetch_sub(1, Ordering::AcqRel);
+        if !account.try_hold(cap) {
             return Err(user_cap_refusal(grant, cap));
         }
-        if let Some(previous) = self.user.replace(user) {
-            previous.connections.fetch_sub(1, Ordering::AcqRel);
+        let now_held = Held {
+            name: grant.user.clone(),
+            account,
+        };
+        if let Some(previous) = self.user.replace(now_held) {
+            previous.account.release();
         }
         Ok(())
     }
@@ -397,7 +328,7 @@ impl ConnQuota {
             None => Ok(()),
         };
         let result = result.and_then(|()| match &self.user {
-            Some(user) => take_user(user, name, now),
+            Some(held) => held.account.take(name, now),
             None => Ok(()),
         });
         match result {
@@ -419,8 +350,8 @@ impl ConnQuota {
 
 impl Drop for ConnQuota {
     fn drop(&mut self) {
-        if let Some(user) = &self.user {
-            user.connections.fetch_sub(1, Ordering::AcqRel);
+        if let Some(held) = &self.user {
+            held.account.release();
         }
     }
 }
@@ -497,6 +428,35 @@ mod tests {
         assert!(quotas.open(Some(&grant("bob", 2, 10, 10))).is_ok());
         drop(first);
         assert!(quotas.open(Some(&alice)).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn relays_sharing_a_ledger_share_each_users_cap_and_buckets() {
+        // Two nodes' quotas over one ledger: what a cluster backend provides.
+        let ledger: Arc<dyn UserLedger> = Arc::new(LocalUsers::default());
+        let node_a = Arc::new(Quotas::with_ledger(
+            &LimitsConfig::default(),
+            ledger.clone(),
+        ));
+        let node_b = Arc::new(Quotas::with_ledger(
+            &LimitsConfig::default(),
+            ledger.clone(),
+        ));
+        let alice = grant("alice", 1, 1, 1);
+        let mut on_a = node_a.open(Some(&alice)).unwrap();
+        let refused = node_b.open(Some(&alice)).unwrap_err();
+        assert_eq!(refused.why, RefusedFor::UserCap);
+        assert_eq!(on_a.charge("news"), Verdict::Pass);
+        assert!(
+            node_b.check_request(Some(&alice), "news").is_err(),
+            "bucket shared"
+        );
+        drop(on_a);
+        assert!(
+            node_b.open(Some(&alice)).is_ok(),
+            "slot given back to the ledger"
+        );
+        assert_eq!(ledger.len(), 1);
     }
 
     #[test]
