@@ -32,7 +32,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use wasmrelay_protocol::quic::{BULK_THRESHOLD, FrameError, frame, is_bulk, write_frame};
-use wasmrelay_protocol::{Data, ErrorCode, Request, Response, VERSION, codec};
+use wasmrelay_protocol::{Data, ErrorCode, Request, Response, VERSION, batch, codec};
 
 pub use error::Error;
 pub use trust::Trust;
@@ -58,6 +58,10 @@ pub struct Options {
     /// WebSocket frames: JSON text (default) or binary (payloads as raw bytes).
     /// QUIC always speaks binary frames.
     pub encoding: Encoding,
+    /// Ask the relay to put several messages in one WebSocket frame
+    /// (`hello.batch`, PROTOCOL §2.1): far fewer frames under load. On by
+    /// default; [`Receiver`] splits batches, so callers see single messages.
+    pub batch: bool,
 }
 
 impl Options {
@@ -69,6 +73,7 @@ impl Options {
             trust: Trust::default(),
             server_name: None,
             encoding: Encoding::Text,
+            batch: true,
         }
     }
 
@@ -84,6 +89,11 @@ impl Options {
 
     pub fn encoding(mut self, encoding: Encoding) -> Self {
         self.encoding = encoding;
+        self
+    }
+
+    pub fn batch(mut self, batch: bool) -> Self {
+        self.batch = batch;
         self
     }
 }
@@ -118,9 +128,7 @@ impl Client {
                     },
                     encoding: Encoding::Binary,
                 },
-                Receiver {
-                    link: RecvLink::Quic(link.inbox),
-                },
+                Receiver::new(RecvLink::Quic(link.inbox)),
             )
         } else {
             let url = match (&options.token, options.token_in_url) {
@@ -134,9 +142,7 @@ impl Client {
                     link: SendLink::Ws(sink),
                     encoding: options.encoding,
                 },
-                Receiver {
-                    link: RecvLink::Ws(source),
-                },
+                Receiver::new(RecvLink::Ws(source)),
             )
         };
         sender
@@ -144,10 +150,15 @@ impl Client {
                 v: VERSION,
                 client: Some(options.name.clone()),
                 token: options.token.clone(),
+                batch: options.batch,
             })
             .await?;
         let welcome = match receiver.recv().await? {
-            Some(welcome @ Msg::Welcome { .. }) => welcome,
+            Some(welcome @ Msg::Welcome { batch, .. }) => {
+                // Every frame after the welcome is batched when it says so.
+                receiver.batched = batch;
+                welcome
+            }
             Some(Msg::Error { code, message, .. }) => return Err(Error::Relay { code, message }),
             Some(other) => {
                 return Err(Error::Unexpected {
@@ -468,7 +479,8 @@ enum RecvLink {
     Quic(mpsc::Receiver<Result<QuicFrame, FrameError>>),
 }
 
-/// One frame as it arrived, undecoded.
+/// One message as it arrived, undecoded (a batched frame's messages come
+/// one by one).
 #[derive(Debug, Clone)]
 pub struct Frame {
     pub bytes: Bytes,
@@ -491,9 +503,21 @@ impl Frame {
 /// The receiving half of a connection.
 pub struct Receiver {
     link: RecvLink,
+    /// The relay batches its frames (its `welcome` said `batch: true`).
+    batched: bool,
+    /// The rest of the last batched frame.
+    unread: VecDeque<Frame>,
 }
 
 impl Receiver {
+    fn new(link: RecvLink) -> Self {
+        Self {
+            link,
+            batched: false,
+            unread: VecDeque::new(),
+        }
+    }
+
     /// The next message; `None` once the relay has closed the connection.
     pub async fn recv(&mut self) -> Result<Option<Msg>, Error> {
         match self.recv_frame().await? {
@@ -502,8 +526,32 @@ impl Receiver {
         }
     }
 
-    /// The next frame, undecoded; `None` once the relay has closed the connection.
+    /// The next message, undecoded; `None` once the relay has closed the
+    /// connection.
     pub async fn recv_frame(&mut self) -> Result<Option<Frame>, Error> {
+        loop {
+            if let Some(frame) = self.unread.pop_front() {
+                return Ok(Some(frame));
+            }
+            let Some(frame) = self.next_frame().await? else {
+                return Ok(None);
+            };
+            if !self.batched {
+                return Ok(Some(frame));
+            }
+            let messages = if frame.text {
+                batch::split_text(&frame.bytes)
+            } else {
+                batch::split_binary(&frame.bytes)?
+            };
+            let text = frame.text;
+            self.unread
+                .extend(messages.into_iter().map(|bytes| Frame { bytes, text }));
+        }
+    }
+
+    /// The next frame off the wire.
+    async fn next_frame(&mut self) -> Result<Option<Frame>, Error> {
         match &mut self.link {
             RecvLink::Ws(source) => {
                 while let Some(frame) = source.next().await {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use crate::channels::Channels;
+use crate::delivery::Pressure;
 use crate::protocol::Data;
 
 /// How a publish is acknowledged.
@@ -37,7 +38,10 @@ pub enum BusError {
 pub trait Bus: Send + Sync + 'static {
     /// Hands `data` to the subscribers of `channel`. Must not wait: a
     /// backend that needs I/O answers [`Ack::Pending`] and works elsewhere.
-    fn publish(&self, channel: &str, data: Data) -> Ack;
+    /// Local subscribers' queues filling up are noted in `pressure`; the
+    /// publisher's connection waits for them before reading on (a cluster
+    /// backend's delivery task does the same with its own).
+    fn publish(&self, channel: &str, data: Data, pressure: &mut Pressure) -> Ack;
 }
 
 /// Single-node delivery straight into the local subscribers' queues.
@@ -52,7 +56,7 @@ impl LocalBus {
 }
 
 impl Bus for LocalBus {
-    fn publish(&self, channel: &str, data: Data) -> Ack {
-        Ack::Numbered(self.channels.publish(channel, data))
+    fn publish(&self, channel: &str, data: Data, pressure: &mut Pressure) -> Ack {
+        Ack::Numbered(self.channels.publish(channel, data, pressure))
     }
 }

@@ -13,7 +13,7 @@ use dashmap::DashMap;
 use crate::config::{ChannelsConfig, SlowConsumer};
 use crate::delivery::queue::{OutboundQueue, Overflow};
 use crate::delivery::table::ConnInfo;
-use crate::delivery::{Outbound, deliver};
+use crate::delivery::{Outbound, Pressure, deliver, deliver_pressing};
 use crate::metrics::Metrics;
 use crate::protocol::{Data, Msg};
 
@@ -100,7 +100,9 @@ impl Channels {
 
     /// Delivers `data` to every subscriber; returns the sequence number given to
     /// it, or 0 when the channel has no subscribers (nothing is kept for later).
-    pub fn publish(&self, channel: &str, data: Data) -> u64 {
+    /// Subscribers' queues filling up are noted in `pressure`, for the
+    /// publisher to wait for before it sends more.
+    pub fn publish(&self, channel: &str, data: Data, pressure: &mut Pressure) -> u64 {
         let Some(ch) = self.map.get(channel).map(|c| c.clone()) else {
             return 0;
         };
@@ -111,13 +113,20 @@ impl Channels {
         }
         state.last_seq += 1;
         let seq = state.last_seq;
-        self.fan_out(channel, &state, seq, data);
+        self.fan_out(channel, &state, seq, data, pressure);
         seq
     }
 
     /// Queues message `seq` for every subscriber, under the channel's lock
     /// (the caller holds it), so all see the same order.
-    fn fan_out(&self, channel: &str, state: &ChannelState, seq: u64, data: Data) {
+    fn fan_out(
+        &self,
+        channel: &str,
+        state: &ChannelState,
+        seq: u64,
+        data: Data,
+        pressure: &mut Pressure,
+    ) {
         let out = Outbound::new(Msg::Message {
             channel: channel.to_owned(),
             seq,
@@ -128,7 +137,14 @@ impl Channels {
             SlowConsumer::Disconnect => Overflow::Disconnect,
         };
         for sub in state.subscribers.values() {
-            deliver(&sub.conn, &sub.queue, out.clone(), overflow, &self.metrics);
+            deliver_pressing(
+                &sub.conn,
+                &sub.queue,
+                out.clone(),
+                overflow,
+                &self.metrics,
+                pressure,
+            );
         }
     }
 
@@ -136,8 +152,15 @@ impl Channels {
     /// node's subscribers. One older than the channel's last seq is a
     /// duplicate and is dropped; a gap (messages this node never saw) is
     /// allowed, and subscribers see it in the seqs. Returns whether it was
-    /// delivered.
-    pub fn deliver_numbered(&self, channel: &str, seq: u64, data: Data) -> bool {
+    /// delivered; the caller (the backend's delivery task) waits for
+    /// `pressure` before taking the next message from the broker.
+    pub fn deliver_numbered(
+        &self,
+        channel: &str,
+        seq: u64,
+        data: Data,
+        pressure: &mut Pressure,
+    ) -> bool {
         let Some(ch) = self.map.get(channel).map(|c| c.clone()) else {
             return false;
         };
@@ -146,7 +169,7 @@ impl Channels {
             return false;
         }
         state.last_seq = seq;
-        self.fan_out(channel, &state, seq, data);
+        self.fan_out(channel, &state, seq, data, pressure);
         true
     }
 
@@ -251,7 +274,11 @@ mod tests {
         let b = world.subscriber("room", 64);
         for n in 0..10 {
             assert_eq!(
-                world.channels.publish("room", Data::from(format!("{n}"))),
+                world.channels.publish(
+                    "room",
+                    Data::from(format!("{n}")),
+                    &mut Pressure::default()
+                ),
                 n + 1
             );
         }
@@ -265,26 +292,44 @@ mod tests {
         let world = World::new(ChannelsConfig::default());
         let a = world.subscriber("room", 64);
         let _ = a.queued();
-        assert!(world.channels.deliver_numbered("room", 5, Data::from("x")));
-        assert!(
-            !world
-                .channels
-                .deliver_numbered("room", 5, Data::from("dup"))
-        );
-        assert!(
-            !world
-                .channels
-                .deliver_numbered("room", 3, Data::from("old"))
-        );
-        assert!(world.channels.deliver_numbered("room", 6, Data::from("y")));
+        assert!(world.channels.deliver_numbered(
+            "room",
+            5,
+            Data::from("x"),
+            &mut Pressure::default()
+        ));
+        assert!(!world.channels.deliver_numbered(
+            "room",
+            5,
+            Data::from("dup"),
+            &mut Pressure::default()
+        ));
+        assert!(!world.channels.deliver_numbered(
+            "room",
+            3,
+            Data::from("old"),
+            &mut Pressure::default()
+        ));
+        assert!(world.channels.deliver_numbered(
+            "room",
+            6,
+            Data::from("y"),
+            &mut Pressure::default()
+        ));
         assert_eq!(seqs(&a.queued()), [5, 6]);
         // A local publish continues the sequence.
-        assert_eq!(world.channels.publish("room", Data::from("z")), 7);
-        assert!(
-            !world
+        assert_eq!(
+            world
                 .channels
-                .deliver_numbered("nobody", 1, Data::from("x"))
+                .publish("room", Data::from("z"), &mut Pressure::default()),
+            7
         );
+        assert!(!world.channels.deliver_numbered(
+            "nobody",
+            1,
+            Data::from("x"),
+            &mut Pressure::default()
+        ));
     }
 
     #[test]
@@ -301,7 +346,12 @@ mod tests {
         world.channels.unsubscribe("room", second.conn().id);
         assert!(world.channels.is_empty());
         // Nothing is kept for a channel nobody listens to.
-        assert_eq!(world.channels.publish("room", Data::from("lost")), 0);
+        assert_eq!(
+            world
+                .channels
+                .publish("room", Data::from("lost"), &mut Pressure::default()),
+            0
+        );
     }
 
     #[test]
@@ -312,7 +362,9 @@ mod tests {
         // The subscribe-time presence notice went to `slow`; clear it.
         let _ = slow.queued();
         for _ in 0..10 {
-            world.channels.publish("room", Data::from("x"));
+            world
+                .channels
+                .publish("room", Data::from("x"), &mut Pressure::default());
         }
         let kept = seqs(&slow.queued());
         assert_eq!(kept, [7, 8, 9, 10], "the newest four are kept");
@@ -335,7 +387,9 @@ mod tests {
         let world = World::new(policies);
         let slow = world.subscriber("ticks/a", 2);
         for _ in 0..3 {
-            world.channels.publish("ticks/a", Data::from("x"));
+            world
+                .channels
+                .publish("ticks/a", Data::from("x"), &mut Pressure::default());
         }
         let reason = slow.closed().expect("closed for falling behind");
         assert!(reason.contains("ticks/a"), "{reason}");

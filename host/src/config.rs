@@ -129,6 +129,12 @@ pub struct LimitsConfig {
     /// Bytes all outbound queues together may hold; past it the consumer
     /// with the most queued is closed (1013) to make room.
     pub outbound_budget_bytes: usize,
+    /// Ingress backpressure: a subscriber whose queue passes half its bounds
+    /// makes its channels' publishers wait (the relay stops reading them)
+    /// until it is back under a quarter; one that stays behind this long is
+    /// a slow consumer, and its channels' `slow_consumer` policy applies
+    /// instead. 0 turns backpressure off (fill, then apply the policy).
+    pub slow_consumer_after_ms: u64,
 }
 
 /// What happens to a subscriber that falls behind on a channel.
@@ -332,6 +338,7 @@ impl Default for LimitsConfig {
             max_wait_ms: 5_000,
             outbound_queue_bytes: 4 * 1024 * 1024,
             outbound_budget_bytes: 512 * 1024 * 1024,
+            slow_consumer_after_ms: 1_000,
         }
     }
 }

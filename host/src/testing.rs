@@ -23,6 +23,7 @@ impl Peer {
         let limits = QueueLimits {
             messages,
             bytes: 1 << 20,
+            slow_after: std::time::Duration::from_secs(1),
         };
         Self {
             guard: table.open(addr, addr),

@@ -6,6 +6,7 @@
 //! in Rust (`wasmrelay-client`, the examples, the tests) share one definition.
 //! This crate does no I/O unless its `quinn` feature is on.
 
+pub mod batch;
 pub mod codec;
 pub mod names;
 pub mod quic;
@@ -29,6 +30,10 @@ pub enum Msg {
         client: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
+        /// Asks the relay to put several messages in one frame after the
+        /// `welcome` (PROTOCOL §2.1, [`batch`]).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        batch: bool,
     },
     /// Relay → client, answer to `hello`.
     Welcome {
@@ -41,6 +46,10 @@ pub enum Msg {
         /// silent before it is presumed gone (PROTOCOL §3.2).
         #[serde(default)]
         instance_idle_timeout_ms: u64,
+        /// Every frame after this one is batched ([`batch`]): the relay's
+        /// yes to `hello.batch`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        batch: bool,
     },
     /// Either direction: an application-level liveness probe (browsers cannot
     /// send WebSocket pings). Answered with `pong` carrying the same id.

@@ -52,6 +52,7 @@ async fn connect(addr: SocketAddr, small_receive_buffer: bool) -> anyhow::Result
         v: VERSION,
         client: Some("bench".into()),
         token: None,
+        batch: false,
     })))
     .await?;
     expect(&mut ws, "welcome").await?;

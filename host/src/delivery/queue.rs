@@ -5,12 +5,22 @@
 //! overflow rule the sender chose applies: drop the oldest channel messages
 //! (and tell the consumer how many it lost), drop the new message, refuse it,
 //! or disconnect the consumer. Nothing here ever waits for the consumer.
+//!
+//! Pushing never waits either, but a queue says when it is *pressing*:
+//! past half its bounds it asks publishers to wait (see
+//! [`super::pressure`]) until it is back under a quarter. A consumer that
+//! stays pressed for `slow_after` is *slow*: it stops holding publishers
+//! back, and its channels' overflow rule applies instead. Fast consumers
+//! therefore slow publishers down rather than lose messages, and only a
+//! consumer really slower than its channels' flow loses any.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Outbound;
@@ -59,7 +69,12 @@ pub enum Overflow {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
     /// Queued, after evicting `evicted` older messages.
-    Queued { evicted: u64 },
+    Queued {
+        evicted: u64,
+        /// The queue is over its high-water mark and not (yet) slow: the
+        /// publisher should wait for it before sending more.
+        pressing: bool,
+    },
     /// Not queued (dropped or refused), after evicting `evicted` older
     /// messages that still did not make room.
     Dropped { evicted: u64 },
@@ -72,6 +87,21 @@ pub enum Pushed {
 pub struct QueueLimits {
     pub messages: usize,
     pub bytes: usize,
+    /// How long a consumer may stay over its high-water mark before it is
+    /// deemed slow; zero turns ingress backpressure off.
+    pub slow_after: Duration,
+}
+
+impl QueueLimits {
+    /// Past half of either bound a queue presses its publishers...
+    fn is_high(&self, messages: usize, bytes: usize) -> bool {
+        messages > self.messages / 2 || bytes > self.bytes / 2
+    }
+
+    /// ...until it is back under a quarter of both.
+    fn is_low(&self, messages: usize, bytes: usize) -> bool {
+        messages <= self.messages / 4 && bytes <= self.bytes / 4
+    }
 }
 
 /// The relay-wide byte budget for all outbound queues, and the queues it
@@ -150,6 +180,11 @@ struct State {
     /// Messages lost per channel, not yet reported to the consumer.
     lost: BTreeMap<String, u64>,
     closed: Option<String>,
+    /// Since when the queue has been past its high-water mark without
+    /// getting back under the low one.
+    pressed_since: Option<Instant>,
+    /// Whether this pressed episode has been logged as a slow consumer.
+    slow_reported: bool,
 }
 
 impl State {
@@ -238,7 +273,10 @@ impl OutboundQueue {
                 )
             {
                 queued.out = out;
-                return Pushed::Queued { evicted: 0 };
+                return Pushed::Queued {
+                    evicted: 0,
+                    pressing: false,
+                };
             }
             // Control messages are never dropped: they are small, and a
             // consumer that lets this many pile up is gone in all but name.
@@ -250,7 +288,10 @@ impl OutboundQueue {
                 return Pushed::Closed;
             }
             self.admit(&mut state, lane, out, size, false);
-            return Pushed::Queued { evicted: 0 };
+            return Pushed::Queued {
+                evicted: 0,
+                pressing: false,
+            };
         }
         // Read afresh each time: evicting our own messages gives budget back.
         let over = |state: &State, bytes: usize| {
@@ -301,7 +342,82 @@ impl OutboundQueue {
         }
         let evictable = matches!(overflow, Overflow::DropOldest | Overflow::DropNewest);
         self.admit(&mut state, lane, out, size, evictable);
-        Pushed::Queued { evicted }
+        // Only channel messages hold their publishers back: other senders
+        // have bounds of their own (requests in flight, streamed bodies).
+        let pressing = matches!(overflow, Overflow::DropOldest | Overflow::Disconnect)
+            && self.press(&mut state);
+        Pushed::Queued { evicted, pressing }
+    }
+
+    /// Marks the queue pressed when it has passed its high-water mark, and
+    /// says whether its publishers should wait for it: pressed, not slow.
+    fn press(&self, state: &mut State) -> bool {
+        if self.limits.slow_after.is_zero() {
+            return false;
+        }
+        let since = match state.pressed_since {
+            Some(since) => since,
+            None if self.limits.is_high(state.data_messages(), self.bytes()) => {
+                let now = Instant::now();
+                state.pressed_since = Some(now);
+                return true;
+            }
+            None => return false,
+        };
+        since.elapsed() < self.limits.slow_after
+    }
+
+    /// Completes once publishers need not wait for this queue: it is back
+    /// under its low-water mark, it has been pressed for `slow_after` (a
+    /// slow consumer: its overflow rule applies from here on), or it closed.
+    /// Cancel-safe.
+    pub async fn relieved(&self) {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            // Registered before looking, so a drain in between is not missed.
+            room.as_mut().enable();
+            let _waiting = RoomWaiter::new(&self.room_waiters);
+            let deadline = {
+                let state = lock(&self.state);
+                match state.pressed_since {
+                    Some(since) if state.closed.is_none() => since + self.limits.slow_after,
+                    _ => return,
+                }
+            };
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::select! {
+                _ = room => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.report_slow();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Logs, once per episode, that this consumer has become slow.
+    fn report_slow(&self) {
+        let mut state = lock(&self.state);
+        if state.pressed_since.is_some() && !state.slow_reported {
+            state.slow_reported = true;
+            tracing::info!(
+                queued = self.len(),
+                queued_bytes = self.bytes(),
+                "slow consumer: behind for longer than slow_after; publishers no longer wait for it and its channels' policy applies"
+            );
+        }
+    }
+
+    /// Whether the queue is pressed and has been for `slow_after`.
+    pub fn is_slow(&self) -> bool {
+        let state = lock(&self.state);
+        !self.limits.slow_after.is_zero()
+            && state
+                .pressed_since
+                .is_some_and(|since| since.elapsed() >= self.limits.slow_after)
     }
 
     fn admit(&self, state: &mut State, lane: Lane, out: Outbound, size: usize, evictable: bool) {
@@ -413,6 +529,12 @@ impl OutboundQueue {
                     }
                 }
                 if !batch.is_empty() {
+                    if state.pressed_since.is_some()
+                        && self.limits.is_low(state.data_messages(), self.bytes())
+                    {
+                        state.pressed_since = None;
+                        state.slow_reported = false;
+                    }
                     drop(state);
                     if self.room_waiters.load(Ordering::Acquire) > 0 {
                         self.room.notify_waiters();
@@ -478,7 +600,11 @@ mod tests {
     }
 
     fn limits(messages: usize, bytes: usize) -> QueueLimits {
-        QueueLimits { messages, bytes }
+        QueueLimits {
+            messages,
+            bytes,
+            slow_after: Duration::ZERO,
+        }
     }
 
     #[tokio::test]
@@ -541,7 +667,10 @@ mod tests {
         let queue = OutboundQueue::new(limits(1000, 1000), &budget);
         assert_eq!(
             queue.push(message("game", 1, 500), Overflow::Disconnect),
-            Pushed::Queued { evicted: 0 }
+            Pushed::Queued {
+                evicted: 0,
+                pressing: false
+            }
         );
         assert_eq!(
             queue.push(message("game", 2, 500), Overflow::Disconnect),
@@ -595,7 +724,10 @@ mod tests {
         // Nobody else to shed: it gives up its own oldest, one for one.
         assert_eq!(
             queue.push(message("c", 11, 36), Overflow::DropOldest),
-            Pushed::Queued { evicted: 1 }
+            Pushed::Queued {
+                evicted: 1,
+                pressing: false
+            }
         );
         assert_eq!(queue.len(), 10);
         assert_eq!(budget.used(), 1000);
@@ -620,10 +752,118 @@ mod tests {
         // The fast consumer needs room: the slow one goes.
         for seq in 0..4 {
             let pushed = fast.push(message("c", seq, 1000), Overflow::DropOldest);
-            assert_eq!(pushed, Pushed::Queued { evicted: 0 });
+            assert_eq!(
+                pushed,
+                Pushed::Queued {
+                    evicted: 0,
+                    pressing: false
+                }
+            );
         }
         assert_eq!(budget.shed_count(), 1);
         assert!(slow.next_batch(10).await.is_err());
         assert_eq!(drain(&fast).await.len(), 4);
+    }
+
+    fn pressing(pushed: Pushed) -> bool {
+        matches!(pushed, Pushed::Queued { pressing: true, .. })
+    }
+
+    fn pressed_queue(budget: &Arc<Budget>) -> Arc<OutboundQueue> {
+        let limits = QueueLimits {
+            messages: 8,
+            bytes: 1 << 20,
+            slow_after: Duration::from_secs(1),
+        };
+        OutboundQueue::new(limits, budget)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_past_half_presses_until_drained_to_a_quarter() {
+        let budget = Budget::new(1 << 30);
+        let queue = pressed_queue(&budget);
+        for seq in 1..=4 {
+            assert!(!pressing(
+                queue.push(message("c", seq, 1), Overflow::DropOldest)
+            ));
+        }
+        assert!(pressing(
+            queue.push(message("c", 5, 1), Overflow::DropOldest)
+        ));
+        // Requests and advisory messages never press.
+        assert!(!pressing(queue.push(message("c", 6, 1), Overflow::Refuse)));
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.relieved().await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(queue.next_batch(3).await.unwrap().len(), 3);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "three left: above a quarter");
+        assert!(
+            pressing(queue.push(message("c", 7, 1), Overflow::DropOldest)),
+            "still pressed"
+        );
+        assert_eq!(queue.next_batch(2).await.unwrap().len(), 2);
+        tokio::time::timeout(Duration::from_millis(100), waiter)
+            .await
+            .expect("relieved at a quarter")
+            .unwrap();
+        assert!(!queue.is_slow());
+        assert!(!pressing(
+            queue.push(message("c", 8, 1), Overflow::DropOldest)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_consumer_behind_for_slow_after_stops_pressing_and_gets_its_policy() {
+        let budget = Budget::new(1 << 30);
+        let queue = pressed_queue(&budget);
+        for seq in 1..=5 {
+            queue.push(message("c", seq, 1), Overflow::DropOldest);
+        }
+        let started = Instant::now();
+        queue.relieved().await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(1),
+            "waited slow_after"
+        );
+        assert!(queue.is_slow());
+        let mut evicted = 0;
+        for seq in 6..=20 {
+            match queue.push(message("c", seq, 1), Overflow::DropOldest) {
+                Pushed::Queued {
+                    evicted: e,
+                    pressing,
+                } => {
+                    assert!(!pressing, "a slow consumer holds nobody back");
+                    evicted += e;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(evicted, 12, "full at 8: the oldest made room");
+        // It catches up: no longer slow, and it presses again when it fills.
+        assert_eq!(drain(&queue).await.len(), 9, "the loss notice and eight");
+        assert!(!queue.is_slow());
+        for seq in 21..=24 {
+            queue.push(message("c", seq, 1), Overflow::DropOldest);
+        }
+        assert!(pressing(
+            queue.push(message("c", 25, 1), Overflow::DropOldest)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_slow_after_nothing_presses() {
+        let budget = Budget::new(1 << 30);
+        let queue = OutboundQueue::new(limits(8, 1 << 20), &budget);
+        for seq in 1..=8 {
+            assert!(!pressing(
+                queue.push(message("c", seq, 1), Overflow::DropOldest)
+            ));
+        }
+        queue.relieved().await;
     }
 }

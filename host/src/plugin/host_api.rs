@@ -161,7 +161,15 @@ impl kv::Host for HostState {
 
 impl publish::Host for HostState {
     fn publish(&mut self, channel: String, data: Vec<u8>) -> u64 {
-        match self.ctx.services.bus.publish(&channel, Data::from(data)) {
+        // A plugin cannot be paused mid-call: its publishes are not held
+        // back (a slow subscriber gets its channel's policy, as ever).
+        let mut unheeded = crate::delivery::Pressure::default();
+        let published = self
+            .ctx
+            .services
+            .bus
+            .publish(&channel, Data::from(data), &mut unheeded);
+        match published {
             crate::bus::Ack::Numbered(seq) => seq,
             // Numbered later (a cluster): the WIT's 0, "not known here".
             crate::bus::Ack::Pending(_) => 0,

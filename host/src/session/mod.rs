@@ -10,10 +10,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use crate::delivery::queue::{OutboundQueue, Overflow, QueueLimits};
 use crate::delivery::table::{ConnInfo, ConnState, Transport};
-use crate::delivery::{Outbound, deliver};
+use crate::delivery::{Outbound, Pressure, deliver};
 
 use crate::bus::Bus;
 use crate::bus::{Ack, BusError};
@@ -109,6 +110,11 @@ pub struct Session {
     quota: ConnQuota,
     /// Set when the connection must be closed after this turn's replies.
     closing: Option<Closing>,
+    /// Subscribers' queues this connection's publishes filled up: the
+    /// transport reads nothing more from it until they are relieved.
+    backpressure: Pressure,
+    /// The client asked for batched frames (`hello.batch`, WebSocket only).
+    batch: bool,
 }
 
 /// Why a session asks its transport to close the connection.
@@ -150,6 +156,7 @@ impl Session {
             QueueLimits {
                 messages: limits.outbound_queue,
                 bytes: limits.outbound_queue_bytes,
+                slow_after: Duration::from_millis(limits.slow_consumer_after_ms),
             },
             &relay.budget,
         );
@@ -163,8 +170,26 @@ impl Session {
             instances: Vec::new(),
             quota,
             closing: None,
+            backpressure: Pressure::default(),
+            batch: false,
         };
         (session, queue)
+    }
+
+    /// Whether the transport must wait for [`backpressure`](Self::backpressure)
+    /// before reading the next message.
+    pub fn is_backpressured(&self) -> bool {
+        !self.backpressure.is_empty()
+    }
+
+    /// What this connection's publishes wait for; see [`Pressure`].
+    pub fn backpressure(&mut self) -> &mut Pressure {
+        &mut self.backpressure
+    }
+
+    /// Whether frames after the `welcome` may carry several messages.
+    pub fn batches(&self) -> bool {
+        self.batch
     }
 
     /// Whether, and why, the transport should close the connection.
@@ -226,7 +251,12 @@ impl Session {
     pub fn handle(&mut self, msg: Msg) -> Option<Msg> {
         if !self.greeted {
             return match msg {
-                Msg::Hello { v, client, token } => Some(self.hello(v, client, token)),
+                Msg::Hello {
+                    v,
+                    client,
+                    token,
+                    batch,
+                } => Some(self.hello(v, client, token, batch)),
                 other => Some(Msg::error(
                     ErrorCode::HelloRequired,
                     format!("the first message must be `hello`, not `{}`", other.kind()),
@@ -275,7 +305,7 @@ impl Session {
         }
     }
 
-    fn hello(&mut self, v: u32, client: Option<String>, token: Option<String>) -> Msg {
+    fn hello(&mut self, v: u32, client: Option<String>, token: Option<String>, batch: bool) -> Msg {
         if v != VERSION {
             return Msg::error(
                 ErrorCode::UnsupportedVersion,
@@ -296,6 +326,8 @@ impl Session {
             let client: String = client.chars().take(64).collect();
             self.conn.update_detail(|d| d.client = Some(client));
         }
+        // QUIC's control stream carries messages back to back already.
+        self.batch = batch && self.conn.transport() == Transport::Ws;
         let config = &self.relay.config;
         Msg::Welcome {
             v: VERSION,
@@ -304,6 +336,7 @@ impl Session {
             idle_timeout_ms: config.heartbeat.idle_timeout_ms,
             max_message_bytes: config.limits.max_message_bytes,
             instance_idle_timeout_ms: config.limits.instance_idle_timeout_ms,
+            batch: self.batch,
         }
     }
 
@@ -412,7 +445,11 @@ impl Session {
             Filtered::Deliver(data) => data,
             Filtered::Drop { code, reason } => return Some(Msg::error(code, reason, id)),
         };
-        match self.relay.bus.publish(&target, data) {
+        match self
+            .relay
+            .bus
+            .publish(&target, data, &mut self.backpressure)
+        {
             Ack::Numbered(seq) => id.map(|id| Msg::Ack {
                 id,
                 channel: target,

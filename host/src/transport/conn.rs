@@ -68,8 +68,14 @@ pub trait Link: Send {
     /// `greeted` says whether the session has had its `hello`.
     fn next_event(&mut self, greeted: bool) -> impl Future<Output = Event> + Send;
 
-    /// Writes `batch`; an error means the peer stopped taking it.
-    fn send(&mut self, batch: &[Outbound]) -> impl Future<Output = Result<(), ()>> + Send;
+    /// Writes `batch`, several messages to a frame when `batched` (the
+    /// client asked for it in `hello`); an error means the peer stopped
+    /// taking it.
+    fn send(
+        &mut self,
+        batch: &[Outbound],
+        batched: bool,
+    ) -> impl Future<Output = Result<(), ()>> + Send;
 
     /// A heartbeat tick: a WebSocket ping. An error means the peer is gone.
     fn heartbeat(&mut self) -> impl Future<Output = Result<(), ()>> + Send;
@@ -105,6 +111,12 @@ pub async fn run<L: Link>(relay: Arc<Relay>, mut link: L, guard: Arc<ConnGuard>,
         }
         let mut outgoing: Vec<Outbound> = Vec::new();
         let mut ping = false;
+        // While subscribers this peer's publishes filled are catching up, its
+        // next frame stays unread: TCP or QUIC flow control then slows the
+        // peer down instead of the relay dropping what it cannot deliver.
+        let backpressured = session.is_backpressured();
+        // Read before this turn's message: the `welcome` itself is never batched.
+        let batched = session.batches();
         // Unbiased: a peer that never stops sending must not starve its own
         // deliveries or its heartbeat.
         tokio::select! {
@@ -114,7 +126,7 @@ pub async fn run<L: Link>(relay: Arc<Relay>, mut link: L, guard: Arc<ConnGuard>,
                 conn.set_state(ConnState::Draining);
                 outgoing.push(goaway(&relay.config));
             }
-            event = link.next_event(session.greeted()) => match event {
+            event = link.next_event(session.greeted()), if !backpressured => match event {
                 Event::Message(decoded) => {
                     last_heard = Instant::now();
                     if let Some(reply) = session.receive(decoded) {
@@ -126,6 +138,9 @@ pub async fn run<L: Link>(relay: Arc<Relay>, mut link: L, guard: Arc<ConnGuard>,
                 Event::Nothing => {}
                 Event::End(close) => break close,
             },
+            // After the branch that reads `session.greeted()`: this one
+            // holds the session until the select ends.
+            _ = session.backpressure().relieved(), if backpressured => {}
             batch = queue.next_batch(WRITE_BATCH) => match batch {
                 Ok(batch) => outgoing.extend(batch),
                 Err(reason) => break Some(Close::SlowConsumer(reason)),
@@ -162,7 +177,7 @@ pub async fn run<L: Link>(relay: Arc<Relay>, mut link: L, guard: Arc<ConnGuard>,
         // A consumer closed for being slow is usually blocked right here:
         // stop waiting for it and go to the close.
         tokio::select! {
-            sent = link.send(&outgoing) => if sent.is_err() {
+            sent = link.send(&outgoing, batched) => if sent.is_err() {
                 tracing::debug!("peer stopped reading; dropping the connection");
                 break None;
             },

@@ -434,7 +434,7 @@ impl Link for QuicLink {
         }
     }
 
-    async fn send(&mut self, outgoing: &[Outbound]) -> Result<(), ()> {
+    async fn send(&mut self, outgoing: &[Outbound], _batched: bool) -> Result<(), ()> {
         let mut batch = BytesMut::new();
         for out in outgoing {
             if !is_bulk(out.msg()) {

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper::body::Incoming;
@@ -26,7 +27,7 @@ use super::reply::{Body, json_error, refusal_response};
 use crate::delivery::Outbound;
 use crate::delivery::table::{ConnGuard, Transport};
 use crate::hooks::Handshake;
-use crate::protocol::{Encoding, ErrorCode, codec};
+use crate::protocol::{Encoding, ErrorCode, batch, codec};
 use crate::quota::ConnQuota;
 use crate::session::Closing;
 use crate::state::Relay;
@@ -210,15 +211,14 @@ where
         }
     }
 
-    async fn send(&mut self, batch: &[Outbound]) -> Result<(), ()> {
+    async fn send(&mut self, batch: &[Outbound], batched: bool) -> Result<(), ()> {
         let encoding = self.encoding;
+        if batched {
+            let frames = pack(batch, encoding);
+            return send_all(&mut self.ws, frames.into_iter(), self.idle_timeout).await;
+        }
         let frames = batch.iter().map(|out| match encoding {
-            Encoding::Text => match Utf8Bytes::try_from(out.text()) {
-                Ok(json) => Message::Text(json),
-                // Not reached: the JSON was made from a `String`. Should it
-                // ever be, a binary frame still decodes on every client.
-                Err(_) => Message::Binary(out.binary()),
-            },
+            Encoding::Text => text_frame(out.text(), || out.binary()),
             Encoding::Binary => Message::Binary(out.binary()),
         });
         send_all(&mut self.ws, frames, self.idle_timeout).await
@@ -286,6 +286,52 @@ where
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
+}
+
+/// A text frame of JSON the relay encoded. The check cannot fail (the JSON
+/// was made from `String`s); should it ever, the binary form still decodes
+/// on every client.
+fn text_frame(json: Bytes, binary: impl FnOnce() -> Bytes) -> Message {
+    match Utf8Bytes::try_from(json) {
+        Ok(json) => Message::Text(json),
+        Err(_) => Message::Binary(binary()),
+    }
+}
+
+/// Packs `batch` into as few frames as [`batch::MAX_BATCH_BYTES`] allows,
+/// in order (PROTOCOL §2.1); a message larger than that goes alone.
+fn pack(batch: &[Outbound], encoding: Encoding) -> Vec<Message> {
+    let encoded: Vec<Bytes> = batch
+        .iter()
+        .map(|out| match encoding {
+            Encoding::Text => out.text(),
+            Encoding::Binary => out.binary(),
+        })
+        .collect();
+    let join = |range: std::ops::Range<usize>| -> Message {
+        let parts = encoded[range.clone()].iter().map(|e| e.as_ref());
+        match encoding {
+            Encoding::Text => text_frame(batch::join_text(parts), || {
+                let binary: Vec<Bytes> = batch[range].iter().map(Outbound::binary).collect();
+                batch::join_binary(binary.iter().map(|b| b.as_ref()))
+            }),
+            Encoding::Binary => Message::Binary(batch::join_binary(parts)),
+        }
+    };
+    let mut frames = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, message) in encoded.iter().enumerate() {
+        let added = message.len() + crate::protocol::quic::LENGTH_BYTES;
+        if i > start && size + added > batch::MAX_BATCH_BYTES {
+            frames.push(join(start..i));
+            (start, size) = (i, 0);
+        }
+        size += added;
+    }
+    if start < encoded.len() {
+        frames.push(join(start..encoded.len()));
+    }
+    frames
 }
 
 /// Maps a read error to the close the peer should get, if any.

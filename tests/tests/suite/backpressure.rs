@@ -2,7 +2,9 @@
 //! at most its queue's bounds while everyone else receives everything;
 //! `drop-oldest` channels tell it what it lost, `disconnect` channels close it
 //! with 1013 (QUIC 0x8), and a relay over its outbound budget sheds the
-//! slowest consumer first.
+//! slowest consumer first. A publisher sending flat out to subscribers that
+//! keep up is slowed down (the relay stops reading it) and nobody loses a
+//! message.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +12,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use wasmrelay::config::{ChannelOverride, SlowConsumer};
-use wasmrelay_tests::{QuicTester, RelayProcess, TestRelay, WsTester, free_port, get_json, rss_of};
+use wasmrelay_tests::{
+    QuicTester, RelayProcess, TestRelay, Via, WsTester, free_port, get_json, rss_of,
+};
 
 const RELAY: &str = env!("CARGO_BIN_EXE_test-wasmrelay");
 
@@ -166,6 +170,83 @@ async fn a_consumer_that_never_reads_stays_bounded_while_fast_ones_get_everythin
     );
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, with gaps");
     stalled.assert_alive().await.unwrap();
+}
+
+/// A publisher writing as fast as it can (no window, no waiting for acks) to
+/// subscribers that read as fast as they can, plus one that never reads:
+/// the fast ones get every message in order and the relay counts no drop
+/// against them — the publisher is held back instead; the stalled one holds
+/// it back only until it is deemed slow, then gets `drop-oldest`.
+async fn flat_out_publisher_is_slowed_not_dropped(via: Via) {
+    const FAST: usize = 6;
+    const MESSAGES: u64 = 10_000;
+    let relay = RelayProcess::start_configured(
+        RELAY,
+        free_port(),
+        // Small queues, so a saturated relay reaches them within the test.
+        "bundled = []\n[limits]\noutbound_queue = 128\noutbound_queue_bytes = 131072\nslow_consumer_after_ms = 500\n",
+        &[],
+    )
+    .await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], relay.port));
+    let mut stalled = stalled(addr, "flood").await;
+    let mut fast = Vec::new();
+    for _ in 0..FAST {
+        let mut client = subscribed(&relay.ws_url(), "flood").await;
+        fast.push(tokio::spawn(async move {
+            let mut next = 1;
+            while next <= MESSAGES {
+                let msg = client.recv().await.unwrap();
+                match msg["type"].as_str() {
+                    Some("message") => {
+                        assert_eq!(msg["seq"], next, "a fast consumer missed a message");
+                        next += 1;
+                    }
+                    Some("lost") => panic!("a fast consumer lost messages: {msg}"),
+                    _ => {}
+                }
+            }
+        }));
+    }
+    let mut publisher = relay.tester(via).await.unwrap();
+    let data = payload(512);
+    for _ in 0..MESSAGES {
+        publisher
+            .send(json!({"type": "publish", "channel": "flood", "data": data}))
+            .await
+            .unwrap();
+    }
+    for task in fast {
+        tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .expect("fast consumers finish")
+            .unwrap();
+    }
+    let table = get_json(&relay.url("/admin/connections")).await.unwrap();
+    let rows = table["connections"].as_array().unwrap();
+    let dropped: Vec<u64> = rows
+        .iter()
+        .map(|r| r["dropped"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        dropped.iter().filter(|d| **d > 0).count(),
+        1,
+        "only the stalled consumer loses messages: {dropped:?}"
+    );
+    let (seqs, lost) = read_backlog(&mut stalled, Duration::from_millis(500)).await;
+    assert!(lost > 0, "the stalled consumer got its channel's policy");
+    assert_eq!(seqs.len() as u64 + lost, MESSAGES);
+    stalled.assert_alive().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_websocket_publisher_flat_out_is_slowed_down_and_fast_subscribers_lose_nothing() {
+    flat_out_publisher_is_slowed_not_dropped(Via::Ws).await;
+}
+
+#[tokio::test]
+async fn a_quic_publisher_flat_out_is_slowed_down_and_fast_subscribers_lose_nothing() {
+    flat_out_publisher_is_slowed_not_dropped(Via::Quic).await;
 }
 
 #[tokio::test]

@@ -365,3 +365,146 @@ async fn concurrent_publishers_are_delivered_in_sequence_order() {
     }
     relay.stop().await.unwrap();
 }
+
+/// Reads raw frames from a `hello.batch` client until `count` channel
+/// messages have arrived; returns them (text frames split on `\n`, binary
+/// frames on their length prefixes, as PROTOCOL §2.1 says) and the number
+/// of frames they came in.
+async fn read_batched(client: &mut WsTester, count: usize) -> (Vec<(u64, Vec<u8>)>, usize) {
+    let (mut messages, mut frames) = (Vec::new(), 0);
+    while messages.len() < count {
+        let frame = tokio::time::timeout(Duration::from_secs(20), client.ws.next())
+            .await
+            .expect("messages in time")
+            .expect("connection open")
+            .expect("a frame");
+        frames += 1;
+        match frame {
+            Message::Text(text) => {
+                for line in text.split('\n').filter(|l| !l.is_empty()) {
+                    let msg: serde_json::Value = serde_json::from_str(line).unwrap();
+                    if msg["type"] == "message" {
+                        messages.push((msg["seq"].as_u64().unwrap(), data_bytes(&msg["data"])));
+                    }
+                }
+            }
+            Message::Binary(bytes) => {
+                let mut at = 0;
+                while at < bytes.len() {
+                    let length = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+                    let message = &bytes[at + 4..at + 4 + length];
+                    at += 4 + length;
+                    let header = u32::from_be_bytes(message[..4].try_into().unwrap()) as usize;
+                    let head: serde_json::Value =
+                        serde_json::from_slice(&message[4..4 + header]).unwrap();
+                    if head["type"] == "message" {
+                        let payload = message[4 + header..].to_vec();
+                        messages.push((head["seq"].as_u64().unwrap(), payload));
+                    }
+                }
+            }
+            _ => frames -= 1,
+        }
+    }
+    (messages, frames)
+}
+
+/// A message's `data` as bytes: a JSON string, or `{"b64": ...}`.
+fn data_bytes(data: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine as _;
+    match data {
+        serde_json::Value::String(text) => text.clone().into_bytes(),
+        serde_json::Value::Null => Vec::new(),
+        other => base64::engine::general_purpose::STANDARD
+            .decode(other["b64"].as_str().unwrap())
+            .unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn batched_and_unbatched_subscribers_get_the_same_messages_in_order() {
+    const COUNT: usize = 2000;
+    let relay = TestRelay::start().await;
+    let url = relay.ws_url();
+    let subscribe = json!({"type": "subscribe", "channel": "mixed"});
+
+    let mut plain = WsTester::greeted(&url).await.unwrap();
+    plain.send(subscribe.clone()).await.unwrap();
+    plain.recv_type("subscribed").await.unwrap();
+
+    let mut text = WsTester::connect(&url).await.unwrap();
+    text.send(json!({"type": "hello", "v": 1, "batch": true}))
+        .await
+        .unwrap();
+    let welcome = text.recv().await.unwrap();
+    assert_eq!(welcome["batch"], true, "{welcome}");
+    text.send(subscribe.clone()).await.unwrap();
+    text.recv_type("subscribed").await.unwrap();
+
+    let mut binary = WsTester::connect(&url).await.unwrap();
+    let hello = wasmrelay_tests::binary_message(json!({"type": "hello", "v": 1, "batch": true}));
+    binary
+        .ws
+        .send(Message::Binary(hello.unwrap().into()))
+        .await
+        .unwrap();
+    // The welcome is an ordinary binary frame; batches start after it.
+    match binary.ws.next().await.unwrap().unwrap() {
+        Message::Binary(frame) => {
+            let header = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+            let welcome: serde_json::Value = serde_json::from_slice(&frame[4..4 + header]).unwrap();
+            assert_eq!(
+                (&welcome["type"], &welcome["batch"]),
+                (&json!("welcome"), &json!(true))
+            );
+        }
+        other => panic!("expected a binary welcome, got {other:?}"),
+    }
+    let subscribe_frame = wasmrelay_tests::binary_message(subscribe).unwrap();
+    binary
+        .ws
+        .send(Message::Binary(subscribe_frame.into()))
+        .await
+        .unwrap();
+
+    // Newlines and bytes that are not UTF-8 in payloads: neither may break a batch.
+    let mut publisher = WsTester::greeted(&url).await.unwrap();
+    let mut burst = Vec::new();
+    for i in 0..COUNT {
+        let data = match i % 3 {
+            0 => json!(format!("line {i}\nand the next")),
+            1 => {
+                json!({"b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0xff, i as u8, b'\n'])})
+            }
+            _ => json!("x".repeat(i % 300)),
+        };
+        let publish = json!({"type": "publish", "channel": "mixed", "data": data});
+        burst.push(Ok(Message::Text(publish.to_string().into())));
+    }
+    // One write: the relay finds many messages queued for each subscriber.
+    publisher
+        .ws
+        .send_all(&mut futures_util::stream::iter(burst))
+        .await
+        .unwrap();
+
+    let mut expected = Vec::new();
+    while expected.len() < COUNT {
+        let msg = plain.recv_type("message").await.unwrap();
+        expected.push((msg["seq"].as_u64().unwrap(), data_bytes(&msg["data"])));
+    }
+    assert!(
+        expected.windows(2).all(|w| w[0].0 + 1 == w[1].0),
+        "in seq order"
+    );
+    let (from_text, text_frames) = read_batched(&mut text, COUNT).await;
+    let (from_binary, binary_frames) = read_batched(&mut binary, COUNT).await;
+    assert_eq!(from_text, expected, "text batches");
+    assert_eq!(from_binary, expected, "binary batches");
+    eprintln!("{COUNT} messages: {text_frames} text frames, {binary_frames} binary frames");
+    assert!(
+        text_frames < COUNT && binary_frames < COUNT,
+        "messages shared frames"
+    );
+    text.assert_alive().await.unwrap();
+}

@@ -103,6 +103,7 @@ fn handle(state: &State, id: u64, outbox: &Outbox, frame: &Bytes) -> Option<Byte
             idle_timeout_ms: 45_000,
             max_message_bytes: 64 << 20,
             instance_idle_timeout_ms: 2_000,
+            batch: false,
         },
         Msg::Ping { id } => Msg::Pong { id },
         Msg::Subscribe { channel } => {

@@ -504,6 +504,7 @@ pub async fn idle(job: IdleJob) -> anyhow::Result<()> {
                 v: VERSION,
                 client: None,
                 token: None,
+                batch: false,
             });
             futures_util::SinkExt::send(
                 &mut ws,
