@@ -20,6 +20,7 @@ use wasmrelay::protocol::quic::FrameError;
 use wasmrelay::{Config, Listeners, RunError};
 use wasmrelay_client::quic::{QuicFrame, inbox as quic_inbox};
 
+pub mod nats;
 pub mod wire;
 
 /// How long a test waits for any single expected event before failing.

@@ -2,7 +2,8 @@
 //! crate: one sending half and one receiving half per connection, over plain
 //! WebSocket, WebSocket over TLS or QUIC, speaking binary frames (PROTOCOL.md
 //! §2) so payloads are never re-encoded. The benchmark program drives the
-//! relay, the bare relay and nginx through these.
+//! relay, the bare relay and nginx through these, and nats-server through
+//! the same channel-level calls (`subscribe`, `publish`, `next_delivery`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,8 +12,10 @@ use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use wasmrelay::protocol::{Encoding, Msg, codec};
+use wasmrelay::protocol::{Data, Encoding, Msg, codec};
 use wasmrelay_client::{Client, Options, Trust};
+
+use crate::nats::{self, NatsRx, NatsTx};
 
 /// Where a load generator connects.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -23,34 +26,105 @@ pub enum Target {
     Wss { port: u16, cert_pem: PathBuf },
     /// QUIC with ALPN `wasmrelay/1`, trusting the PEM certificate.
     Quic { addr: SocketAddr, cert_pem: PathBuf },
+    /// nats-server's WebSocket listener, `ws://host:port`.
+    Nats { url: String },
 }
 
 /// The sending half of a protocol connection.
-pub struct Tx(wasmrelay_client::Sender);
+pub enum Tx {
+    Relay(wasmrelay_client::Sender),
+    Nats(NatsTx),
+}
 
 /// The receiving half: yields binary messages.
-pub struct Rx(wasmrelay_client::Receiver);
+pub enum Rx {
+    Relay(wasmrelay_client::Receiver),
+    Nats(NatsRx),
+}
 
 impl Tx {
+    fn relay(&mut self) -> anyhow::Result<&mut wasmrelay_client::Sender> {
+        match self {
+            Tx::Relay(sender) => Ok(sender),
+            Tx::Nats(_) => bail!("nats-server takes channel traffic only"),
+        }
+    }
+
     /// Queues `message`; WebSocket frames leave on [`Tx::flush`]. Over QUIC a
     /// message of `BULK_THRESHOLD` bytes or more gets a stream of its own.
     pub async fn feed(&mut self, message: Bytes) -> anyhow::Result<()> {
-        Ok(self.0.feed(message).await?)
+        Ok(self.relay()?.feed(message).await?)
     }
 
     pub async fn flush(&mut self) -> anyhow::Result<()> {
-        Ok(self.0.flush().await?)
+        match self {
+            Tx::Relay(sender) => Ok(sender.flush().await?),
+            Tx::Nats(nats) => nats.flush().await,
+        }
     }
 
     pub async fn send_msg(&mut self, msg: &Msg) -> anyhow::Result<()> {
-        Ok(self.0.send(msg).await?)
+        Ok(self.relay()?.send(msg).await?)
+    }
+
+    /// Subscribes to `channel`; [`Rx::subscribed`] waits for the answer.
+    pub async fn subscribe(&mut self, channel: &str) -> anyhow::Result<()> {
+        match self {
+            Tx::Relay(sender) => Ok(sender
+                .send(&Msg::Subscribe {
+                    channel: channel.to_owned(),
+                })
+                .await?),
+            Tx::Nats(nats) => nats.subscribe(&nats::subject(channel)).await,
+        }
+    }
+
+    /// Queues a publish of `payload` to `channel` (sent on [`Tx::flush`]).
+    pub async fn publish(&mut self, channel: &str, payload: Bytes) -> anyhow::Result<()> {
+        match self {
+            Tx::Relay(sender) => {
+                let publish = Msg::Publish {
+                    channel: channel.to_owned(),
+                    id: None,
+                    data: Data(payload),
+                };
+                Ok(sender.feed(codec::encode_binary(&publish)).await?)
+            }
+            Tx::Nats(nats) => nats.feed(&nats::subject(channel), &payload).await,
+        }
     }
 }
 
 impl Rx {
+    /// Waits for the answer to [`Tx::subscribe`].
+    pub async fn subscribed(&mut self) -> anyhow::Result<()> {
+        match self {
+            Rx::Relay(_) => self.recv_msg("subscribed").await.map(drop),
+            Rx::Nats(nats) => nats.pong().await,
+        }
+    }
+
+    /// The payload of the next channel message; `None` for anything else.
+    pub async fn next_delivery(&mut self) -> anyhow::Result<Option<Bytes>> {
+        match self {
+            Rx::Relay(_) => {
+                let message = self.recv().await?;
+                if !is_kind(&message, "message") {
+                    return Ok(None);
+                }
+                let start = message.len() - payload(&message).len();
+                Ok(Some(message.slice(start..)))
+            }
+            Rx::Nats(nats) => nats.next_payload().await.map(Some),
+        }
+    }
+
     /// The next binary message.
     pub async fn recv(&mut self) -> anyhow::Result<Bytes> {
-        let frame = self.0.recv_frame().await?.context("connection ended")?;
+        let Rx::Relay(receiver) = self else {
+            bail!("nats-server takes channel traffic only");
+        };
+        let frame = receiver.recv_frame().await?.context("connection ended")?;
         if frame.text {
             bail!(
                 "unexpected text frame: {}",
@@ -101,11 +175,22 @@ pub fn trusted_roots(cert_pem: &Path) -> anyhow::Result<rustls::RootCertStore> {
 }
 
 /// Connects over `target` and completes `hello` (with `token`, if any, also
-/// on the WebSocket URL so admission sees it before the upgrade).
+/// on the WebSocket URL so admission sees it before the upgrade), one
+/// message per frame.
 pub async fn connect(target: &Target, token: Option<&str>) -> anyhow::Result<(Tx, Rx)> {
+    connect_with(target, token, false).await
+}
+
+/// [`connect`], asking for batched frames (`hello.batch`) when `batch`.
+pub async fn connect_with(
+    target: &Target,
+    token: Option<&str>,
+    batch: bool,
+) -> anyhow::Result<(Tx, Rx)> {
     let mut options = Options::named("bench")
         .token(token)
-        .encoding(Encoding::Binary);
+        .encoding(Encoding::Binary)
+        .batch(batch);
     options.token_in_url = true;
     let url = match target {
         Target::Ws { url } => url.clone(),
@@ -118,7 +203,11 @@ pub async fn connect(target: &Target, token: Option<&str>) -> anyhow::Result<(Tx
             options.server_name = Some("localhost".into());
             format!("quic://{addr}")
         }
+        Target::Nats { url } => {
+            let (tx, rx) = nats::connect(url).await?;
+            return Ok((Tx::Nats(tx), Rx::Nats(rx)));
+        }
     };
     let (tx, rx) = Client::connect(&url, options).await?.split();
-    Ok((Tx(tx), Rx(rx)))
+    Ok((Tx::Relay(tx), Rx::Relay(rx)))
 }

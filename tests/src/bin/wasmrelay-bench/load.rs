@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use wasmrelay::protocol::{Data, Msg, Request, Response, VERSION, codec};
-use wasmrelay_tests::wire::{Rx, Target, Tx, connect, is_kind, payload};
+use wasmrelay_tests::wire::{Rx, Target, Tx, connect, connect_with, is_kind, payload};
 
 use crate::stats::Percentiles;
 
@@ -77,9 +77,12 @@ pub struct SmallJob {
     /// Publishes in all (each delivered to every subscriber).
     pub publishes: u64,
     /// Offered publishes per second; `None`: flat out, at most `window`
-    /// publishes ahead of the slowest subscriber.
+    /// publishes ahead of the slowest subscriber (no window: as fast as the
+    /// system reads them).
     pub rate: Option<f64>,
-    pub window: u64,
+    pub window: Option<u64>,
+    /// Ask the relay for batched frames (`hello.batch`).
+    pub batch: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,19 +141,17 @@ pub async fn small(job: SmallJob) -> anyhow::Result<SmallResult> {
     let subscribers = job.topology.subscribers();
     let mut members = Vec::new();
     for _ in 0..subscribers {
-        let (mut tx, mut rx) = connect(&job.target, job.token.as_deref()).await?;
-        tx.send_msg(&Msg::Subscribe {
-            channel: job.channel.clone(),
-        })
-        .await?;
-        rx.recv_msg("subscribed").await?;
+        let (mut tx, mut rx) = connect_with(&job.target, job.token.as_deref(), job.batch).await?;
+        tx.subscribe(&job.channel).await?;
+        tx.flush().await?;
+        rx.subscribed().await?;
         members.push((tx, rx));
     }
     let mut publishers: Vec<Tx> = Vec::new();
     let mut receivers: Vec<(Rx, Option<Tx>)> = Vec::new();
     match job.topology {
         Topology::FanOut(_) => {
-            let (tx, _rx) = connect(&job.target, job.token.as_deref()).await?;
+            let (tx, _rx) = connect_with(&job.target, job.token.as_deref(), job.batch).await?;
             publishers.push(tx);
             receivers.extend(members.into_iter().map(|(tx, rx)| (rx, Some(tx))));
             // The publisher's receiving half is dropped: it subscribes to nothing.
@@ -180,18 +181,16 @@ pub async fn small(job: SmallJob) -> anyhow::Result<SmallResult> {
             let mut seen = 0u64;
             let mut last = Instant::now();
             while seen < expected_each {
-                let message = match tokio::time::timeout(DRAIN, rx.recv()).await {
-                    Ok(message) => message?,
+                let delivery = match tokio::time::timeout(DRAIN, rx.next_delivery()).await {
+                    Ok(delivery) => delivery?,
                     // Nothing for a while: what did not come was lost.
                     Err(_) => break,
                 };
-                if !is_kind(&message, "message") {
-                    continue;
-                }
+                let Some(payload) = delivery else { continue };
                 seen += 1;
                 last = Instant::now();
                 if seen.is_multiple_of(stride)
-                    && let Some(sent) = read_stamp(payload(&message))
+                    && let Some(sent) = read_stamp(&payload)
                 {
                     samples.push(stamp(epoch).saturating_sub(sent));
                 }
@@ -226,22 +225,21 @@ pub async fn small(job: SmallJob) -> anyhow::Result<SmallResult> {
                             tokio::time::sleep_until(due.into()).await;
                         }
                     }
-                    None => loop {
-                        let waiting = progress.advanced.notified();
-                        if progress.published.load(Ordering::Acquire) < progress.slowest() + window
-                        {
-                            break;
+                    None => {
+                        while let Some(window) = window {
+                            let waiting = progress.advanced.notified();
+                            if progress.published.load(Ordering::Acquire)
+                                < progress.slowest() + window
+                            {
+                                break;
+                            }
+                            tx.flush().await?;
+                            bounded("subscribers to catch up", waiting).await?;
                         }
-                        tx.flush().await?;
-                        bounded("subscribers to catch up", waiting).await?;
-                    },
+                    }
                 }
-                let publish = Msg::Publish {
-                    channel: channel.clone(),
-                    id: None,
-                    data: Data(stamped_payload(epoch, SMALL_PAYLOAD)),
-                };
-                tx.feed(codec::encode_binary(&publish)).await?;
+                tx.publish(&channel, stamped_payload(epoch, SMALL_PAYLOAD))
+                    .await?;
                 progress.published.fetch_add(1, Ordering::AcqRel);
                 if i % FLUSH_EVERY == FLUSH_EVERY - 1 {
                     tx.flush().await?;

