@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use wasmrelay_protocol::quic::{ALPN, FrameError, read_frame};
+use wasmrelay_protocol::quic::{ALPN, FrameError, FrameReader, read_frame};
 
 use crate::{Error, Trust};
 
@@ -101,14 +101,15 @@ pub fn transport_config() -> quinn::TransportConfig {
 /// opens, in arrival order. Ends once the connection does.
 pub fn inbox(
     connection: quinn::Connection,
-    mut control: quinn::RecvStream,
+    control: quinn::RecvStream,
 ) -> mpsc::Receiver<Result<QuicFrame, FrameError>> {
     let tag = |bulk| move |message| QuicFrame { message, bulk };
     let (tx, rx) = mpsc::channel(64);
     let control_tx = tx.clone();
     tokio::spawn(async move {
+        let mut control = FrameReader::new(control, MAX_FRAME);
         loop {
-            let frame = read_frame(&mut control, MAX_FRAME, None).await;
+            let frame = control.next().await;
             let ended = !matches!(frame, Ok(Some(_)));
             if let Some(item) = frame.transpose().map(|r| r.map(tag(false)))
                 && control_tx.send(item).await.is_err()

@@ -95,15 +95,71 @@ pub enum FrameError {
 }
 
 #[cfg(feature = "quinn")]
-pub use stream::{read_frame, write_frame};
+pub use stream::{FrameReader, read_frame, write_frame};
 
 #[cfg(feature = "quinn")]
 mod stream {
     use std::time::Duration;
 
-    use bytes::Bytes;
+    use bytes::{Buf, Bytes, BytesMut};
 
     use super::{FrameError, LENGTH_BYTES, length_prefix};
+
+    /// Reads frames off a long-lived stream (the control stream) in large
+    /// chunks: one read of the stream yields every frame it completed, where
+    /// [`read_frame`] reads twice per frame (each read takes quinn's
+    /// connection lock, which dominates for small messages).
+    pub struct FrameReader {
+        recv: quinn::RecvStream,
+        buffer: BytesMut,
+        max: usize,
+    }
+
+    /// Bytes asked of quinn per read.
+    const READ_CHUNK: usize = 64 * 1024;
+
+    impl FrameReader {
+        pub fn new(recv: quinn::RecvStream, max: usize) -> Self {
+            Self {
+                recv,
+                buffer: BytesMut::new(),
+                max,
+            }
+        }
+
+        /// The next frame: `Ok(None)` when the stream finished cleanly
+        /// between frames. Cancel-safe: what was read stays buffered.
+        pub async fn next(&mut self) -> Result<Option<Bytes>, FrameError> {
+            loop {
+                if self.buffer.len() >= LENGTH_BYTES {
+                    let length =
+                        u32::from_be_bytes(self.buffer[..LENGTH_BYTES].try_into().expect("4"))
+                            as usize;
+                    if length > self.max {
+                        return Err(FrameError::TooLarge(length));
+                    }
+                    if self.buffer.len() >= LENGTH_BYTES + length {
+                        self.buffer.advance(LENGTH_BYTES);
+                        return Ok(Some(self.buffer.split_to(length).freeze()));
+                    }
+                }
+                match self.recv.read_chunk(READ_CHUNK, true).await {
+                    Ok(Some(chunk)) => self.buffer.extend_from_slice(&chunk.bytes),
+                    Ok(None) if self.buffer.is_empty() => return Ok(None),
+                    Ok(None) => return Err(FrameError::Truncated),
+                    Err(quinn::ReadError::Reset(code)) => {
+                        return Err(FrameError::Reset(code.into_inner()));
+                    }
+                    Err(_) => return Err(FrameError::Lost),
+                }
+            }
+        }
+
+        /// The stream, to stop it (STOP_SENDING) with a code.
+        pub fn stream(&mut self) -> &mut quinn::RecvStream {
+            &mut self.recv
+        }
+    }
 
     /// Writes `message` as one frame, handing it to quinn without copying it
     /// (for large bodies; `frame` + `write_all` copies twice).

@@ -200,6 +200,10 @@ pub struct OutboundQueue {
     notify: Notify,
     /// Woken whenever messages leave the queue, for senders that wait for room.
     room: Notify,
+    /// Woken when the queue stops pressing (back under its low-water mark,
+    /// or closed): once per episode, not per batch, so publishers held back
+    /// by a busy consumer are not woken for every write it makes.
+    relief: Notify,
     /// Senders waiting in `push_when_room`: the consumer skips waking `room`
     /// (a lock per batch) when there are none.
     room_waiters: AtomicUsize,
@@ -219,6 +223,7 @@ impl OutboundQueue {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             room: Notify::new(),
+            relief: Notify::new(),
             room_waiters: AtomicUsize::new(0),
             closed: CancellationToken::new(),
             limits,
@@ -373,11 +378,10 @@ impl OutboundQueue {
     /// Cancel-safe.
     pub async fn relieved(&self) {
         loop {
-            let room = self.room.notified();
-            tokio::pin!(room);
+            let relief = self.relief.notified();
+            tokio::pin!(relief);
             // Registered before looking, so a drain in between is not missed.
-            room.as_mut().enable();
-            let _waiting = RoomWaiter::new(&self.room_waiters);
+            relief.as_mut().enable();
             let deadline = {
                 let state = lock(&self.state);
                 match state.pressed_since {
@@ -389,7 +393,7 @@ impl OutboundQueue {
                 return;
             }
             tokio::select! {
-                _ = room => {}
+                _ = relief => {}
                 _ = tokio::time::sleep_until(deadline) => {
                     self.report_slow();
                     return;
@@ -461,6 +465,7 @@ impl OutboundQueue {
         state.closed = Some(reason);
         self.notify.notify_one();
         self.room.notify_waiters();
+        self.relief.notify_waiters();
         self.closed.cancel();
     }
 
@@ -529,13 +534,16 @@ impl OutboundQueue {
                     }
                 }
                 if !batch.is_empty() {
-                    if state.pressed_since.is_some()
-                        && self.limits.is_low(state.data_messages(), self.bytes())
-                    {
+                    let relieved = state.pressed_since.is_some()
+                        && self.limits.is_low(state.data_messages(), self.bytes());
+                    if relieved {
                         state.pressed_since = None;
                         state.slow_reported = false;
                     }
                     drop(state);
+                    if relieved {
+                        self.relief.notify_waiters();
+                    }
                     if self.room_waiters.load(Ordering::Acquire) > 0 {
                         self.room.notify_waiters();
                     }

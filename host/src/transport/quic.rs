@@ -30,8 +30,8 @@ use crate::delivery::Outbound;
 use crate::delivery::table::{ConnGuard, ConnInfo, Transport};
 use crate::hooks::Handshake;
 use crate::protocol::quic::{
-    FrameError, LENGTH_BYTES, MAX_BULK_STREAMS, close, frame, is_bulk, length_prefix, read_frame,
-    stream_code,
+    FrameError, FrameReader, LENGTH_BYTES, MAX_BULK_STREAMS, close, is_bulk, length_prefix,
+    read_frame, stream_code,
 };
 use crate::protocol::{ErrorCode, Msg, codec};
 use crate::quota::ConnQuota;
@@ -205,9 +205,11 @@ enum Inbound {
 }
 
 /// Reads whole frames from the control stream until it ends.
-async fn read_control(mut recv: quinn::RecvStream, max: usize, inbound: mpsc::Sender<Inbound>) {
+async fn read_control(recv: quinn::RecvStream, max: usize, inbound: mpsc::Sender<Inbound>) {
+    // Many small frames per read of the stream, not two reads per frame.
+    let mut frames = FrameReader::new(recv, max);
     loop {
-        let item = match read_frame(&mut recv, max, None).await {
+        let item = match frames.next().await {
             Ok(Some(frame)) => Inbound::Frame(frame),
             Ok(None) => Inbound::ControlEnd(None),
             Err(e) => Inbound::ControlEnd(Some(e)),
@@ -438,7 +440,10 @@ impl Link for QuicLink {
         let mut batch = BytesMut::new();
         for out in outgoing {
             if !is_bulk(out.msg()) {
-                batch.put_slice(&frame(&out.binary()));
+                let message = out.binary();
+                batch.reserve(LENGTH_BYTES + message.len());
+                batch.put_u32(message.len() as u32);
+                batch.put_slice(&message);
                 continue;
             }
             if self.bulk_writers.len() >= MAX_BULK_STREAMS as usize {
