@@ -6,6 +6,8 @@
 //! each implements [`Link`] for that.
 
 use std::borrow::Cow;
+
+use futures_util::FutureExt as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,32 @@ use crate::state::Relay;
 /// At most this many queued messages are written per turn, so a busy
 /// connection batches writes but still gets to its heartbeat and inbound.
 const WRITE_BATCH: usize = 64;
+
+/// At most this many inbound messages already received are handled per turn.
+const READ_BATCH: usize = 32;
+
+/// Hands one event from the peer to the session; `Some` when the peer's
+/// side ended (with the close to say, if any).
+fn absorb(
+    event: Event,
+    session: &mut Session,
+    outgoing: &mut Vec<Outbound>,
+    last_heard: &mut Instant,
+) -> Option<Option<Close>> {
+    match event {
+        Event::Message(decoded) => {
+            *last_heard = Instant::now();
+            if let Some(reply) = session.receive(decoded) {
+                outgoing.push(reply);
+            }
+        }
+        Event::Reply(msg) => outgoing.push(msg.into()),
+        Event::Heard => *last_heard = Instant::now(),
+        Event::Nothing => {}
+        Event::End(close) => return Some(close),
+    }
+    None
+}
 
 /// Why the relay closes a connection; each transport says it in its own codes.
 #[derive(Debug)]
@@ -126,18 +154,35 @@ pub async fn run<L: Link>(relay: Arc<Relay>, mut link: L, guard: Arc<ConnGuard>,
                 conn.set_state(ConnState::Draining);
                 outgoing.push(goaway(&relay.config));
             }
-            event = link.next_event(session.greeted()), if !backpressured => match event {
-                Event::Message(decoded) => {
-                    last_heard = Instant::now();
-                    if let Some(reply) = session.receive(decoded) {
-                        outgoing.push(reply);
+            event = link.next_event(session.greeted()), if !backpressured => {
+                if let Some(close) = absorb(event, &mut session, &mut outgoing, &mut last_heard) {
+                    break close;
+                }
+                // Whatever else the peer already sent is taken in this turn
+                // (up to a bound, and not past backpressure): one pass
+                // through the select and one write for many messages.
+                let mut ended = None;
+                for _ in 1..READ_BATCH {
+                    // A `welcome` that turned batching on ends the turn: it
+                    // goes out alone, and batches start after it.
+                    if session.is_backpressured()
+                        || session.closing().is_some()
+                        || session.batches() != batched
+                    {
+                        break;
+                    }
+                    let Some(event) = link.next_event(session.greeted()).now_or_never() else {
+                        break;
+                    };
+                    ended = absorb(event, &mut session, &mut outgoing, &mut last_heard);
+                    if ended.is_some() {
+                        break;
                     }
                 }
-                Event::Reply(msg) => outgoing.push(msg.into()),
-                Event::Heard => last_heard = Instant::now(),
-                Event::Nothing => {}
-                Event::End(close) => break close,
-            },
+                if let Some(close) = ended {
+                    break close;
+                }
+            }
             // After the branch that reads `session.greeted()`: this one
             // holds the session until the select ends.
             _ = session.backpressure().relieved(), if backpressured => {}

@@ -277,6 +277,19 @@ async fn disconnect_channels_close_a_slow_subscriber_with_1013() {
             .await
             .unwrap();
     }
+    // The relay holds the publisher back while the subscribers are merely
+    // behind (ingress backpressure), so its sends can finish long before the
+    // relay has read them. Its ack for one more publish says every one before
+    // it reached the subscribers' queues: only then may the stalled
+    // subscriber start reading, or it would be a fast one.
+    publisher
+        .send(json!({"type": "publish", "channel": "game/1", "id": "last", "data": "x"}))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), publisher.recv_type("ack"))
+        .await
+        .expect("the relay reads the whole flood")
+        .unwrap();
     // The stalled WebSocket subscriber reads its backlog, then the close.
     let close = stalled
         .expect_close()
