@@ -27,6 +27,7 @@ pub mod session;
 pub mod shutdown;
 pub mod spaces;
 pub mod state;
+pub mod store;
 #[cfg(test)]
 mod testing;
 pub mod transport;

@@ -133,6 +133,19 @@ pub async fn run(
         source,
     })?;
     let relay = Relay::new(config)?;
+    // What plugins stored before the last stop, back before any of them runs.
+    let rows = relay
+        .store
+        .call(|conn| crate::store::kv::load(conn, crate::store::wall_ms()))
+        .await
+        .map_err(|e| RunError::Start(e.into()))?;
+    relay.kv.restore(rows);
+    let stop_persisting = CancellationToken::new();
+    let kv_persister = tokio::spawn(crate::plugin::kv::persist(
+        relay.kv.clone(),
+        relay.store.clone(),
+        stop_persisting.clone(),
+    ));
     for name in &relay.config.plugins.bundled {
         let plugin = bundled::find(name).expect("validated by Config::validate");
         relay
@@ -241,6 +254,9 @@ pub async fn run(
     if let Some(watcher) = watcher {
         watcher.abort();
     }
+    // Last: what plugins wrote up to the end reaches the store.
+    stop_persisting.cancel();
+    let _ = kv_persister.await;
     tracing::info!("shutdown complete");
     Ok(())
 }

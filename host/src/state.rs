@@ -23,6 +23,10 @@ use crate::plugin::host_api::{HostServices, KvStore};
 use crate::plugin::{Registry, Runtime};
 use crate::quota::{ConnQuota, Quotas, Refusal};
 use crate::spaces::{Directory, Spaces};
+use crate::store::{Store, StoreError};
+
+/// The database's file name in the data directory.
+pub const STORE_FILE: &str = "wasmrelay.db";
 
 /// Why the shared state could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +36,8 @@ pub enum StartError {
     PluginRuntime(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     AdminCredential(#[from] crate::admin::credential::CredentialError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// State shared by every connection of one relay. Its fields are visible
@@ -57,6 +63,10 @@ pub struct Relay {
     pub(crate) budget: Arc<Budget>,
     /// What operator endpoints ask of a caller.
     pub(crate) admin: AdminCredential,
+    /// The embedded database (`<data_dir>/wasmrelay.db`).
+    pub(crate) store: Store,
+    /// Plugin key-value data, live in memory, persisted to `store`.
+    pub(crate) kv: Arc<KvStore>,
     /// Cancelled when shutdown starts: stop accepting, send goaway, refuse new work.
     draining: CancellationToken,
     /// Cancelled when the grace period ends: close every connection.
@@ -85,10 +95,12 @@ impl Relay {
             .then(|| config.server.data_dir.join(&config.plugins.cache_dir));
         let runtime = Runtime::new(&config.plugins, cache_dir)
             .map_err(|e| StartError::PluginRuntime(e.into_boxed_dyn_error()))?;
+        let store = Store::open(&config.server.data_dir.join(STORE_FILE))?;
+        let kv = Arc::new(KvStore::default());
         let services = HostServices {
             bus: bus.clone(),
             presence: channels.clone(),
-            kv: Arc::new(KvStore::default()),
+            kv: kv.clone(),
         };
         let plugins = Arc::new(Registry::new(
             runtime,
@@ -107,6 +119,8 @@ impl Relay {
             quotas: Arc::new(Quotas::new(&config.limits)),
             budget: Budget::new(config.limits.outbound_budget_bytes),
             admin,
+            store,
+            kv,
             config: Arc::new(config),
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),

@@ -488,6 +488,17 @@ impl RelayProcess {
         wait_healthy(&self.url(""), Duration::from_secs(60)).await;
     }
 
+    /// Stops the relay (SIGTERM: a graceful shutdown) and starts it again on
+    /// the same ports with the same data directory.
+    pub async fn restart_gracefully(mut self) -> Self {
+        self.process
+            .terminate(Duration::from_secs(20))
+            .expect("the relay stops on SIGTERM");
+        self.process = Self::spawn(&self.exe, &self.args);
+        self.wait_healthy().await;
+        self
+    }
+
     /// Kills the relay (SIGKILL) and starts it again on the same ports, with
     /// the same data directory (so the same development certificate).
     pub async fn restart(mut self) -> Self {

@@ -2,14 +2,13 @@
 //! `publish`, `presence`, `clock`, `http`), and the per-store state they
 //! work on. Only the capabilities a manifest grants are linked (see `runtime`).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dashmap::DashMap;
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 
 use super::bindings::{clock, http, kv, log, presence, publish, types};
+pub use super::kv::KvStore;
 use super::manifest::Manifest;
 use crate::bus::Bus;
 use crate::channels::PresenceView;
@@ -321,101 +320,4 @@ async fn send(
         headers,
         body,
     })
-}
-
-/// The in-memory store behind the `kv` capability: one namespace per plugin
-/// name (so a new version of a plugin sees what the old one stored), with
-/// per-key expiry and a per-plugin key cap.
-#[derive(Default)]
-pub struct KvStore {
-    namespaces: DashMap<String, Mutex<HashMap<String, KvEntry>>>,
-}
-
-struct KvEntry {
-    value: Vec<u8>,
-    expires: Option<Instant>,
-}
-
-impl KvEntry {
-    fn live(&self, now: Instant) -> bool {
-        self.expires.is_none_or(|at| at > now)
-    }
-}
-
-impl KvStore {
-    pub fn get(&self, plugin: &str, key: &str) -> Option<Vec<u8>> {
-        let namespace = self.namespaces.get(plugin)?;
-        let entries = namespace.lock().unwrap_or_else(|e| e.into_inner());
-        entries
-            .get(key)
-            .filter(|entry| entry.live(Instant::now()))
-            .map(|entry| entry.value.clone())
-    }
-
-    pub fn set(
-        &self,
-        plugin: &str,
-        key: String,
-        value: Vec<u8>,
-        ttl: Option<Duration>,
-        max_keys: usize,
-    ) -> Result<(), String> {
-        let now = Instant::now();
-        let namespace = self.namespaces.entry(plugin.to_owned()).or_default();
-        let mut entries = namespace.lock().unwrap_or_else(|e| e.into_inner());
-        if !entries.contains_key(&key) && entries.len() >= max_keys {
-            entries.retain(|_, entry| entry.live(now));
-            if entries.len() >= max_keys {
-                return Err(format!("limits.kv_max_keys ({max_keys}) reached"));
-            }
-        }
-        entries.insert(
-            key,
-            KvEntry {
-                value,
-                expires: ttl.map(|ttl| now + ttl),
-            },
-        );
-        Ok(())
-    }
-
-    pub fn delete(&self, plugin: &str, key: &str) -> bool {
-        let Some(namespace) = self.namespaces.get(plugin) else {
-            return false;
-        };
-        let mut entries = namespace.lock().unwrap_or_else(|e| e.into_inner());
-        entries
-            .remove(key)
-            .is_some_and(|entry| entry.live(Instant::now()))
-    }
-
-    /// Drops a plugin's namespace (when the plugin is removed).
-    pub fn clear(&self, plugin: &str) {
-        self.namespaces.remove(plugin);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kv_is_namespaced_bounded_and_expires() {
-        let kv = KvStore::default();
-        kv.set("a", "k".into(), b"1".to_vec(), None, 2).unwrap();
-        assert_eq!(kv.get("a", "k"), Some(b"1".to_vec()));
-        assert_eq!(kv.get("b", "k"), None, "namespaces are separate");
-        kv.set("a", "k2".into(), b"2".to_vec(), None, 2).unwrap();
-        let err = kv
-            .set("a", "k3".into(), b"3".to_vec(), None, 2)
-            .unwrap_err();
-        assert!(err.contains("kv_max_keys"), "{err}");
-        kv.set("a", "k".into(), b"again".to_vec(), None, 2)
-            .expect("overwriting an existing key is not a new key");
-        kv.set("b", "t".into(), b"x".to_vec(), Some(Duration::ZERO), 2)
-            .unwrap();
-        assert_eq!(kv.get("b", "t"), None, "expired at once");
-        assert!(kv.delete("a", "k"));
-        assert!(!kv.delete("a", "k"));
-    }
 }

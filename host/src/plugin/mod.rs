@@ -8,6 +8,7 @@ pub mod bindings;
 pub use crate::bundled;
 mod cache;
 pub mod host_api;
+pub mod kv;
 pub mod loaded;
 pub mod manifest;
 pub mod registry;

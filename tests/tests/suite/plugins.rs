@@ -656,3 +656,34 @@ async fn a_plugins_http_fetch_does_not_hold_up_other_connections() {
     assert_eq!(message["data"], "200 hello", "{message}");
     relay.stop().await.unwrap();
 }
+
+/// Loads the evil filter into `relay` and returns a client subscribed to
+/// one of its channels.
+async fn evil_on(relay: &wasmrelay_tests::RelayProcess) -> WsTester {
+    let (status, report, _) =
+        wasmrelay_tests::put_plugin(&relay.url(""), "evil", EVIL, &evil_manifest("1.0.0", ""))
+            .await;
+    assert_eq!(status, 200, "{report}");
+    let mut client = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    client
+        .send(json!({"type": "subscribe", "channel": "evil/x"}))
+        .await
+        .unwrap();
+    client.recv_type("subscribed").await.unwrap();
+    client
+}
+
+#[tokio::test]
+async fn what_a_plugin_stores_survives_a_restart() {
+    let relay = wasmrelay_tests::RelayProcess::start(RELAY, &[]).await;
+    let mut client = evil_on(&relay).await;
+    publish(&mut client, "evil/x", "kv:colour=blue").await;
+    assert_eq!(client.recv_type("message").await.unwrap()["data"], "stored");
+    drop(client);
+
+    let relay = relay.restart_gracefully().await;
+    // Uploaded plugins are not kept across restarts yet; their data is.
+    let mut client = evil_on(&relay).await;
+    publish(&mut client, "evil/x", "kv?colour").await;
+    assert_eq!(client.recv_type("message").await.unwrap()["data"], "blue");
+}

@@ -1,0 +1,219 @@
+//! The embedded store: one SQLite database, `<data_dir>/wasmrelay.db`, so a
+//! single node keeps its state across restarts with nothing to install.
+//!
+//! One thread owns the connection and runs every query, in order: async
+//! callers hand it a closure and await the answer ([`Store::call`]), so no
+//! tokio worker ever waits on SQLite's I/O or locks. The schema is migrated
+//! forward at open ([`MIGRATIONS`], tracked in `PRAGMA user_version`); a
+//! database from a newer relay is refused rather than guessed at. Each
+//! feature keeps its queries in a module of its own ([`kv`]).
+
+pub mod kv;
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+/// The schema, one step per entry; entry N takes the database from version
+/// N to N + 1. Never edit an entry once released: add one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: plugin key-value data, namespaced per plugin name. Expiry is wall
+    // clock (milliseconds since the Unix epoch) so it survives a restart.
+    "CREATE TABLE kv (
+        namespace TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value BLOB NOT NULL,
+        expires_at_ms INTEGER,
+        PRIMARY KEY (namespace, key)
+    ) WITHOUT ROWID;",
+];
+
+/// Queries waiting for the store's thread; callers wait for room beyond it.
+const QUEUED_JOBS: usize = 256;
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// Why the store could not open or answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("cannot open the store at {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot migrate the store at {path} to schema version {version}")]
+    Migrate {
+        path: PathBuf,
+        version: usize,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "the store at {path} is at schema version {found}, newer than this relay knows ({known}): it was written by a newer wasmrelay"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: usize,
+        known: usize,
+    },
+    #[error("cannot start the store's thread")]
+    Thread(#[source] std::io::Error),
+    #[error("store query failed")]
+    Query(#[from] rusqlite::Error),
+    #[error("the store has stopped")]
+    Stopped,
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    jobs: mpsc::Sender<Job>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if need be) the database at `path`, migrates it, and
+    /// starts the thread that owns it. The thread ends when every handle is
+    /// dropped.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_error = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open_error)?;
+        // WAL: readers never block the writer; NORMAL: durable across a
+        // process crash, at most the last transactions lost on power loss.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_error)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_error)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_error)?;
+        migrate(&mut conn, path)?;
+        let (jobs, mut queue) = mpsc::channel::<Job>(QUEUED_JOBS);
+        std::thread::Builder::new()
+            .name("wasmrelay-store".into())
+            .spawn(move || {
+                while let Some(job) = queue.blocking_recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(StoreError::Thread)?;
+        Ok(Self {
+            jobs,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `query` on the store's thread and returns its answer.
+    pub async fn call<R, F>(&self, query: F) -> Result<R, StoreError>
+    where
+        F: FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let (answer, answered) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ = answer.send(query(conn));
+        });
+        self.jobs.send(job).await.map_err(|_| StoreError::Stopped)?;
+        answered
+            .await
+            .map_err(|_| StoreError::Stopped)?
+            .map_err(StoreError::Query)
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch: how the store keeps times
+/// that must mean the same after a restart.
+pub fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Brings the schema up to [`MIGRATIONS`]' length, each step in a
+/// transaction of its own.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let found: usize = conn
+        .pragma_query_value(None, "user_version", |row| row.get::<_, i64>(0))
+        .map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })? as usize;
+    if found > MIGRATIONS.len() {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (step, sql) in MIGRATIONS.iter().enumerate().skip(found) {
+        let version = step + 1;
+        let migrate_error = |source| StoreError::Migrate {
+            path: path.to_owned(),
+            version,
+            source,
+        };
+        let tx = conn.transaction().map_err(migrate_error)?;
+        tx.execute_batch(sql).map_err(migrate_error)?;
+        tx.pragma_update(None, "user_version", version as i64)
+            .map_err(migrate_error)?;
+        tx.commit().map_err(migrate_error)?;
+        tracing::info!(version, "store schema migrated");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_new_store_is_migrated_and_reopening_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wasmrelay.db");
+        let store = Store::open(&path).unwrap();
+        let version: i64 = store
+            .call(|conn| conn.pragma_query_value(None, "user_version", |row| row.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(version as usize, MIGRATIONS.len());
+        store
+            .call(|conn| {
+                conn.execute(
+                    "INSERT INTO kv (namespace, key, value) VALUES ('p', 'k', x'01')",
+                    [],
+                )
+            })
+            .await
+            .unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let count: i64 = store
+            .call(|conn| conn.query_row("SELECT count(*) FROM kv", [], |row| row.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(count, 1);
+    }
+
+    #[tokio::test]
+    async fn a_database_from_a_newer_relay_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wasmrelay.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 999).unwrap();
+        drop(conn);
+        let err = Store::open(&path).unwrap_err();
+        assert!(
+            matches!(err, StoreError::TooNew { found: 999, .. }),
+            "{err}"
+        );
+    }
+}
