@@ -157,6 +157,7 @@ pub async fn run(
                 source,
             })?;
     }
+    restore_uploads(&relay).await?;
     tracing::info!(
         addr = %listeners.http.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         "listening for HTTP and WebSocket"
@@ -258,6 +259,39 @@ pub async fn run(
     stop_persisting.cancel();
     let _ = kv_persister.await;
     tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// Loads the plugins uploaded before the last stop, each one's previous
+/// version first so a rollback still returns to it. One that no longer loads
+/// (a newer relay refusing it) is skipped with a warning.
+async fn restore_uploads(relay: &Relay) -> Result<(), RunError> {
+    let saved = relay
+        .store
+        .call(crate::store::plugins::all)
+        .await
+        .map_err(|e| RunError::Start(e.into()))?;
+    for plugin in saved {
+        for version in plugin
+            .previous
+            .iter()
+            .chain(std::iter::once(&plugin.active))
+        {
+            let wasm = bytes::Bytes::from(version.wasm.clone());
+            match relay
+                .plugins
+                .load(&plugin.name, wasm, &version.manifest, Source::Admin)
+                .await
+            {
+                Ok(report) => {
+                    tracing::info!(plugin = %plugin.name, version = %report.version, "uploaded plugin restored")
+                }
+                Err(e) => {
+                    tracing::warn!(plugin = %plugin.name, error = %e, "a stored plugin no longer loads; skipped")
+                }
+            }
+        }
+    }
     Ok(())
 }
 

@@ -6,9 +6,10 @@
 //! tokio worker ever waits on SQLite's I/O or locks. The schema is migrated
 //! forward at open ([`MIGRATIONS`], tracked in `PRAGMA user_version`); a
 //! database from a newer relay is refused rather than guessed at. Each
-//! feature keeps its queries in a module of its own ([`kv`]).
+//! feature keeps its queries in a module of its own ([`kv`], [`plugins`]).
 
 pub mod kv;
+pub mod plugins;
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +28,16 @@ pub const MIGRATIONS: &[&str] = &[
         expires_at_ms INTEGER,
         PRIMARY KEY (namespace, key)
     ) WITHOUT ROWID;",
+    // 2: plugins uploaded through the operator API, with the version each
+    // replaced (what a rollback returns to).
+    "CREATE TABLE plugins (
+        name TEXT PRIMARY KEY,
+        wasm BLOB NOT NULL,
+        manifest TEXT NOT NULL,
+        previous_wasm BLOB,
+        previous_manifest TEXT,
+        updated_at_ms INTEGER NOT NULL
+    );",
 ];
 
 /// Queries waiting for the store's thread; callers wait for room beyond it.

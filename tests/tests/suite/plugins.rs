@@ -682,8 +682,63 @@ async fn what_a_plugin_stores_survives_a_restart() {
     drop(client);
 
     let relay = relay.restart_gracefully().await;
-    // Uploaded plugins are not kept across restarts yet; their data is.
-    let mut client = evil_on(&relay).await;
+    // The upload is back by itself (see the next test); so is its data.
+    let mut client = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    client
+        .send(json!({"type": "subscribe", "channel": "evil/x"}))
+        .await
+        .unwrap();
+    client.recv_type("subscribed").await.unwrap();
     publish(&mut client, "evil/x", "kv?colour").await;
     assert_eq!(client.recv_type("message").await.unwrap()["data"], "blue");
+}
+
+#[tokio::test]
+async fn uploaded_plugins_serve_again_after_a_crash_with_their_previous_version() {
+    let relay = wasmrelay_tests::RelayProcess::start(RELAY, &[]).await;
+    for version in ["1.0.0", "2.0.0"] {
+        let (status, report, _) =
+            wasmrelay_tests::put_plugin(&relay.url(""), "evil", EVIL, &evil_manifest(version, ""))
+                .await;
+        assert_eq!(status, 200, "{report}");
+    }
+    // SIGKILL: an upload is stored before it is answered.
+    let relay = relay.restart().await;
+    let info = get_json(&relay.url("/admin/plugins/evil")).await.unwrap();
+    assert_eq!(info["version"], "2.0.0", "{info}");
+    assert_eq!(info["previous"]["version"], "1.0.0", "{info}");
+    let mut client = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    client
+        .send(json!({"type": "subscribe", "channel": "evil/x"}))
+        .await
+        .unwrap();
+    client.recv_type("subscribed").await.unwrap();
+    publish(&mut client, "evil/x", "a").await;
+    assert_eq!(
+        client.recv_type("message").await.unwrap()["data"],
+        "[evil@2.0.0] a"
+    );
+
+    // A rollback is stored too, and a removal.
+    let rolled = admin_client()
+        .post(relay.url("/admin/plugins/evil/rollback"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rolled.status(), 200);
+    let relay = relay.restart().await;
+    let info = get_json(&relay.url("/admin/plugins/evil")).await.unwrap();
+    assert_eq!(info["version"], "1.0.0", "{info}");
+    let removed = admin_client()
+        .delete(relay.url("/admin/plugins/evil"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 200);
+    let relay = relay.restart().await;
+    let list = get_json(&relay.url("/admin/plugins")).await.unwrap();
+    assert!(
+        list.as_array().unwrap().iter().all(|p| p["name"] != "evil"),
+        "{list}"
+    );
 }

@@ -13,6 +13,7 @@ use crate::admin::AdminCredential;
 use crate::delivery::table::ConnSnapshot;
 use crate::protocol::ErrorCode;
 use crate::state::Relay;
+use crate::store::plugins as saved;
 use crate::transport::reply::{Body, json, json_error, text};
 
 /// Checks `Authorization: Bearer <token>` against the relay's admin credential.
@@ -254,19 +255,35 @@ pub async fn plugins(
             };
             match relay
                 .plugins
-                .load(name, wasm, &manifest, Source::Admin)
+                .load(name, wasm.clone(), &manifest, Source::Admin)
                 .await
             {
-                Ok(report) => json(StatusCode::OK, &report),
+                Ok(report) => {
+                    let version = saved::Version {
+                        wasm: wasm.to_vec(),
+                        manifest,
+                    };
+                    keep(relay, name, move |conn, name| {
+                        saved::uploaded(conn, name, &version)
+                    })
+                    .await;
+                    json(StatusCode::OK, &report)
+                }
                 Err(e) => refused(e),
             }
         }
         (&Method::POST, Some(name), Some("rollback")) => match relay.plugins.rollback(name) {
-            Ok(report) => json(StatusCode::OK, &report),
+            Ok(report) => {
+                keep(relay, name, saved::rolled_back).await;
+                json(StatusCode::OK, &report)
+            }
             Err(e) => refused(e),
         },
         (&Method::DELETE, Some(name), None) => match relay.plugins.remove(name) {
-            Ok(()) => json(StatusCode::OK, &serde_json::json!({ "removed": name })),
+            Ok(()) => {
+                keep(relay, name, saved::removed).await;
+                json(StatusCode::OK, &serde_json::json!({ "removed": name }))
+            }
             Err(e) => refused(e),
         },
         _ => json_error(
@@ -274,6 +291,20 @@ pub async fn plugins(
             ErrorCode::NotFound,
             "plugin endpoints: GET /admin/plugins, GET|PUT|DELETE /admin/plugins/{name}, POST /admin/plugins/{name}/rollback",
         ),
+    }
+}
+
+/// Records a change to uploaded plugin `name` in the store, so it holds
+/// after a restart. The change already serves; a failed write is logged for
+/// the operator (the plugin would come back as it was before the change).
+async fn keep(
+    relay: &Relay,
+    name: &str,
+    change: impl FnOnce(&mut rusqlite::Connection, &str) -> rusqlite::Result<()> + Send + 'static,
+) {
+    let owned = name.to_owned();
+    if let Err(e) = relay.store.call(move |conn| change(conn, &owned)).await {
+        tracing::warn!(plugin = name, error = %e, "plugin change not stored: it will not survive a restart");
     }
 }
 
