@@ -28,6 +28,7 @@ pub mod shutdown;
 pub mod spaces;
 pub mod state;
 pub mod store;
+pub mod tasks;
 #[cfg(test)]
 mod testing;
 pub mod transport;
