@@ -6,10 +6,12 @@
 //! tokio worker ever waits on SQLite's I/O or locks. The schema is migrated
 //! forward at open ([`MIGRATIONS`], tracked in `PRAGMA user_version`); a
 //! database from a newer relay is refused rather than guessed at. Each
-//! feature keeps its queries in a module of its own ([`kv`], [`plugins`]).
+//! feature keeps its queries in a module of its own ([`kv`], [`plugins`],
+//! [`tasks`]).
 
 pub mod kv;
 pub mod plugins;
+pub mod tasks;
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +40,37 @@ pub const MIGRATIONS: &[&str] = &[
         previous_manifest TEXT,
         updated_at_ms INTEGER NOT NULL
     );",
+    // 3: tasks, their runs and run logs; deleting a task deletes its runs,
+    // deleting a run its log.
+    "CREATE TABLE tasks (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        spec TEXT NOT NULL,
+        source TEXT NOT NULL,
+        anchor_ms INTEGER NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL
+    );
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        task_id INTEGER NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+        attempt INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        scheduled_at_ms INTEGER NOT NULL,
+        started_at_ms INTEGER,
+        ended_at_ms INTEGER,
+        outcome TEXT
+    );
+    CREATE INDEX runs_by_task ON runs (task_id, id);
+    CREATE INDEX runs_by_state ON runs (state);
+    CREATE TABLE run_logs (
+        id INTEGER PRIMARY KEY,
+        run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        at_ms INTEGER NOT NULL,
+        level TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX run_logs_by_run ON run_logs (run_id, id);",
 ];
 
 /// Queries waiting for the store's thread; callers wait for room beyond it.
