@@ -27,7 +27,12 @@ async fn put_plugin(relay: &TestRelay, name: &str, wasm: &[u8], manifest: &str) 
 }
 
 async fn subscribed(relay: &TestRelay, channel: &str) -> WsTester {
-    let mut client = WsTester::greeted(&relay.ws_url()).await.unwrap();
+    subscribed_at(&relay.ws_url(), channel).await
+}
+
+/// A greeted client at `url`, subscribed to `channel`.
+async fn subscribed_at(url: &str, channel: &str) -> WsTester {
+    let mut client = WsTester::greeted(url).await.unwrap();
     client
         .send(json!({"type": "subscribe", "channel": channel}))
         .await
@@ -664,13 +669,7 @@ async fn evil_on(relay: &wasmrelay_tests::RelayProcess) -> WsTester {
         wasmrelay_tests::put_plugin(&relay.url(""), "evil", EVIL, &evil_manifest("1.0.0", ""))
             .await;
     assert_eq!(status, 200, "{report}");
-    let mut client = WsTester::greeted(&relay.ws_url()).await.unwrap();
-    client
-        .send(json!({"type": "subscribe", "channel": "evil/x"}))
-        .await
-        .unwrap();
-    client.recv_type("subscribed").await.unwrap();
-    client
+    subscribed_at(&relay.ws_url(), "evil/x").await
 }
 
 #[tokio::test]
@@ -683,12 +682,7 @@ async fn what_a_plugin_stores_survives_a_restart() {
 
     let relay = relay.restart_gracefully().await;
     // The upload is back by itself (see the next test); so is its data.
-    let mut client = WsTester::greeted(&relay.ws_url()).await.unwrap();
-    client
-        .send(json!({"type": "subscribe", "channel": "evil/x"}))
-        .await
-        .unwrap();
-    client.recv_type("subscribed").await.unwrap();
+    let mut client = subscribed_at(&relay.ws_url(), "evil/x").await;
     publish(&mut client, "evil/x", "kv?colour").await;
     assert_eq!(client.recv_type("message").await.unwrap()["data"], "blue");
 }
@@ -707,12 +701,7 @@ async fn uploaded_plugins_serve_again_after_a_crash_with_their_previous_version(
     let info = get_json(&relay.url("/admin/plugins/evil")).await.unwrap();
     assert_eq!(info["version"], "2.0.0", "{info}");
     assert_eq!(info["previous"]["version"], "1.0.0", "{info}");
-    let mut client = WsTester::greeted(&relay.ws_url()).await.unwrap();
-    client
-        .send(json!({"type": "subscribe", "channel": "evil/x"}))
-        .await
-        .unwrap();
-    client.recv_type("subscribed").await.unwrap();
+    let mut client = subscribed_at(&relay.ws_url(), "evil/x").await;
     publish(&mut client, "evil/x", "a").await;
     assert_eq!(
         client.recv_type("message").await.unwrap()["data"],
