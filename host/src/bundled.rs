@@ -7,7 +7,7 @@ pub struct Bundled {
     pub manifest: &'static str,
 }
 
-pub const BUNDLED: [Bundled; 3] = [
+pub const BUNDLED: [Bundled; 4] = [
     Bundled {
         name: "path-router",
         wasm: include_bytes!(concat!(env!("OUT_DIR"), "/path-router.wasm")),
@@ -22,6 +22,11 @@ pub const BUNDLED: [Bundled; 3] = [
         name: "stamp-filter",
         wasm: include_bytes!(concat!(env!("OUT_DIR"), "/stamp-filter.wasm")),
         manifest: include_str!("../../plugins/stamp-filter/plugin.toml"),
+    },
+    Bundled {
+        name: "heartbeat",
+        wasm: include_bytes!(concat!(env!("OUT_DIR"), "/heartbeat.wasm")),
+        manifest: include_str!("../../plugins/heartbeat/plugin.toml"),
     },
 ];
 

@@ -244,6 +244,16 @@ impl Registry {
         Ok(())
     }
 
+    /// The active version of `name` when it is a task plugin: what a
+    /// task's run calls. A run holds it to the end, whatever swaps meanwhile.
+    pub fn task(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .get(name)
+            .filter(|slot| slot.active.role() == Role::Task)
+            .map(|slot| slot.active.clone())
+    }
+
     pub fn source_of(&self, name: &str) -> Option<Source> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.get(name).map(|slot| slot.active.source)
@@ -570,5 +580,82 @@ mod tests {
             registry.rollback("router"),
             Err(RegistryError::NotFound(_))
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_bundled_heartbeat_task_counts_in_kv_and_publishes_each_beat() {
+        use crate::channels::Subscriber;
+        use crate::delivery::queue::Budget;
+        use crate::delivery::table::ConnTable;
+        use crate::plugin::bindings::types::{Outcome, RunContext};
+        use crate::testing::Peer;
+
+        let channels = Arc::new(Channels::new(Arc::new(Metrics::new()), Default::default()));
+        let kv = Arc::new(KvStore::default());
+        let services = HostServices {
+            bus: Arc::new(LocalBus::new(channels.clone())),
+            presence: channels.clone(),
+            kv: kv.clone(),
+        };
+        let runtime = Runtime::new(&Default::default(), None).expect("runtime");
+        let registry = Registry::new(runtime, services, 64 << 20);
+        let heartbeat = bundled::find("heartbeat").unwrap();
+        registry
+            .load(
+                "heartbeat",
+                Bytes::from_static(heartbeat.wasm),
+                heartbeat.manifest,
+                Source::Bundled,
+            )
+            .await
+            .unwrap();
+        assert!(registry.task("nope").is_none());
+        let (table, budget) = (Arc::new(ConnTable::default()), Budget::new(1 << 30));
+        let watcher = Peer::new(&table, &budget, 16);
+        channels.subscribe(
+            "tasks/heartbeat",
+            Subscriber {
+                conn: watcher.conn().clone(),
+                queue: watcher.queue.clone(),
+            },
+        );
+        let task = registry.task("heartbeat").expect("a task plugin");
+        for run in 1..=2u64 {
+            let context = RunContext {
+                task: "beat".into(),
+                run_id: run,
+                attempt: 1,
+                scheduled_at_ms: 1_000 * run,
+                config: "{}".into(),
+            };
+            let outcome = tokio::task::spawn_blocking({
+                let task = task.clone();
+                move || task.run_task(&context)
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            assert!(
+                matches!(&outcome, Outcome::Success(s) if s.starts_with(&format!("beat {run}"))),
+                "{outcome:?}"
+            );
+        }
+        assert_eq!(kv.get("heartbeat", "count"), Some(b"2".to_vec()));
+        let beats: Vec<serde_json::Value> = watcher
+            .queued()
+            .iter()
+            .filter_map(|msg| match msg {
+                crate::protocol::Msg::Message { data, .. } => {
+                    serde_json::from_slice(data.as_bytes()).ok()
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(beats.len(), 2, "{beats:?}");
+        assert_eq!(
+            (beats[1]["count"].as_u64(), beats[1]["run"].as_u64()),
+            (Some(2), Some(2))
+        );
+        assert_eq!(beats[1]["task"], "beat");
     }
 }

@@ -77,6 +77,7 @@ async fn bundled_router_policy_and_filter_do_their_jobs() {
     assert_eq!(
         roles,
         [
+            ("heartbeat", "task"),
             ("path-router", "router"),
             ("stamp-filter", "filter"),
             ("tiered-policy", "policy")
