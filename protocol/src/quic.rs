@@ -154,11 +154,6 @@ mod stream {
                 }
             }
         }
-
-        /// The stream, to stop it (STOP_SENDING) with a code.
-        pub fn stream(&mut self) -> &mut quinn::RecvStream {
-            &mut self.recv
-        }
     }
 
     /// Writes `message` as one frame, handing it to quinn without copying it

@@ -416,7 +416,8 @@ impl OutboundQueue {
     }
 
     /// Whether the queue is pressed and has been for `slow_after`.
-    pub fn is_slow(&self) -> bool {
+    #[cfg(test)]
+    fn is_slow(&self) -> bool {
         let state = lock(&self.state);
         !self.limits.slow_after.is_zero()
             && state

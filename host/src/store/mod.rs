@@ -115,7 +115,6 @@ pub enum StoreError {
 #[derive(Clone, Debug)]
 pub struct Store {
     jobs: mpsc::Sender<Job>,
-    path: PathBuf,
 }
 
 impl Store {
@@ -146,14 +145,7 @@ impl Store {
                 }
             })
             .map_err(StoreError::Thread)?;
-        Ok(Self {
-            jobs,
-            path: path.to_owned(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Self { jobs })
     }
 
     /// Runs `query` on the store's thread and returns its answer.

@@ -4,7 +4,7 @@
 //! `success`, `failed`, `timed_out`, `cancelled`, `skipped`), so this module
 //! knows tables, not task semantics.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
 /// A stored task.
 #[derive(Debug, Clone, PartialEq)]
@@ -144,11 +144,6 @@ pub fn runs(conn: &mut Connection, task_id: i64, limit: u32) -> rusqlite::Result
     rows.collect()
 }
 
-/// The latest run of a task, if any.
-pub fn last_run(conn: &mut Connection, task_id: i64) -> rusqlite::Result<Option<RunRow>> {
-    Ok(runs(conn, task_id, 1)?.into_iter().next())
-}
-
 /// Appends a line to a run's log.
 pub fn log(
     conn: &mut Connection,
@@ -186,16 +181,6 @@ pub fn prune_runs(conn: &mut Connection, keep: u32) -> rusqlite::Result<usize> {
          )",
         params![keep],
     )
-}
-
-/// The id of task `name`, if defined.
-pub fn task_id(conn: &mut Connection, name: &str) -> rusqlite::Result<Option<i64>> {
-    conn.query_row(
-        "SELECT id FROM tasks WHERE name = ?1",
-        params![name],
-        |row| row.get(0),
-    )
-    .optional()
 }
 
 #[cfg(test)]
