@@ -20,6 +20,7 @@ pub struct Config {
     pub spaces: SpacesConfig,
     pub channels: ChannelsConfig,
     pub plugins: PluginsConfig,
+    pub tasks: TasksConfig,
     pub tls: TlsConfig,
 }
 
@@ -277,6 +278,47 @@ impl Default for PluginsConfig {
             compile_cache: true,
             cache_dir: PathBuf::from("plugin-cache"),
             cache_max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Scheduled task runs (task plugins).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TasksConfig {
+    /// Runs that may go on at once across all tasks; more wait, `queued`.
+    pub max_concurrent_runs: usize,
+    /// Runs kept in the history per task (with their logs); older ones are pruned.
+    pub keep_runs: u32,
+    /// Log lines kept per run; past it they are counted, not kept.
+    pub max_log_lines_per_run: u32,
+    /// A folder of task definitions, one `NAME.toml` per task, watched and
+    /// applied without a restart. Relative paths are under `server.data_dir`;
+    /// empty disables it.
+    pub dir: PathBuf,
+    /// How often the folder is scanned.
+    pub watch_interval_ms: u64,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_runs: 16,
+            keep_runs: 100,
+            max_log_lines_per_run: 1_000,
+            dir: PathBuf::from("tasks"),
+            watch_interval_ms: 1_000,
+        }
+    }
+}
+
+impl TasksConfig {
+    /// The watched folder, if any, resolved against the data directory.
+    pub fn watched_dir(&self, data_dir: &Path) -> Option<PathBuf> {
+        if self.dir.as_os_str().is_empty() {
+            None
+        } else {
+            Some(data_dir.join(&self.dir))
         }
     }
 }
@@ -574,6 +616,19 @@ impl Config {
         }
         if p.watch_interval_ms < 50 {
             return Err(invalid("plugins.watch_interval_ms", "must be at least 50"));
+        }
+        let t = &self.tasks;
+        if !(1..=4096).contains(&t.max_concurrent_runs) {
+            return Err(invalid(
+                "tasks.max_concurrent_runs",
+                "must be between 1 and 4096",
+            ));
+        }
+        if t.keep_runs == 0 {
+            return Err(invalid("tasks.keep_runs", "must be at least 1"));
+        }
+        if t.watch_interval_ms < 50 {
+            return Err(invalid("tasks.watch_interval_ms", "must be at least 50"));
         }
         if self.spaces.declared.len() > self.spaces.max_spaces {
             return Err(invalid(

@@ -9,6 +9,7 @@ use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 
 use super::bindings::{clock, http, kv, log, presence, publish, types};
 pub use super::kv::KvStore;
+use super::loaded::RunLog;
 use super::manifest::Manifest;
 use crate::bus::Bus;
 use crate::channels::PresenceView;
@@ -54,6 +55,8 @@ impl PluginContext {
 pub struct HostState {
     pub ctx: Arc<PluginContext>,
     pub limiter: MemoryLimiter,
+    /// During a task run: where its log lines go too.
+    pub run_log: Option<RunLog>,
 }
 
 impl HostState {
@@ -67,6 +70,7 @@ impl HostState {
                 limits,
                 refused: false,
             },
+            run_log: None,
         }
     }
 }
@@ -123,6 +127,16 @@ impl log::Host for HostState {
         let version = self.ctx.version.as_str();
         // Bounded, so a chatty plugin cannot flood the log with megabytes per line.
         let message: String = message.chars().take(4096).collect();
+        if let Some(run_log) = &self.run_log {
+            let name = match level {
+                log::Level::Trace => "trace",
+                log::Level::Debug => "debug",
+                log::Level::Info => "info",
+                log::Level::Warn => "warn",
+                log::Level::Error => "error",
+            };
+            run_log(name, &message);
+        }
         match level {
             log::Level::Trace => tracing::trace!(plugin, version, "{message}"),
             log::Level::Debug => tracing::debug!(plugin, version, "{message}"),

@@ -3,14 +3,14 @@
 //! next call gets a fresh one), the per-call deadline and memory cap, and its
 //! call statistics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use wasmtime::component::InstancePre;
-use wasmtime::{Store, Trap};
+use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::bindings::types::{
     Admission, Decision, Handshake, Outcome, Rejection, RequestInfo, RunContext, Verdict,
@@ -23,6 +23,22 @@ use super::runtime::{EPOCH_TICK, LoadError, Runtime, describe_exports};
 /// Warm instances kept per plugin version; more concurrent callers instantiate
 /// extra ones (about 20 µs each) that are dropped afterwards.
 const MAX_WARM: usize = 16;
+
+/// How often a task run checks whether it was asked to stop, in epoch
+/// ticks: a stop takes effect within about this many milliseconds.
+pub const STOP_CHECK_TICKS: u64 = 5;
+
+/// What the caller of a task run controls while it runs.
+#[derive(Clone)]
+pub struct RunControl {
+    /// Set to stop the run (its timeout, or an operator's stop).
+    pub stop: Arc<AtomicBool>,
+    /// Receives each line the plugin logs during the run: level, message.
+    pub log: RunLog,
+}
+
+/// Where a task run's log lines go.
+pub type RunLog = Arc<dyn Fn(&'static str, &str) + Send + Sync>;
 
 /// Where a plugin came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -234,10 +250,21 @@ impl LoadedPlugin {
         }
     }
 
-    /// Runs `call` on a warm instance with the deadline armed; returns the
-    /// instance to the pool on success and discards it on any failure.
+    /// Runs `call` on a warm instance with the manifest's deadline armed.
     fn call<R>(
         &self,
+        call: impl FnOnce(&Bound, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, CallError> {
+        let deadline_ticks = self.deadline_ticks;
+        self.call_armed(|store| store.set_epoch_deadline(deadline_ticks), call)
+    }
+
+    /// Runs `call` on a warm instance after `arm` set its deadline; returns
+    /// the instance to the pool (disarmed) on success and discards it on any
+    /// failure.
+    fn call_armed<R>(
+        &self,
+        arm: impl FnOnce(&mut Store<HostState>),
         call: impl FnOnce(&Bound, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
         let warm = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
@@ -252,12 +279,15 @@ impl LoadedPlugin {
                 }
             })?,
         };
-        warm.store.set_epoch_deadline(self.deadline_ticks);
+        arm(&mut warm.store);
         let started = Instant::now();
         let result = call(&warm.bound, &mut warm.store);
         self.stats.record_time(started.elapsed().as_nanos() as u64);
         match result {
             Ok(value) => {
+                // What a task run armed (its stop check, its log) ends with it.
+                warm.store.epoch_deadline_trap();
+                warm.store.data_mut().run_log = None;
                 let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
                 if pool.len() < MAX_WARM {
                     pool.push(warm);
@@ -320,11 +350,35 @@ impl LoadedPlugin {
         })
     }
 
-    pub fn run_task(&self, context: &RunContext) -> Result<Outcome, CallError> {
-        self.call(|bound, store| match bound {
-            Bound::Task(b) => b.call_run(store, context),
-            _ => unreachable_role(),
-        })
+    /// One task run. The task's own timeout governs, not the manifest's call
+    /// deadline: the run goes on until it returns or `control.stop` is set
+    /// (checked every [`STOP_CHECK_TICKS`]), and what it logs goes to
+    /// `control.log` as well as to the relay's log. A stopped run is
+    /// [`CallError::Timeout`]; the caller knows why it stopped it.
+    pub fn run_task(
+        &self,
+        context: &RunContext,
+        control: &RunControl,
+    ) -> Result<Outcome, CallError> {
+        let stop = control.stop.clone();
+        let log = control.log.clone();
+        self.call_armed(
+            move |store| {
+                store.data_mut().run_log = Some(log);
+                store.epoch_deadline_callback(move |_| {
+                    Ok(if stop.load(Ordering::Relaxed) {
+                        UpdateDeadline::Interrupt
+                    } else {
+                        UpdateDeadline::Continue(STOP_CHECK_TICKS)
+                    })
+                });
+                store.set_epoch_deadline(STOP_CHECK_TICKS);
+            },
+            |bound, store| match bound {
+                Bound::Task(b) => b.call_run(store, context),
+                _ => unreachable_role(),
+            },
+        )
     }
 }
 
@@ -395,7 +449,7 @@ impl CallStats {
         }
     }
 
-    fn record_time(&self, ns: u64) {
+    pub fn record_time(&self, ns: u64) {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.buckets[Self::bucket(ns)].fetch_add(1, Ordering::Relaxed);
     }

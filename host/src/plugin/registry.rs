@@ -254,6 +254,16 @@ impl Registry {
             .map(|slot| slot.active.clone())
     }
 
+    /// The names of the loaded task plugins.
+    pub fn task_names(&self) -> Vec<String> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .filter(|(_, slot)| slot.active.role() == Role::Task)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     pub fn source_of(&self, name: &str) -> Option<Source> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.get(name).map(|slot| slot.active.source)
@@ -620,6 +630,14 @@ mod tests {
             },
         );
         let task = registry.task("heartbeat").expect("a task plugin");
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let control = crate::plugin::loaded::RunControl {
+            stop: Default::default(),
+            log: Arc::new({
+                let lines = lines.clone();
+                move |level, message| lines.lock().unwrap().push(format!("{level}: {message}"))
+            }),
+        };
         for run in 1..=2u64 {
             let context = RunContext {
                 task: "beat".into(),
@@ -629,8 +647,8 @@ mod tests {
                 config: "{}".into(),
             };
             let outcome = tokio::task::spawn_blocking({
-                let task = task.clone();
-                move || task.run_task(&context)
+                let (task, control) = (task.clone(), control.clone());
+                move || task.run_task(&context, &control)
             })
             .await
             .unwrap()
@@ -641,6 +659,14 @@ mod tests {
             );
         }
         assert_eq!(kv.get("heartbeat", "count"), Some(b"2".to_vec()));
+        assert_eq!(
+            *lines.lock().unwrap(),
+            [
+                "info: beat 1 published to tasks/heartbeat",
+                "info: beat 2 published to tasks/heartbeat"
+            ],
+            "what a run logs goes to its log"
+        );
         let beats: Vec<serde_json::Value> = watcher
             .queued()
             .iter()

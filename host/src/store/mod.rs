@@ -159,10 +159,19 @@ impl Store {
             let _ = answer.send(query(conn));
         });
         self.jobs.send(job).await.map_err(|_| StoreError::Stopped)?;
-        answered
-            .await
-            .map_err(|_| StoreError::Stopped)?
-            .map_err(StoreError::Query)
+        // Unit tests run the scheduler on tokio's paused clock, which jumps
+        // to the next timer whenever every task waits — also while the
+        // store's thread works. A blocking wait holds the clock still.
+        #[cfg(test)]
+        let answered = async move {
+            tokio::task::spawn_blocking(move || answered.blocking_recv())
+                .await
+                .map_err(|_| StoreError::Stopped)?
+                .map_err(|_| StoreError::Stopped)
+        };
+        #[cfg(not(test))]
+        let answered = async move { answered.await.map_err(|_| StoreError::Stopped) };
+        answered.await?.map_err(StoreError::Query)
     }
 }
 

@@ -74,42 +74,72 @@ pub fn tasks(conn: &mut Connection) -> rusqlite::Result<Vec<TaskRow>> {
     rows.collect()
 }
 
-/// Records a new run in `state` (`queued` or `running`, or `skipped`);
-/// returns its id.
-pub fn start_run(
-    conn: &mut Connection,
+/// Records run `id` (ids are handed out by the caller, see [`max_run_id`])
+/// in `state`: `queued`, `running`, or already ended (`skipped`).
+#[allow(clippy::too_many_arguments)]
+pub fn insert_run(
+    conn: &Connection,
+    id: i64,
     task_id: i64,
     attempt: u32,
     state: &str,
     scheduled_at_ms: i64,
     now_ms: i64,
-) -> rusqlite::Result<i64> {
-    conn.query_row(
-        "INSERT INTO runs (task_id, attempt, state, scheduled_at_ms, started_at_ms)
-         VALUES (?1, ?2, ?3, ?4, CASE WHEN ?3 = 'running' THEN ?5 END)
-         RETURNING id",
-        params![task_id, attempt, state, scheduled_at_ms, now_ms],
-        |row| row.get(0),
-    )
+    outcome: Option<&str>,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO runs (id, task_id, attempt, state, scheduled_at_ms, started_at_ms, ended_at_ms, outcome)
+         VALUES (?1, ?2, ?3, ?4, ?5,
+                 CASE WHEN ?4 = 'running' THEN ?6 END,
+                 CASE WHEN ?4 NOT IN ('queued', 'running') THEN ?6 END,
+                 ?7)",
+    )?
+    .execute(params![id, task_id, attempt, state, scheduled_at_ms, now_ms, outcome])?;
+    Ok(())
+}
+
+/// The highest run id ever stored (0 for none): new runs count on from it.
+pub fn max_run_id(conn: &mut Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT coalesce(max(id), 0) FROM runs", [], |row| {
+        row.get(0)
+    })
+}
+
+/// Per task, the latest slot a run was scheduled for: where missed firings
+/// are counted from after a restart.
+pub fn last_slots(conn: &mut Connection) -> rusqlite::Result<Vec<(i64, i64)>> {
+    let mut statement =
+        conn.prepare("SELECT task_id, max(scheduled_at_ms) FROM runs GROUP BY task_id")?;
+    let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    rows.collect()
+}
+
+/// Per task, its newest run.
+pub fn last_runs(conn: &mut Connection) -> rusqlite::Result<Vec<RunRow>> {
+    let mut statement = conn.prepare(&format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE id IN (SELECT max(id) FROM runs GROUP BY task_id)"
+    ))?;
+    let rows = statement.query_map([], run_row)?;
+    rows.collect()
 }
 
 /// Moves a run to `state`: `running` stamps its start, any other its end.
 pub fn set_run_state(
-    conn: &mut Connection,
+    conn: &Connection,
     run_id: i64,
     state: &str,
     outcome: Option<&str>,
     now_ms: i64,
 ) -> rusqlite::Result<()> {
-    conn.execute(
+    conn.prepare_cached(
         "UPDATE runs SET
              state = ?2,
              outcome = COALESCE(?3, outcome),
              started_at_ms = CASE WHEN ?2 = 'running' THEN ?4 ELSE started_at_ms END,
              ended_at_ms = CASE WHEN ?2 NOT IN ('queued', 'running') THEN ?4 ELSE ended_at_ms END
          WHERE id = ?1",
-        params![run_id, state, outcome, now_ms],
-    )?;
+    )?
+    .execute(params![run_id, state, outcome, now_ms])?;
     Ok(())
 }
 
@@ -123,64 +153,118 @@ pub fn mark_interrupted(conn: &mut Connection, now_ms: i64) -> rusqlite::Result<
     )
 }
 
-/// The latest `limit` runs of a task, newest first.
-pub fn runs(conn: &mut Connection, task_id: i64, limit: u32) -> rusqlite::Result<Vec<RunRow>> {
-    let mut statement = conn.prepare_cached(
-        "SELECT id, task_id, attempt, state, scheduled_at_ms, started_at_ms, ended_at_ms, outcome
-         FROM runs WHERE task_id = ?1 ORDER BY id DESC LIMIT ?2",
-    )?;
-    let rows = statement.query_map(params![task_id, limit], |row| {
-        Ok(RunRow {
-            id: row.get(0)?,
-            task_id: row.get(1)?,
-            attempt: row.get(2)?,
-            state: row.get(3)?,
-            scheduled_at_ms: row.get(4)?,
-            started_at_ms: row.get(5)?,
-            ended_at_ms: row.get(6)?,
-            outcome: row.get(7)?,
-        })
-    })?;
+const RUN_COLUMNS: &str =
+    "id, task_id, attempt, state, scheduled_at_ms, started_at_ms, ended_at_ms, outcome";
+
+fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
+    Ok(RunRow {
+        id: row.get(0)?,
+        task_id: row.get(1)?,
+        attempt: row.get(2)?,
+        state: row.get(3)?,
+        scheduled_at_ms: row.get(4)?,
+        started_at_ms: row.get(5)?,
+        ended_at_ms: row.get(6)?,
+        outcome: row.get(7)?,
+    })
+}
+
+/// The latest `limit` runs of a task (of every task: `None`), newest first.
+pub fn runs(
+    conn: &mut Connection,
+    task_id: Option<i64>,
+    limit: u32,
+) -> rusqlite::Result<Vec<RunRow>> {
+    let mut statement = conn.prepare_cached(&format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE ?1 IS NULL OR task_id = ?1 ORDER BY id DESC LIMIT ?2"
+    ))?;
+    let rows = statement.query_map(params![task_id, limit], run_row)?;
     rows.collect()
 }
 
 /// Appends a line to a run's log.
 pub fn log(
-    conn: &mut Connection,
+    conn: &Connection,
     run_id: i64,
     at_ms: i64,
     level: &str,
     message: &str,
 ) -> rusqlite::Result<()> {
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO run_logs (run_id, at_ms, level, message) VALUES (?1, ?2, ?3, ?4)",
-        params![run_id, at_ms, level, message],
-    )?;
+    )?
+    .execute(params![run_id, at_ms, level, message])?;
     Ok(())
 }
 
-/// A run's log lines, oldest first: (at_ms, level, message).
-pub fn logs(conn: &mut Connection, run_id: i64) -> rusqlite::Result<Vec<(i64, String, String)>> {
+/// One line of a run's log, with the run and task it belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRow {
+    pub task: String,
+    pub run_id: i64,
+    pub at_ms: i64,
+    pub level: String,
+    pub message: String,
+}
+
+/// Which log lines to read; every part optional.
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    pub task_id: Option<i64>,
+    pub run_id: Option<i64>,
+    /// These levels only (the caller expands "warn and above").
+    pub levels: Option<Vec<&'static str>>,
+    pub since_ms: Option<i64>,
+    pub limit: u32,
+}
+
+/// Log lines matching `query`, oldest first (the newest `limit` of them).
+pub fn log_lines(conn: &mut Connection, query: &LogQuery) -> rusqlite::Result<Vec<LogRow>> {
+    let levels = query
+        .levels
+        .as_ref()
+        .map(|levels| levels.join(","))
+        .unwrap_or_default();
     let mut statement = conn.prepare_cached(
-        "SELECT at_ms, level, message FROM run_logs WHERE run_id = ?1 ORDER BY id",
+        "SELECT task, run_id, at_ms, level, message FROM (
+             SELECT l.id, t.name AS task, l.run_id, l.at_ms, l.level, l.message
+             FROM run_logs l JOIN runs r ON r.id = l.run_id JOIN tasks t ON t.id = r.task_id
+             WHERE (?1 IS NULL OR r.task_id = ?1)
+               AND (?2 IS NULL OR l.run_id = ?2)
+               AND (?3 = '' OR instr(',' || ?3 || ',', ',' || l.level || ',') > 0)
+               AND (?4 IS NULL OR l.at_ms >= ?4)
+             ORDER BY l.id DESC LIMIT ?5
+         ) ORDER BY id",
     )?;
-    let rows = statement.query_map(params![run_id], |row| {
-        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-    })?;
+    let rows = statement.query_map(
+        params![
+            query.task_id,
+            query.run_id,
+            levels,
+            query.since_ms,
+            query.limit
+        ],
+        |row| {
+            Ok(LogRow {
+                task: row.get(0)?,
+                run_id: row.get(1)?,
+                at_ms: row.get(2)?,
+                level: row.get(3)?,
+                message: row.get(4)?,
+            })
+        },
+    )?;
     rows.collect()
 }
 
-/// Retention: keeps each task's newest `keep` runs (and their logs).
-pub fn prune_runs(conn: &mut Connection, keep: u32) -> rusqlite::Result<usize> {
-    conn.execute(
-        "DELETE FROM runs WHERE id IN (
-             SELECT id FROM (
-                 SELECT id, ROW_NUMBER() OVER (PARTITION BY task_id ORDER BY id DESC) AS newest
-                 FROM runs
-             ) WHERE newest > ?1
+/// Retention: keeps task `task_id`'s newest `keep` runs (and their logs).
+pub fn prune_task_runs(conn: &Connection, task_id: i64, keep: u32) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "DELETE FROM runs WHERE task_id = ?1 AND id < (
+             SELECT id FROM runs WHERE task_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2
          )",
-        params![keep],
-    )
+    )?
+    .execute(params![task_id, keep.saturating_sub(1)])
 }
 
 #[cfg(test)]
@@ -201,10 +285,12 @@ mod tests {
                     put_task(c, "probe", r#"{"name":"probe","retries":1}"#, "api", 2_000)?,
                     task
                 );
-                let run = start_run(c, task, 1, "running", 1_500, 1_600)?;
+                let run = max_run_id(c)? + 1;
+                insert_run(c, run, task, 1, "running", 1_500, 1_600, None)?;
                 log(c, run, 1_700, "info", "checking")?;
                 log(c, run, 1_800, "warn", "slow")?;
-                let ran = start_run(c, task, 1, "running", 3_000, 3_000)?;
+                let ran = max_run_id(c)? + 1;
+                insert_run(c, ran, task, 1, "running", 3_000, 3_000, None)?;
                 set_run_state(c, ran, "success", Some("ok"), 3_500)?;
                 Ok((task, run, ran))
             })
@@ -216,7 +302,19 @@ mod tests {
         let (interrupted, history, lines, listed) = store
             .call(move |c| {
                 let interrupted = mark_interrupted(c, 9_000)?;
-                Ok((interrupted, runs(c, task, 10)?, logs(c, run)?, tasks(c)?))
+                let lines = log_lines(
+                    c,
+                    &LogQuery {
+                        task_id: Some(task),
+                        levels: Some(vec!["warn", "error"]),
+                        limit: 10,
+                        ..LogQuery::default()
+                    },
+                )?;
+                let slots = last_slots(c)?;
+                let last = last_runs(c)?;
+                assert_eq!((slots, last[0].id), (vec![(task, 3_000)], ran));
+                Ok((interrupted, runs(c, Some(task), 10)?, lines, tasks(c)?))
             })
             .await
             .unwrap();
@@ -230,15 +328,27 @@ mod tests {
         assert_eq!(history[1].state, "failed");
         assert_eq!(history[1].outcome.as_deref(), Some("interrupted"));
         assert_eq!(history[1].ended_at_ms, Some(9_000));
-        assert_eq!(lines[1], (1_800, "warn".to_owned(), "slow".to_owned()));
+        assert_eq!(lines.len(), 1, "only the warning: {lines:?}");
+        assert_eq!(
+            (lines[0].task.as_str(), lines[0].run_id, lines[0].at_ms),
+            ("probe", run, 1_800)
+        );
         let (pruned, gone, deleted) = store
             .call(move |c| {
-                let pruned = prune_runs(c, 1)?;
-                let gone = logs(c, run)?.is_empty();
+                let pruned = prune_task_runs(c, task, 1)?;
+                let gone = log_lines(
+                    c,
+                    &LogQuery {
+                        run_id: Some(run),
+                        limit: 10,
+                        ..LogQuery::default()
+                    },
+                )?
+                .is_empty();
                 Ok((
                     pruned,
                     gone,
-                    delete_task(c, "probe")? && runs(c, task, 10)?.is_empty(),
+                    delete_task(c, "probe")? && runs(c, Some(task), 10)?.is_empty(),
                 ))
             })
             .await

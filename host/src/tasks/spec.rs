@@ -116,6 +116,10 @@ impl TaskSpec {
     pub fn validate(&self) -> Result<Schedule, SpecError> {
         crate::protocol::names::validate_space_name(&self.name)
             .map_err(|reason| refuse("name", reason))?;
+        if self.name.bytes().all(|b| b.is_ascii_digit()) {
+            // The API takes a task's id or name in one place.
+            return Err(refuse("name", "must not be all digits"));
+        }
         if self.plugin.is_empty() {
             return Err(refuse("plugin", "must name a task plugin"));
         }
