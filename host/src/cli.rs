@@ -4,6 +4,8 @@
 //! Precedence for settings: flag, then `WASMRELAY_*` environment variable,
 //! then the config file, then the built-in default.
 
+mod task;
+
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,6 +41,9 @@ pub enum Command {
     Conns(ConnsArgs),
     /// List, load, swap, roll back or remove a running relay's plugins.
     Plugin(PluginArgs),
+    /// Scheduled tasks: list, show, apply, run, stop, enable, disable,
+    /// delete, history, logs (-f to follow), export.
+    Task(task::TaskArgs),
 }
 
 #[derive(Debug, Args)]
@@ -239,6 +244,7 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Conns(args) => conns(args).await,
             Command::Plugin(args) => plugin(args).await,
+            Command::Task(args) => task::task(args).await,
         }
     });
     match result {
@@ -296,13 +302,26 @@ async fn get_json(url: &str, token: Option<&str>) -> anyhow::Result<serde_json::
     call_json(http::Method::GET, url, token, None).await
 }
 
-/// One admin call; `body` is a content type and the bytes to send.
+/// One admin call answered with JSON; `body` is a content type and the
+/// bytes to send.
 async fn call_json(
     method: http::Method,
     url: &str,
     token: Option<&str>,
     body: Option<(String, Vec<u8>)>,
 ) -> anyhow::Result<serde_json::Value> {
+    let body = call(method, url, token, body).await?;
+    serde_json::from_slice(&body).with_context(|| format!("{url} did not return JSON"))
+}
+
+/// One admin call; its body when it succeeded. A refusal is reported by
+/// its message (and the field it names), not as raw JSON.
+async fn call(
+    method: http::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<(String, Vec<u8>)>,
+) -> anyhow::Result<Bytes> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut request = http::Request::builder().method(method).uri(url);
     if let Some(token) = token {
@@ -330,12 +349,25 @@ async fn call_json(
         );
     }
     if !status.is_success() {
-        bail!(
-            "{url} answered {status}: {}",
-            String::from_utf8_lossy(&body)
-        );
+        let error = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                let e = &v["error"];
+                Some(format!(
+                    "{} ({})",
+                    e["message"].as_str()?,
+                    e["code"].as_str()?
+                ))
+            });
+        match error {
+            Some(error) => bail!("{status}: {error}"),
+            None => bail!(
+                "{url} answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            ),
+        }
     }
-    serde_json::from_slice(&body).with_context(|| format!("{url} did not return JSON"))
+    Ok(body)
 }
 
 async fn plugin(args: PluginArgs) -> anyhow::Result<()> {

@@ -270,6 +270,7 @@ impl Default for PluginsConfig {
                 "path-router".to_owned(),
                 "tiered-policy".to_owned(),
                 "stamp-filter".to_owned(),
+                "heartbeat".to_owned(),
             ],
             dir: PathBuf::from("plugins"),
             watch_interval_ms: 1_000,

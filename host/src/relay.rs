@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError};
 use crate::plugin::{Source, bundled};
 pub use crate::state::{Relay, StartError};
+use crate::tasks::Tasks;
+use crate::tasks::clock::Clock;
+use crate::tasks::run::PluginExecutor;
 use crate::transport;
 
 /// How often pending requests are checked against their deadlines.
@@ -158,6 +161,34 @@ pub async fn run(
             })?;
     }
     restore_uploads(&relay).await?;
+    // After the plugins, which runs call; before the listeners, which the
+    // task API answers on.
+    let stop_tasks = CancellationToken::new();
+    let (tasks, task_manager) = Tasks::start(
+        relay.store.clone(),
+        Arc::new(PluginExecutor {
+            registry: relay.plugins.clone(),
+        }),
+        &relay.config.tasks,
+        Clock::system(),
+        stop_tasks.clone(),
+    )
+    .await
+    .map_err(|e| RunError::Start(e.into()))?;
+    let _ = relay.tasks.set(tasks.clone());
+    let task_folder = relay
+        .config
+        .tasks
+        .watched_dir(&relay.config.server.data_dir)
+        .map(|dir| {
+            tokio::spawn(crate::tasks::files::watch(
+                tasks,
+                dir,
+                Duration::from_millis(relay.config.tasks.watch_interval_ms),
+                relay.task_file_refusals.clone(),
+                relay.draining().clone(),
+            ))
+        });
     tracing::info!(
         addr = %listeners.http.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         "listening for HTTP and WebSocket"
@@ -236,13 +267,13 @@ pub async fn run(
     }
 
     relay.start_closing();
-    relay.tasks.close();
-    if tokio::time::timeout(CLOSE_WAIT, relay.tasks.wait())
+    relay.conn_tasks.close();
+    if tokio::time::timeout(CLOSE_WAIT, relay.conn_tasks.wait())
         .await
         .is_err()
     {
         tracing::warn!(
-            remaining = relay.tasks.len(),
+            remaining = relay.conn_tasks.len(),
             "connections still closing; exiting anyway"
         );
     }
@@ -255,6 +286,12 @@ pub async fn run(
     if let Some(watcher) = watcher {
         watcher.abort();
     }
+    if let Some(task_folder) = task_folder {
+        task_folder.abort();
+    }
+    // Runs still going are stopped (`cancelled`) and the history written out.
+    stop_tasks.cancel();
+    let _ = task_manager.await;
     // Last: what plugins wrote up to the end reaches the store.
     stop_persisting.cancel();
     let _ = kv_persister.await;

@@ -4,7 +4,7 @@
 //! below `session` and `transport`, which take it as their handle; `relay`
 //! above them builds it and runs the listeners.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -24,6 +24,8 @@ use crate::plugin::{Registry, Runtime};
 use crate::quota::{ConnQuota, Quotas, Refusal};
 use crate::spaces::{Directory, Spaces};
 use crate::store::{Store, StoreError};
+use crate::tasks::Tasks;
+use crate::tasks::files::Refusals;
 
 /// The database's file name in the data directory.
 pub const STORE_FILE: &str = "wasmrelay.db";
@@ -67,12 +69,17 @@ pub struct Relay {
     pub(crate) store: Store,
     /// Plugin key-value data, live in memory, persisted to `store`.
     pub(crate) kv: Arc<KvStore>,
+    /// The task manager, set by `relay::run` once the plugins are loaded
+    /// (runs need them) and before any listener accepts.
+    pub(crate) tasks: OnceLock<Tasks>,
+    /// Files in the task folder refused, as the task API lists them.
+    pub(crate) task_file_refusals: Refusals,
     /// Cancelled when shutdown starts: stop accepting, send goaway, refuse new work.
     draining: CancellationToken,
     /// Cancelled when the grace period ends: close every connection.
     closing: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
-    pub(crate) tasks: TaskTracker,
+    pub(crate) conn_tasks: TaskTracker,
     started: Instant,
 }
 
@@ -121,10 +128,12 @@ impl Relay {
             admin,
             store,
             kv,
+            tasks: OnceLock::new(),
+            task_file_refusals: Refusals::default(),
             config: Arc::new(config),
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            conn_tasks: TaskTracker::new(),
             started: Instant::now(),
         }))
     }

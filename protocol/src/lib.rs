@@ -460,8 +460,19 @@ pub enum ErrorCode {
     /// world, ungranted capability, init or self-check failed, role taken, ...);
     /// the message names the problem. The previous version keeps serving.
     PluginRefused,
-    /// HTTP: no such endpoint.
+    /// HTTP: no such endpoint (or, on the task endpoints, no such task).
     NotFound,
+    /// Admin task endpoints: the task definition does not check; `field`
+    /// names what to fix.
+    InvalidTask,
+    /// Admin task endpoints: a task of that name already exists.
+    TaskExists,
+    /// Admin task endpoints: the task is defined by a file in the task
+    /// folder; change the file instead.
+    TaskFromFile,
+    /// Admin task endpoints: the task is running and its concurrency is
+    /// `forbid`.
+    TaskBusy,
     /// Something went wrong inside the relay; the message says what.
     Internal,
 }
@@ -494,6 +505,10 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::PluginRefused => "plugin_refused",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::InvalidTask => "invalid_task",
+            ErrorCode::TaskExists => "task_exists",
+            ErrorCode::TaskFromFile => "task_from_file",
+            ErrorCode::TaskBusy => "task_busy",
             ErrorCode::Internal => "internal",
         }
     }
@@ -507,11 +522,15 @@ impl ErrorCode {
             | ErrorCode::UnexpectedType
             | ErrorCode::HelloRequired
             | ErrorCode::UnsupportedVersion
-            | ErrorCode::InvalidName => 400,
+            | ErrorCode::InvalidName
+            | ErrorCode::InvalidTask => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Rejected | ErrorCode::Forbidden => 403,
             ErrorCode::UnknownSpace | ErrorCode::NotFound | ErrorCode::UnknownRequest => 404,
-            ErrorCode::DuplicateId => 409,
+            ErrorCode::DuplicateId
+            | ErrorCode::TaskExists
+            | ErrorCode::TaskFromFile
+            | ErrorCode::TaskBusy => 409,
             ErrorCode::PluginRefused => 422,
             ErrorCode::RateLimited | ErrorCode::TooManyConnections => 429,
             ErrorCode::TooLarge => 413,

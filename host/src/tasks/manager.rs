@@ -130,6 +130,25 @@ pub struct TaskCounts {
     pub runs_running: usize,
 }
 
+/// `/admin/stats`' `tasks` object.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskStats {
+    #[serde(flatten)]
+    pub counts: TaskCounts,
+    pub runs_started: u64,
+    pub runs_succeeded: u64,
+    pub runs_failed: u64,
+    pub runs_timed_out: u64,
+    pub runs_cancelled: u64,
+    pub runs_skipped: u64,
+    /// From a scheduled firing's due time to its plugin starting.
+    pub firing_lag: Option<crate::plugin::loaded::Percentiles>,
+    /// Rows the history wrote (runs and log lines), and in how many transactions.
+    pub history_writes: u64,
+    pub history_batches: u64,
+    pub log_lines_dropped: u64,
+}
+
 enum Command {
     Define {
         spec: TaskSpec,
@@ -372,6 +391,26 @@ impl Tasks {
 
     pub async fn counts(&self) -> Result<TaskCounts, TaskError> {
         self.ask(|reply| Command::Counts { reply }).await
+    }
+
+    /// Counts by state and what the runs and the history did since start.
+    pub async fn stats(&self) -> Result<TaskStats, TaskError> {
+        let runs = &self.runner.stats;
+        let history = &self.runner.history.stats;
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        Ok(TaskStats {
+            counts: self.counts().await?,
+            runs_started: load(&runs.started),
+            runs_succeeded: load(&runs.succeeded),
+            runs_failed: load(&runs.failed),
+            runs_timed_out: load(&runs.timed_out),
+            runs_cancelled: load(&runs.cancelled),
+            runs_skipped: load(&runs.skipped),
+            firing_lag: runs.firing_lag.percentiles(),
+            history_writes: load(&history.writes),
+            history_batches: load(&history.batches),
+            log_lines_dropped: load(&history.dropped_lines),
+        })
     }
 
     /// A task's newest runs (every task's: `None`), newest first.

@@ -101,7 +101,7 @@ pub async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
         relay.metrics.connection_accepted();
         let span = tracing::debug_span!("quic", conn = guard.info().id, %peer);
         let handshake = HandshakeInProgress::new(&handshakes);
-        relay.tasks.spawn(tracing::Instrument::instrument(
+        relay.conn_tasks.spawn(tracing::Instrument::instrument(
             handle(relay.clone(), incoming, guard, refusal, handshake),
             span,
         ));

@@ -67,6 +67,20 @@ pub fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> hyper::
     )
 }
 
+/// The JSON error shape with the field a refusal is about:
+/// `{"error":{"code","message","field"}}`.
+pub fn json_error_field(
+    status: StatusCode,
+    code: ErrorCode,
+    message: &str,
+    field: &str,
+) -> hyper::Response<Body> {
+    json(
+        status,
+        &serde_json::json!({ "error": { "code": code, "message": message, "field": field } }),
+    )
+}
+
 pub fn text(status: StatusCode, content_type: &'static str, body: String) -> hyper::Response<Body> {
     let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;

@@ -46,6 +46,48 @@ fn is_upgrade_request(headers: &HeaderMap) -> bool {
     has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
 }
 
+/// Checks a WebSocket upgrade request's handshake headers; the
+/// `Sec-WebSocket-Accept` value to answer with, or the refusal.
+#[allow(clippy::result_large_err)]
+pub(crate) fn check_handshake(headers: &HeaderMap) -> Result<String, hyper::Response<Body>> {
+    if !is_upgrade_request(headers) {
+        return Err(json_error(
+            StatusCode::UPGRADE_REQUIRED,
+            ErrorCode::BadFrame,
+            "this endpoint speaks WebSocket: send Connection: Upgrade and Upgrade: websocket",
+        ));
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION) != Some(&HeaderValue::from_static("13")) {
+        return Err(json_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadFrame,
+            "Sec-WebSocket-Version must be 13",
+        ));
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return Err(json_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadFrame,
+            "Sec-WebSocket-Key is missing",
+        ));
+    };
+    Ok(derive_accept_key(key.as_bytes()))
+}
+
+/// `101 Switching Protocols` for a checked handshake.
+pub(crate) fn switching_protocols(accept: &str) -> hyper::Response<Body> {
+    let mut response = hyper::Response::new(Body::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(accept).expect("base64 is a valid header value"),
+    );
+    response
+}
+
 /// Answers `GET /ws`: checks the handshake, asks admission, and on success
 /// returns `101 Switching Protocols` and starts the connection's task.
 pub fn upgrade(
@@ -53,27 +95,9 @@ pub fn upgrade(
     guard: Arc<ConnGuard>,
     mut req: hyper::Request<Incoming>,
 ) -> hyper::Response<Body> {
-    let headers = req.headers();
-    if !is_upgrade_request(headers) {
-        return json_error(
-            StatusCode::UPGRADE_REQUIRED,
-            ErrorCode::BadFrame,
-            "this endpoint speaks WebSocket: send Connection: Upgrade and Upgrade: websocket",
-        );
-    }
-    if headers.get(header::SEC_WEBSOCKET_VERSION) != Some(&HeaderValue::from_static("13")) {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadFrame,
-            "Sec-WebSocket-Version must be 13",
-        );
-    }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadFrame,
-            "Sec-WebSocket-Key is missing",
-        );
+    let accept = match check_handshake(req.headers()) {
+        Ok(accept) => accept,
+        Err(refused) => return refused,
     };
     if relay.is_draining() {
         return json_error(
@@ -90,13 +114,12 @@ pub fn upgrade(
         }
         Err(refusal) => return refusal_response(&refusal),
     };
-    let accept = derive_accept_key(key.as_bytes());
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let conn = guard.info().clone();
     let span = tracing::info_span!("ws", conn = conn.id, peer = %conn.peer);
     let task_relay = relay.clone();
-    relay.tasks.spawn(
+    relay.conn_tasks.spawn(
         async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
@@ -115,16 +138,7 @@ pub fn upgrade(
         .instrument(span),
     );
 
-    let mut response = hyper::Response::new(Body::default());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = response.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
-    );
-    response
+    switching_protocols(&accept)
 }
 
 fn ws_config(relay: &Relay) -> WebSocketConfig {

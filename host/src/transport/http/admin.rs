@@ -22,10 +22,21 @@ pub fn authorize(relay: &Relay, headers: &HeaderMap) -> Result<(), hyper::Respon
     let AdminCredential::Token(expected) = &relay.admin else {
         return Ok(());
     };
+    // A browser cannot set Authorization on a WebSocket: it offers the
+    // token as a subprotocol `bearer.<token>` beside `wasmrelay-admin`.
+    let offered = || {
+        headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|p| p.trim().strip_prefix("bearer."))
+    };
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(offered)
         .unwrap_or("");
     if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
         Ok(())
@@ -53,10 +64,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Serves an already-authorized admin request; `segments` is the split path.
-pub fn route(relay: &Relay, method: &Method, segments: &[&str]) -> hyper::Response<Body> {
+pub async fn route(relay: &Relay, method: &Method, segments: &[&str]) -> hyper::Response<Body> {
     match (method, segments) {
         (&Method::GET, ["admin", "connections"]) => json(StatusCode::OK, &connections(relay)),
-        (&Method::GET, ["admin", "stats"]) => json(StatusCode::OK, &stats(relay)),
+        (&Method::GET, ["admin", "stats"]) => json(StatusCode::OK, &stats(relay).await),
         (&Method::GET, ["metrics"]) => text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -108,6 +119,8 @@ pub struct Stats {
     pub channels: usize,
     /// Resident memory of the relay process, where the OS reports it.
     pub memory_rss_bytes: Option<u64>,
+    /// Tasks by state, runs and the history's writes.
+    pub tasks: Option<crate::tasks::manager::TaskStats>,
 }
 
 /// The outbound queues together, against their shared budget.
@@ -150,7 +163,11 @@ pub struct RequestCounts {
     pub failed: u64,
 }
 
-pub fn stats(relay: &Relay) -> Stats {
+pub async fn stats(relay: &Relay) -> Stats {
+    let tasks = match relay.tasks.get() {
+        Some(tasks) => tasks.stats().await.ok(),
+        None => None,
+    };
     let mut by_transport = BTreeMap::new();
     let mut by_state = BTreeMap::new();
     let mut total = 0;
@@ -211,6 +228,7 @@ pub fn stats(relay: &Relay) -> Stats {
         spaces: spaces.len(),
         channels: relay.channels.len(),
         memory_rss_bytes: resident_memory(),
+        tasks,
     }
 }
 

@@ -8,6 +8,7 @@
 mod admin;
 mod ingress;
 mod router;
+mod tasks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,7 +93,7 @@ pub async fn accept_loop(relay: Arc<Relay>, listener: TcpListener, tls: Option<A
         let guard = Arc::new(guard);
         relay.metrics.connection_accepted();
         let span = tracing::debug_span!("conn", id = guard.info().id, %peer);
-        let relay_tasks = relay.tasks.clone();
+        let relay_tasks = relay.conn_tasks.clone();
         let tls = tls.clone();
         let relay = relay.clone();
         let stream = ReadAhead::new(stream);

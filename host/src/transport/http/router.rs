@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::admin;
 use super::ingress::ingress;
+use super::tasks;
 use crate::delivery::table::{ConnGuard, ConnState};
 use crate::protocol::ErrorCode;
 use crate::quota::Refusal;
@@ -85,11 +86,18 @@ pub(super) async fn route(
                 }
             }
         }
+        (_, ["admin", "tasks" | "logs" | "export" | "config", ..]) => {
+            if let Err(denied) = admin::authorize(&relay, req.headers()) {
+                denied
+            } else {
+                tasks::route(relay, guard, req).await
+            }
+        }
         (_, ["admin", ..]) | (_, ["metrics"]) => {
             if let Err(denied) = admin::authorize(&relay, req.headers()) {
                 denied
             } else {
-                admin::route(&relay, &method, &segments)
+                admin::route(&relay, &method, &segments).await
             }
         }
         _ => json_error(
