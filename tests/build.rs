@@ -2,11 +2,12 @@
 
 use std::path::Path;
 
-const FIXTURES: [&str; 4] = [
+const FIXTURES: [&str; 5] = [
     "evil-filter",
     "fetch-filter",
     "future-filter",
     "noop-filter",
+    "task-script",
 ];
 
 fn main() {

@@ -116,6 +116,11 @@ impl TestRelay {
         format!("ws://{}/ws", self.addr)
     }
 
+    /// The relay's data directory.
+    pub fn data_dir(&self) -> &Path {
+        self._data_dir.path()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -510,6 +515,11 @@ impl RelayProcess {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The relay's data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
     }
 
     pub fn ws_url(&self) -> String {

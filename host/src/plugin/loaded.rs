@@ -61,6 +61,9 @@ pub enum CallError {
     Trap(String),
     #[error("could not be instantiated: {0}")]
     Instantiate(String),
+    /// A task run its caller stopped (its timeout, an operator's stop).
+    #[error("was stopped")]
+    Stopped,
 }
 
 enum Pre {
@@ -295,9 +298,18 @@ impl LoadedPlugin {
                 Ok(value)
             }
             Err(e) => {
-                let error = self.classify(&e, warm.store.data().limiter.refused);
-                self.stats.record_failure(&error);
-                tracing::warn!(plugin = %self.manifest.name, version = %self.manifest.version, error = %error, "plugin call failed; instance discarded");
+                let state = warm.store.data();
+                let error = match e.downcast_ref::<Trap>() {
+                    // Interrupted during a task run: its caller stopped it.
+                    Some(Trap::Interrupt) if state.run_log.is_some() => CallError::Stopped,
+                    _ => self.classify(&e, state.limiter.refused),
+                };
+                if error == CallError::Stopped {
+                    tracing::debug!(plugin = %self.manifest.name, "task run stopped; instance discarded");
+                } else {
+                    self.stats.record_failure(&error);
+                    tracing::warn!(plugin = %self.manifest.name, version = %self.manifest.version, error = %error, "plugin call failed; instance discarded");
+                }
                 Err(error)
             }
         }
@@ -354,7 +366,7 @@ impl LoadedPlugin {
     /// deadline: the run goes on until it returns or `control.stop` is set
     /// (checked every [`STOP_CHECK_TICKS`]), and what it logs goes to
     /// `control.log` as well as to the relay's log. A stopped run is
-    /// [`CallError::Timeout`]; the caller knows why it stopped it.
+    /// [`CallError::Stopped`]; the caller knows why it stopped it.
     pub fn run_task(
         &self,
         context: &RunContext,

@@ -76,7 +76,7 @@ impl Executor for PluginExecutor {
             match called {
                 Ok(Ok(Outcome::Success(summary))) => Ok(summary),
                 Ok(Ok(Outcome::Failure(reason))) => Err(reason),
-                Ok(Err(CallError::Timeout(_))) => Err("stopped".to_owned()),
+                Ok(Err(CallError::Stopped)) => Err("stopped".to_owned()),
                 Ok(Err(e)) => Err(format!("the plugin {e}")),
                 Err(e) => Err(format!("the run's thread failed: {e}")),
             }

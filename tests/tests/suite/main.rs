@@ -16,4 +16,5 @@ mod protocol;
 mod quic;
 mod security;
 mod spaces;
+mod tasks;
 mod tls;
