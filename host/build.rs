@@ -4,7 +4,13 @@
 use std::path::Path;
 
 /// Package names of the bundled plugins; each lives in `plugins/<name>`.
-const BUNDLED: [&str; 4] = ["path-router", "tiered-policy", "stamp-filter", "heartbeat"];
+const BUNDLED: [&str; 5] = [
+    "path-router",
+    "tiered-policy",
+    "stamp-filter",
+    "heartbeat",
+    "http-probe",
+];
 
 fn main() {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo");

@@ -7,7 +7,7 @@ pub struct Bundled {
     pub manifest: &'static str,
 }
 
-pub const BUNDLED: [Bundled; 4] = [
+pub const BUNDLED: [Bundled; 5] = [
     Bundled {
         name: "path-router",
         wasm: include_bytes!(concat!(env!("OUT_DIR"), "/path-router.wasm")),
@@ -27,6 +27,11 @@ pub const BUNDLED: [Bundled; 4] = [
         name: "heartbeat",
         wasm: include_bytes!(concat!(env!("OUT_DIR"), "/heartbeat.wasm")),
         manifest: include_str!("../../plugins/heartbeat/plugin.toml"),
+    },
+    Bundled {
+        name: "http-probe",
+        wasm: include_bytes!(concat!(env!("OUT_DIR"), "/http-probe.wasm")),
+        manifest: include_str!("../../plugins/http-probe/plugin.toml"),
     },
 ];
 

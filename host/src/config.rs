@@ -261,6 +261,9 @@ pub struct PluginsConfig {
     /// Most bytes the compile cache keeps; the least recently used entries
     /// are removed past it.
     pub cache_max_bytes: u64,
+    /// Hosts added to a bundled plugin's `allow_hosts`, by plugin name: what
+    /// `http-probe` may check beyond the relay's own host.
+    pub allow_hosts: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Default for PluginsConfig {
@@ -271,6 +274,7 @@ impl Default for PluginsConfig {
                 "tiered-policy".to_owned(),
                 "stamp-filter".to_owned(),
                 "heartbeat".to_owned(),
+                "http-probe".to_owned(),
             ],
             dir: PathBuf::from("plugins"),
             watch_interval_ms: 1_000,
@@ -279,6 +283,7 @@ impl Default for PluginsConfig {
             compile_cache: true,
             cache_dir: PathBuf::from("plugin-cache"),
             cache_max_bytes: 256 * 1024 * 1024,
+            allow_hosts: Default::default(),
         }
     }
 }
@@ -591,6 +596,12 @@ impl Config {
             return Err(invalid("tls.reload_interval_ms", "must be at least 100"));
         }
         let p = &self.plugins;
+        if let Some(name) = p.allow_hosts.keys().find(|name| !p.bundled.contains(name)) {
+            return Err(invalid(
+                "plugins.allow_hosts",
+                format!("{name:?} is not in plugins.bundled"),
+            ));
+        }
         for name in &p.bundled {
             if crate::bundled::find(name).is_none() {
                 return Err(invalid(
@@ -680,6 +691,27 @@ mod tests {
     fn example_file_documents_the_defaults() {
         let text = include_str!("../../examples/wasmrelay.toml");
         assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn allowed_hosts_name_a_bundled_plugin() {
+        let config =
+            Config::from_toml("[plugins.allow_hosts]\n\"http-probe\" = [\"status.example.com\"]\n")
+                .unwrap();
+        config.validate().unwrap();
+        let config =
+            Config::from_toml("[plugins.allow_hosts]\nnope = [\"example.com\"]\n").unwrap();
+        assert!(
+            matches!(
+                config.validate(),
+                Err(ConfigError::Invalid {
+                    field: "plugins.allow_hosts",
+                    ..
+                })
+            ),
+            "{:?}",
+            config.validate()
+        );
     }
 
     #[test]

@@ -151,9 +151,11 @@ pub async fn run(
     ));
     for name in &relay.config.plugins.bundled {
         let plugin = bundled::find(name).expect("validated by Config::validate");
+        let manifest =
+            with_allowed_hosts(plugin.manifest, relay.config.plugins.allow_hosts.get(name));
         relay
             .plugins
-            .load(name, plugin.wasm.into(), plugin.manifest, Source::Bundled)
+            .load(name, plugin.wasm.into(), &manifest, Source::Bundled)
             .await
             .map_err(|source| RunError::Bundled {
                 name: name.clone(),
@@ -299,6 +301,24 @@ pub async fn run(
     Ok(())
 }
 
+/// A bundled manifest with the operator's `plugins.allow_hosts` added.
+fn with_allowed_hosts(manifest: &str, extra: Option<&Vec<String>>) -> String {
+    let Some(extra) = extra.filter(|hosts| !hosts.is_empty()) else {
+        return manifest.to_owned();
+    };
+    let Ok(mut table) = manifest.parse::<toml::Table>() else {
+        // Bundled manifests parse; loading reports it if one ever does not.
+        return manifest.to_owned();
+    };
+    let hosts = table
+        .entry("allow_hosts")
+        .or_insert_with(|| toml::Value::Array(Vec::new()));
+    if let toml::Value::Array(hosts) = hosts {
+        hosts.extend(extra.iter().cloned().map(toml::Value::String));
+    }
+    toml::to_string(&table).unwrap_or_else(|_| manifest.to_owned())
+}
+
 /// Loads the plugins uploaded before the last stop, each one's previous
 /// version first so a rollback still returns to it. One that no longer loads
 /// (a newer relay refusing it) is skipped with a warning.
@@ -350,5 +370,25 @@ async fn housekeeping(relay: Arc<Relay>) {
             sweep_due = SWEEP_EVERY;
             relay.quotas.sweep();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operators_add_hosts_to_a_bundled_manifest() {
+        let probe = bundled::find("http-probe").unwrap();
+        let extra = vec!["status.example.com".to_owned()];
+        let manifest = crate::plugin::manifest::Manifest::from_toml(&with_allowed_hosts(
+            probe.manifest,
+            Some(&extra),
+        ))
+        .unwrap();
+        assert_eq!(
+            manifest.allow_hosts,
+            ["127.0.0.1", "localhost", "status.example.com"]
+        );
     }
 }

@@ -78,6 +78,7 @@ async fn bundled_router_policy_and_filter_do_their_jobs() {
         roles,
         [
             ("heartbeat", "task"),
+            ("http-probe", "task"),
             ("path-router", "router"),
             ("stamp-filter", "filter"),
             ("tiered-policy", "policy")

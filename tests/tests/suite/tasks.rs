@@ -19,7 +19,7 @@ const SCRIPT_MANIFEST: &str = "name = \"script\"\nversion = \"1.0.0\"\nrole = \"
 
 async fn with_heartbeat() -> TestRelay {
     TestRelay::start_with(|c| {
-        c.plugins.bundled = vec!["heartbeat".to_owned()];
+        c.plugins.bundled = vec!["heartbeat".to_owned(), "http-probe".to_owned()];
         c.tasks.watch_interval_ms = 100;
     })
     .await
@@ -185,6 +185,52 @@ async fn a_heartbeat_task_defined_over_the_api_runs_publishes_logs_and_exports()
     assert_eq!(status, 200, "{deleted}");
     let (status, _) = call(&base, reqwest::Method::GET, "/admin/tasks/beat", None).await;
     assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn http_probe_passes_a_healthy_url_and_fails_the_run_on_a_bad_status() {
+    let relay = with_heartbeat().await;
+    let base = relay.url("");
+    let healthz = relay.url("/healthz");
+    let (status, view) = post(
+        &base,
+        "/admin/tasks",
+        json!({"name": "up", "plugin": "http-probe", "config": {"urls": [healthz], "contains": "ok"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{view}");
+    post(&base, "/admin/tasks/up/run", json!({})).await;
+    let runs = ended_runs(&base, "up", 1).await;
+    assert_eq!(states(&runs), ["success"], "{runs:?}");
+    assert_eq!(runs[0]["outcome"], "1 of 1 ok");
+
+    let missing = relay.url("/no-such-page");
+    post(
+        &base,
+        "/admin/tasks",
+        json!({"name": "down", "plugin": "http-probe", "retries": 1, "retry_delay_ms": 50,
+               "config": {"urls": [healthz, missing]}}),
+    )
+    .await;
+    post(&base, "/admin/tasks/down/run", json!({})).await;
+    let runs = ended_runs(&base, "down", 2).await;
+    assert_eq!(
+        states(&runs),
+        ["failed", "failed"],
+        "retried, failed again: {runs:?}"
+    );
+    let outcome = runs[0]["outcome"].as_str().unwrap();
+    assert!(
+        outcome.starts_with("1 of 2 failed") && outcome.contains("/no-such-page answered 404"),
+        "{outcome}"
+    );
+    let warnings = get_json(&relay.url(&format!(
+        "/admin/logs?task=down&level=warn&run={}",
+        runs[0]["id"]
+    )))
+    .await
+    .unwrap();
+    assert_eq!(warnings["count"], 1, "one warning per bad URL: {warnings}");
 }
 
 #[tokio::test]
