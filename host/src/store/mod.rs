@@ -136,6 +136,18 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(open_error)?;
         migrate(&mut conn, path)?;
+        // Checkpoints copy the WAL into the database file and fsync it,
+        // which can take tens of milliseconds: not on the writer's thread,
+        // where every query would wait behind it (a task's run waits for its
+        // row), but on a thread of their own (see `checkpoint`).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(open_error)?;
+        let checkpointer = Connection::open(path).map_err(open_error)?;
+        let (stopped, stop) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("wasmrelay-store-checkpoint".into())
+            .spawn(move || checkpoint(checkpointer, stop))
+            .map_err(StoreError::Thread)?;
         let (jobs, mut queue) = mpsc::channel::<Job>(QUEUED_JOBS);
         std::thread::Builder::new()
             .name("wasmrelay-store".into())
@@ -143,6 +155,8 @@ impl Store {
                 while let Some(job) = queue.blocking_recv() {
                     job(&mut conn);
                 }
+                // Ends the checkpointer; closing `conn` checkpoints what is left.
+                drop(stopped);
             })
             .map_err(StoreError::Thread)?;
         Ok(Self { jobs })
@@ -172,6 +186,22 @@ impl Store {
         #[cfg(not(test))]
         let answered = async move { answered.await.map_err(|_| StoreError::Stopped) };
         answered.await?.map_err(StoreError::Query)
+    }
+}
+
+/// How often the WAL is copied into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Copies the WAL into the database file every [`CHECKPOINT_EVERY`] until
+/// the store closes. PASSIVE: it never blocks the writer (it copies what no
+/// reader still needs), and once a pass copied everything the writer starts
+/// the WAL over, so it stays at about one second of writes.
+fn checkpoint(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
+    {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "store checkpoint failed; retrying");
+        }
     }
 }
 
@@ -246,6 +276,35 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(count, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_wal_is_checkpointed_off_the_writer_and_stays_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wasmrelay.db");
+        let store = Store::open(&path).unwrap();
+        // 4 MiB written as four 1 MiB transactions, each after a checkpoint
+        // had time to run: the WAL starts over instead of growing.
+        for batch in 0..4 {
+            store
+                .call(move |conn| {
+                    let tx = conn.transaction()?;
+                    for key in 0..64 {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO kv (namespace, key, value) VALUES ('p', ?1, zeroblob(16384))",
+                            [format!("{batch}-{key}")],
+                        )?;
+                    }
+                    tx.commit()
+                })
+                .await
+                .unwrap();
+            tokio::time::sleep(CHECKPOINT_EVERY + std::time::Duration::from_millis(300)).await;
+        }
+        let wal = std::fs::metadata(dir.path().join("wasmrelay.db-wal"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(wal < 2 * 1024 * 1024, "the WAL grew to {wal} bytes");
     }
 
     #[tokio::test]

@@ -141,8 +141,10 @@ pub struct TaskStats {
     pub runs_timed_out: u64,
     pub runs_cancelled: u64,
     pub runs_skipped: u64,
-    /// From a scheduled firing's due time to its plugin starting.
+    /// From a scheduled firing's due time to its plugin starting: since
+    /// start, and over the last complete ten seconds.
     pub firing_lag: Option<crate::plugin::loaded::Percentiles>,
+    pub firing_lag_last_10s: Option<crate::plugin::loaded::Percentiles>,
     /// Rows the history wrote (runs and log lines), and in how many transactions.
     pub history_writes: u64,
     pub history_batches: u64,
@@ -406,7 +408,8 @@ impl Tasks {
             runs_timed_out: load(&runs.timed_out),
             runs_cancelled: load(&runs.cancelled),
             runs_skipped: load(&runs.skipped),
-            firing_lag: runs.firing_lag.percentiles(),
+            firing_lag: runs.firing_lag.since_start(),
+            firing_lag_last_10s: runs.firing_lag.last_window(),
             history_writes: load(&history.writes),
             history_batches: load(&history.batches),
             log_lines_dropped: load(&history.dropped_lines),

@@ -10,13 +10,14 @@
 //! - [`run`]: one run's attempts — queueing under the cap, the timeout,
 //!   stops, retries — and the [`run::Executor`] that calls the plugin.
 //! - [`history`]: runs and log lines written to the store in batches, and
-//!   the live [`TaskEvent`] feed.
+//!   the live [`TaskEvent`] feed; [`lag`]: how late firings start.
 //! - [`files`]: the watched folder of task definitions; [`clock`]: wall
 //!   time read off tokio's clock.
 
 pub mod clock;
 pub mod files;
 pub mod history;
+pub mod lag;
 pub mod manager;
 pub mod run;
 pub mod schedule;

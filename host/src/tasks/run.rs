@@ -20,11 +20,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::clock::Clock;
 use super::history::{History, NewRun};
+use super::lag::FiringLag;
 use super::spec::TaskSpec;
 use super::{RunState, TaskEvent};
 use crate::plugin::CallError;
 use crate::plugin::bindings::types::{Outcome, RunContext};
-use crate::plugin::loaded::{CallStats, RunControl, RunLog};
+use crate::plugin::loaded::{RunControl, RunLog};
 use crate::plugin::registry::Registry;
 
 /// A plugin call in flight: the run's summary, or why it failed.
@@ -107,7 +108,7 @@ pub struct RunStats {
     pub cancelled: AtomicU64,
     pub skipped: AtomicU64,
     /// From a scheduled firing's due time to its plugin starting.
-    pub firing_lag: CallStats,
+    pub firing_lag: FiringLag,
 }
 
 impl Runner {
@@ -327,7 +328,7 @@ async fn attempt_once(
     if job.scheduled && attempt == 1 {
         let due = runner.clock.instant_at(job.scheduled_at_ms);
         let lag = tokio::time::Instant::now().saturating_duration_since(due);
-        runner.stats.firing_lag.record_time(lag.as_nanos() as u64);
+        runner.stats.firing_lag.record(lag);
     }
     runner.stats.started.fetch_add(1, Ordering::Relaxed);
 

@@ -16,9 +16,10 @@
 //! and at 50% / 80% of the relay's peak), request/response through a space
 //! (WebSocket and HTTP ingress, 1 and 4 instances), idle connections (RSS
 //! per connection, accept rate), bulk (1 GiB over ws, wss, QUIC beside a TCP
-//! copy), and plugins (no plugin, a no-op filter, policy + router; hot swap
-//! under load). Baselines: the bare relay, nginx in front of it (when
-//! installed), and a plain TCP copy.
+//! copy), plugins (no plugin, a no-op filter, policy + router; hot swap
+//! under load), and tasks (firing lag, runs per second, store writes,
+//! memory per task). Baselines: the bare relay, nginx in front of it (when
+//! installed), nats-server, a plain TCP copy, tokio timers, the store alone.
 #![allow(clippy::print_stdout)] // a benchmark prints its tables
 
 mod bare;
@@ -26,6 +27,7 @@ mod load;
 mod nats;
 mod nginx;
 mod stats;
+mod tasks;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -85,6 +87,15 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             bare::run(listener).await
         }),
         Some("__forward") => runtime.block_on(forward()),
+        Some("__timers") => {
+            let count = args.get(2).context("count")?.parse()?;
+            let seconds = args.get(3).context("seconds")?.parse()?;
+            runtime.block_on(tasks::timers(count, seconds))
+        }
+        Some("__store") => {
+            let rows = args.get(2).context("rows")?.parse()?;
+            runtime.block_on(tasks::store(rows))
+        }
         Some("__load") => {
             let job: Job = serde_json::from_str(args.get(2).context("job")?)?;
             runtime.block_on(run_job(job))
@@ -154,7 +165,7 @@ impl Options {
                 // cargo bench and test harnesses pass this along.
                 "--bench" => {}
                 other => bail!(
-                    "unknown argument {other:?}; use --quick and --only small,requests,idle,bulk,plugins"
+                    "unknown argument {other:?}; use --quick and --only small,requests,idle,bulk,plugins,tasks"
                 ),
             }
         }
@@ -518,6 +529,10 @@ async fn drive(options: Options) -> anyhow::Result<()> {
     if let Some((plain, filtered)) = &plugin_relays {
         plugins(&settings, plain, filtered, &relay, &mut failures).await;
         timings.push(("plugins", started.elapsed()));
+    }
+    if options.wants("tasks") {
+        tasks::tasks(&tasks::TaskSettings::new(options.quick), &mut failures).await;
+        timings.push(("tasks", started.elapsed()));
     }
     let mut previous = Duration::ZERO;
     let spent: Vec<String> = timings
