@@ -12,6 +12,9 @@ use std::str::FromStr;
 
 use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
 use croner::Cron;
 use croner::parser::{CronParser, Seconds};
 use serde::{Deserialize, Serialize};
@@ -56,13 +59,38 @@ fn refuse(field: &'static str, reason: impl Into<String>) -> ScheduleError {
     }
 }
 
+/// Parses `pattern`, sharing one parsed copy among the tasks that use it:
+/// croner keeps a year table of about 5 KiB in every parsed pattern, which
+/// would otherwise be most of what a task costs in memory.
+fn interned(pattern: &str) -> Result<Arc<Cron>, ScheduleError> {
+    static PARSED: Mutex<Option<HashMap<String, Weak<Cron>>>> = Mutex::new(None);
+    let mut parsed = PARSED.lock().unwrap_or_else(|e| e.into_inner());
+    let parsed = parsed.get_or_insert_with(HashMap::new);
+    if let Some(cron) = parsed.get(pattern).and_then(Weak::upgrade) {
+        return Ok(cron);
+    }
+    let cron = Arc::new(
+        CronParser::builder()
+            .seconds(Seconds::Optional)
+            .build()
+            .parse(pattern)
+            .map_err(|e| refuse("schedule.cron", format!("{pattern:?}: {e}")))?,
+    );
+    // Forget patterns no task uses any more, now and then.
+    if parsed.len() >= 1_024 && parsed.len().is_power_of_two() {
+        parsed.retain(|_, cron| cron.strong_count() > 0);
+    }
+    parsed.insert(pattern.to_owned(), Arc::downgrade(&cron));
+    Ok(cron)
+}
+
 /// The shortest interval: a task that fires more often is a busy loop.
 pub const MIN_EVERY_MS: u64 = 100;
 
 /// A checked schedule, ready to say when it fires next.
 #[derive(Debug, Clone)]
 pub enum Schedule {
-    Cron { cron: Box<Cron>, tz: Tz },
+    Cron { cron: Arc<Cron>, tz: Tz },
     Every { every_ms: i64 },
     At { at_ms: i64 },
     Manual,
@@ -84,15 +112,8 @@ impl Schedule {
                         ),
                     )
                 })?;
-                let parsed = CronParser::builder()
-                    .seconds(Seconds::Optional)
-                    .build()
-                    .parse(cron)
-                    .map_err(|e| refuse("schedule.cron", format!("{cron:?}: {e}")))?;
-                Ok(Schedule::Cron {
-                    cron: Box::new(parsed),
-                    tz,
-                })
+                let parsed = interned(cron)?;
+                Ok(Schedule::Cron { cron: parsed, tz })
             }
             ScheduleSpec::Every { every_ms } => {
                 if *every_ms < MIN_EVERY_MS {
@@ -148,6 +169,26 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tasks_with_one_pattern_share_its_parsed_form() {
+        let parse = |cron: &str| match Schedule::parse(Some(&ScheduleSpec::Cron {
+            cron: cron.into(),
+            tz: "UTC".into(),
+        }))
+        .unwrap()
+        {
+            Schedule::Cron { cron, .. } => cron,
+            other => panic!("{other:?}"),
+        };
+        let (a, b, c) = (
+            parse("0 5 * * * *"),
+            parse("0 5 * * * *"),
+            parse("0 6 * * * *"),
+        );
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &c));
+    }
 
     fn ms(rfc3339: &str) -> i64 {
         DateTime::parse_from_rfc3339(rfc3339)

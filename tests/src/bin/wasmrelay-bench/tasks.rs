@@ -49,7 +49,7 @@ impl TaskSettings {
             Self {
                 due: 1_000,
                 seconds: 20.0,
-                flat: 2_000,
+                flat: 5_000,
                 defined: 10_000,
                 store_rows: 200_000,
             }
@@ -131,18 +131,29 @@ pub async fn tasks(settings: &TaskSettings, failures: &mut Failures) {
     }
     println!();
 
-    println!(
-        "| tasks defined (cron, yearly) | relay RSS | per task | defined/s |\n|---:|---:|---:|---:|"
-    );
+    println!("| tasks (cron) | relay RSS | per task | defined/s |\n|---|---:|---:|---:|");
     match memory(settings).await {
-        Ok((empty, full, seconds)) => {
-            println!("| 0 | {:.1} MiB | | |", empty as f64 / MIB);
+        Ok(m) => {
+            let per_task =
+                |rss: u64| rss.saturating_sub(m.empty) as f64 / 1024.0 / settings.defined as f64;
+            println!("| none | {:.1} MiB | | |", m.empty as f64 / MIB);
             println!(
-                "| {} | {:.1} MiB | {:.2} KiB | {:.0} |",
+                "| {} sharing one pattern, just defined over the API | {:.1} MiB | {:.2} KiB | {:.0} |",
                 settings.defined,
-                full as f64 / MIB,
-                full.saturating_sub(empty) as f64 / 1024.0 / settings.defined as f64,
-                settings.defined as f64 / seconds
+                m.defined as f64 / MIB,
+                per_task(m.defined),
+                settings.defined as f64 / m.seconds
+            );
+            println!(
+                "| the same, loaded from the store after a restart | {:.1} MiB | {:.2} KiB | |",
+                m.loaded as f64 / MIB,
+                per_task(m.loaded)
+            );
+            println!(
+                "| {} with a pattern each | {:.1} MiB | {:.2} KiB | |",
+                settings.defined,
+                m.distinct as f64 / MIB,
+                per_task(m.distinct)
             );
         }
         Err(e) => {
@@ -171,13 +182,23 @@ async fn task_relay() -> anyhow::Result<RelayProcess> {
 
 /// Defines `count` tasks (16 requests in flight); how long it took.
 async fn define(relay: &RelayProcess, count: usize, schedule: Value) -> anyhow::Result<f64> {
+    define_each(relay, count, |_| schedule.clone()).await
+}
+
+/// Defines `count` tasks, task `i` with `schedule(i)`.
+async fn define_each(
+    relay: &RelayProcess,
+    count: usize,
+    schedule: impl Fn(usize) -> Value,
+) -> anyhow::Result<f64> {
     let client = admin_client();
     let url = relay.url("/admin/tasks");
     let started = Instant::now();
     let mut results = futures_util::stream::iter(0..count)
         .map(|i| {
             let (client, url) = (client.clone(), url.clone());
-            let body = json!({"name": format!("t{i}"), "plugin": "noop-task", "schedule": schedule.clone()});
+            let body =
+                json!({"name": format!("t{i}"), "plugin": "noop-task", "schedule": schedule(i)});
             async move { client.post(url).json(&body).send().await }
         })
         .buffer_unordered(16);
@@ -246,15 +267,45 @@ async fn flat_out(settings: &TaskSettings) -> anyhow::Result<Firing> {
     measure(&relay, settings.seconds.min(10.0)).await
 }
 
-async fn memory(settings: &TaskSettings) -> anyhow::Result<(u64, u64, f64)> {
+/// RSS: empty; after defining the tasks over the API (one cron pattern for
+/// all); after a restart that loads them from the store; and with a
+/// pattern of its own for each task. And how fast they were defined.
+async fn memory(settings: &TaskSettings) -> anyhow::Result<Memory> {
     let relay = task_relay().await?;
-    let pid = relay.process.pid();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let empty = wasmrelay_tests::rss_of(pid).context("relay RSS")?;
+    let empty = wasmrelay_tests::rss_of(relay.process.pid()).context("relay RSS")?;
     let seconds = define(&relay, settings.defined, json!({"cron": "0 0 0 1 1 *"})).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let full = wasmrelay_tests::rss_of(pid).context("relay RSS")?;
-    Ok((empty, full, seconds))
+    let defined = wasmrelay_tests::rss_of(relay.process.pid()).context("relay RSS")?;
+    let relay = relay.restart_gracefully().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let loaded = wasmrelay_tests::rss_of(relay.process.pid()).context("relay RSS")?;
+    drop(relay);
+    let relay = task_relay().await?;
+    // Second, minute and hour of a day: distinct for up to 86,400 tasks.
+    define_each(
+        &relay,
+        settings.defined,
+        |i| json!({"cron": format!("{} {} {} * * *", i % 60, (i / 60) % 60, (i / 3600) % 24)}),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let distinct = wasmrelay_tests::rss_of(relay.process.pid()).context("relay RSS")?;
+    Ok(Memory {
+        empty,
+        defined,
+        loaded,
+        distinct,
+        seconds,
+    })
+}
+
+struct Memory {
+    empty: u64,
+    defined: u64,
+    loaded: u64,
+    distinct: u64,
+    seconds: f64,
 }
 
 /// The timer baseline, in a process of its own like the relay.
