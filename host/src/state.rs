@@ -19,7 +19,8 @@ use crate::delivery::table::ConnTable;
 use crate::hooks::{Admission, Filter, Grant, Handshake, Router};
 use crate::ids::NodeId;
 use crate::metrics::Metrics;
-use crate::plugin::host_api::{HostServices, KvStore};
+use crate::plugin::bindings::stats;
+use crate::plugin::host_api::{HostServices, KvStore, RelayFigures};
 use crate::plugin::{Registry, Runtime};
 use crate::quota::{ConnQuota, Quotas, Refusal};
 use crate::spaces::{Directory, Spaces};
@@ -104,10 +105,19 @@ impl Relay {
             .map_err(|e| StartError::PluginRuntime(e.into_boxed_dyn_error()))?;
         let store = Store::open(&config.server.data_dir.join(STORE_FILE))?;
         let kv = Arc::new(KvStore::default());
+        let table = Arc::new(ConnTable::default());
+        let started = Instant::now();
         let services = HostServices {
             bus: bus.clone(),
             presence: channels.clone(),
             kv: kv.clone(),
+            figures: Arc::new(Figures {
+                table: table.clone(),
+                channels: channels.clone(),
+                directory: spaces.clone(),
+                metrics: metrics.clone(),
+                started,
+            }),
         };
         let plugins = Arc::new(Registry::new(
             runtime,
@@ -120,7 +130,7 @@ impl Relay {
             bus,
             channels,
             spaces,
-            table: Arc::new(ConnTable::default()),
+            table,
             metrics,
             plugins,
             quotas: Arc::new(Quotas::new(&config.limits)),
@@ -134,7 +144,7 @@ impl Relay {
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),
             conn_tasks: TaskTracker::new(),
-            started: Instant::now(),
+            started,
         }))
     }
 
@@ -213,5 +223,35 @@ impl Relay {
 
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+}
+
+/// What the `stats` capability tells a plugin: this relay's figures.
+struct Figures {
+    table: Arc<ConnTable>,
+    channels: Arc<Channels>,
+    directory: Arc<dyn Directory>,
+    metrics: Arc<Metrics>,
+    started: Instant,
+}
+
+impl RelayFigures for Figures {
+    fn figures(&self) -> stats::Snapshot {
+        use std::sync::atomic::Ordering;
+        let spaces = self.directory.list();
+        let totals = &self.metrics.totals;
+        stats::Snapshot {
+            connections: self.table.len() as u64,
+            channels: self.channels.len() as u64,
+            spaces: spaces.len() as u64,
+            spaces_connected: spaces.iter().filter(|s| s.connected).count() as u64,
+            requests_pending: spaces
+                .iter()
+                .map(|s| (s.in_flight + s.waiting) as u64)
+                .sum(),
+            messages_in: totals.msgs_in.load(Ordering::Relaxed),
+            messages_out: totals.msgs_out.load(Ordering::Relaxed),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+        }
     }
 }

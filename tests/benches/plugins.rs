@@ -70,6 +70,7 @@ fn hook_costs(settings: &Settings) {
         bus: Arc::new(LocalBus::new(channels.clone())),
         presence: channels.clone(),
         kv: Arc::new(KvStore::default()),
+        figures: Arc::new(wasmrelay::plugin::host_api::NoRelay),
     };
     let runtime = Runtime::new(&PluginsConfig::default(), None).expect("runtime");
     let load = |wasm: &[u8], manifest: &str| {

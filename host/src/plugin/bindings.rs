@@ -25,6 +25,7 @@ macro_rules! role_world {
                 "wasmrelay:plugin/presence": super::router::wasmrelay::plugin::presence,
                 "wasmrelay:plugin/clock": super::router::wasmrelay::plugin::clock,
                 "wasmrelay:plugin/http": super::router::wasmrelay::plugin::http,
+                "wasmrelay:plugin/stats": super::router::wasmrelay::plugin::stats,
             },
         });
     };
@@ -48,4 +49,4 @@ pub mod task {
     role_world!("task");
 }
 
-pub use router::wasmrelay::plugin::{clock, http, kv, log, presence, publish, types};
+pub use router::wasmrelay::plugin::{clock, http, kv, log, presence, publish, stats, types};

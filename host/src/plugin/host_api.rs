@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 
-use super::bindings::{clock, http, kv, log, presence, publish, types};
+use super::bindings::{clock, http, kv, log, presence, publish, stats, types};
 pub use super::kv::KvStore;
 use super::loaded::RunLog;
 use super::manifest::Manifest;
@@ -22,6 +22,32 @@ pub struct HostServices {
     /// What the `presence` capability reads.
     pub presence: Arc<dyn PresenceView>,
     pub kv: Arc<KvStore>,
+    /// What the `stats` capability reads.
+    pub figures: Arc<dyn RelayFigures>,
+}
+
+/// The relay's own figures, as the `stats` capability reports them.
+pub trait RelayFigures: Send + Sync {
+    fn figures(&self) -> stats::Snapshot;
+}
+
+/// Figures for a registry with no relay around it (unit tests, benches):
+/// all zero.
+pub struct NoRelay;
+
+impl RelayFigures for NoRelay {
+    fn figures(&self) -> stats::Snapshot {
+        stats::Snapshot {
+            connections: 0,
+            channels: 0,
+            spaces: 0,
+            spaces_connected: 0,
+            requests_pending: 0,
+            messages_in: 0,
+            messages_out: 0,
+            uptime_ms: 0,
+        }
+    }
 }
 
 /// What every store of one plugin version shares.
@@ -202,6 +228,12 @@ impl clock::Host for HostState {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0)
+    }
+}
+
+impl stats::Host for HostState {
+    fn figures(&mut self) -> stats::Snapshot {
+        self.ctx.services.figures.figures()
     }
 }
 

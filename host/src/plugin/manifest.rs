@@ -62,16 +62,18 @@ pub enum Capability {
     Presence,
     Clock,
     Http,
+    Stats,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 6] = [
+    pub const ALL: [Capability; 7] = [
         Capability::Log,
         Capability::Kv,
         Capability::Publish,
         Capability::Presence,
         Capability::Clock,
         Capability::Http,
+        Capability::Stats,
     ];
 
     /// The WIT interface name that carries this capability.
@@ -83,6 +85,7 @@ impl Capability {
             Capability::Presence => "presence",
             Capability::Clock => "clock",
             Capability::Http => "http",
+            Capability::Stats => "stats",
         }
     }
 

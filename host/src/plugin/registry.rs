@@ -522,6 +522,7 @@ mod tests {
             bus: Arc::new(LocalBus::new(channels.clone())),
             presence: channels.clone(),
             kv: Arc::new(KvStore::default()),
+            figures: Arc::new(crate::plugin::host_api::NoRelay),
         };
         let runtime = Runtime::new(&Default::default(), None).expect("runtime");
         Arc::new(Registry::new(runtime, services, 64 << 20))
@@ -606,6 +607,7 @@ mod tests {
             bus: Arc::new(LocalBus::new(channels.clone())),
             presence: channels.clone(),
             kv: kv.clone(),
+            figures: Arc::new(crate::plugin::host_api::NoRelay),
         };
         let runtime = Runtime::new(&Default::default(), None).expect("runtime");
         let registry = Registry::new(runtime, services, 64 << 20);
@@ -683,5 +685,9 @@ mod tests {
             (Some(2), Some(2))
         );
         assert_eq!(beats[1]["task"], "beat");
+        assert_eq!(
+            beats[1]["relay"]["uptime_ms"], 0,
+            "figures from the stats capability"
+        );
     }
 }

@@ -11,7 +11,7 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use super::bindings::{clock, http, kv, log, presence, publish, types};
+use super::bindings::{clock, http, kv, log, presence, publish, stats, types};
 use super::host_api::HostState;
 use super::manifest::{Capability, Manifest, ManifestError, WIT_VERSION};
 use crate::config::PluginsConfig;
@@ -226,6 +226,9 @@ impl Runtime {
                 }
                 Capability::Http => {
                     http::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+                }
+                Capability::Stats => {
+                    stats::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
                 }
             }
             .map_err(link)?;

@@ -1,12 +1,13 @@
 //! heartbeat: a task that counts its runs (in kv, so the count survives a
 //! restart) and publishes each beat — count, run id, attempt, when it was
-//! scheduled and when it ran — to a channel.
+//! scheduled and when it ran, and the relay's figures (connections,
+//! channels, spaces, messages, uptime) — to a channel.
 
 use std::sync::OnceLock;
 
 use serde::Deserialize;
 use wasmrelay_plugin_sdk::task::wasmrelay::plugin::types::{Outcome, RunContext};
-use wasmrelay_plugin_sdk::{clock, kv, log, parse_config, publish};
+use wasmrelay_plugin_sdk::{clock, kv, log, parse_config, publish, stats};
 
 #[derive(Debug, Deserialize)]
 struct Config {
@@ -52,6 +53,7 @@ impl wasmrelay_plugin_sdk::task::Guest for Heartbeat {
         if let Err(e) = kv::set(COUNT_KEY, count.to_string().as_bytes(), None) {
             return Outcome::Failure(format!("cannot keep the count: {e}"));
         }
+        let figures = stats::figures();
         let beat = serde_json::json!({
             "task": context.task,
             "count": count,
@@ -59,6 +61,16 @@ impl wasmrelay_plugin_sdk::task::Guest for Heartbeat {
             "attempt": context.attempt,
             "scheduled_at_ms": context.scheduled_at_ms,
             "ran_at_ms": clock::now_ms(),
+            "relay": {
+                "connections": figures.connections,
+                "channels": figures.channels,
+                "spaces": figures.spaces,
+                "spaces_connected": figures.spaces_connected,
+                "requests_pending": figures.requests_pending,
+                "messages_in": figures.messages_in,
+                "messages_out": figures.messages_out,
+                "uptime_ms": figures.uptime_ms,
+            },
         });
         let seq = publish::publish(&channel, beat.to_string().as_bytes());
         log::log(

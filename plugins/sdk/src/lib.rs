@@ -19,7 +19,7 @@
 //!
 //! Build with `cargo build --release --target wasm32-wasip2`: the output is a
 //! component. Capabilities (`log`, `kv`, `publish`, `presence`, `clock`,
-//! `http`) are re-exported at the crate root; a plugin may call only those its
+//! `http`, `stats`) are re-exported at the crate root; a plugin may call only those its
 //! manifest grants — the relay refuses to load one that imports others.
 //!
 //! The relay links no WASI beyond trapping stubs, so avoid what needs it:
@@ -91,7 +91,7 @@ pub mod task {
 
 // The capability imports are the same in every world; one copy serves all.
 pub use router::wasmrelay::plugin::types::{Headers, Rejection};
-pub use router::wasmrelay::plugin::{clock, http, kv, log, presence, publish};
+pub use router::wasmrelay::plugin::{clock, http, kv, log, presence, publish, stats};
 
 /// Parses the manifest's `[config]` table, which `init` receives as JSON.
 /// The host adds `_plugin = { name, version }` to it.

@@ -101,6 +101,10 @@ async fn a_heartbeat_task_defined_over_the_api_runs_publishes_logs_and_exports()
     let beat = watcher.recv_type("message").await.unwrap();
     let beat: Value = serde_json::from_str(beat["data"].as_str().unwrap()).unwrap();
     assert_eq!(beat["task"], "beat");
+    // The relay's figures, through the stats capability: at least the watcher.
+    assert!(beat["relay"]["connections"].as_u64() >= Some(1), "{beat}");
+    assert!(beat["relay"]["channels"].as_u64() >= Some(1), "{beat}");
+    assert!(beat["relay"]["uptime_ms"].as_u64() > Some(0), "{beat}");
     let runs = ended_runs(&base, "beat", 2).await;
     assert_eq!(&states(&runs)[..2], ["success", "success"]);
     assert!(runs[0]["outcome"].as_str().unwrap().starts_with("beat "));
