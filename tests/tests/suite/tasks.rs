@@ -144,12 +144,7 @@ async fn a_heartbeat_task_defined_over_the_api_runs_publishes_logs_and_exports()
     post(&base, "/admin/tasks/beat/enable", json!({})).await;
 
     // Exports parse, as JSON and as CSV.
-    let exported: Value = admin_client()
-        .get(relay.url("/admin/export/runs?format=json&task=beat"))
-        .send()
-        .await
-        .unwrap()
-        .json()
+    let exported = get_json(&relay.url("/admin/export/runs?format=json&task=beat"))
         .await
         .unwrap();
     assert!(exported.as_array().unwrap().len() >= 2);
