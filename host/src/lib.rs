@@ -31,6 +31,7 @@ pub mod store;
 pub mod tasks;
 #[cfg(test)]
 mod testing;
+pub mod transfer;
 pub mod transport;
 
 /// The wire protocol lives in its own crate so clients can share it without

@@ -47,9 +47,14 @@ fn write_all(mut file: std::fs::File, contents: &[u8]) -> std::io::Result<()> {
 
 /// 32 bytes from the operating system's random source, as 64 hex digits.
 pub fn random_token() -> std::io::Result<String> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    random_hex(32)
+}
+
+/// `bytes` bytes from the operating system's random source, as hex digits.
+pub fn random_hex(bytes: usize) -> std::io::Result<String> {
+    let mut random = vec![0u8; bytes];
+    getrandom::fill(&mut random).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(random.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]

@@ -7,8 +7,9 @@
 //! forward at open ([`MIGRATIONS`], tracked in `PRAGMA user_version`); a
 //! database from a newer relay is refused rather than guessed at. Each
 //! feature keeps its queries in a module of its own ([`kv`], [`plugins`],
-//! [`tasks`]).
+//! [`tasks`], [`files`]).
 
+pub mod files;
 pub mod kv;
 pub mod plugins;
 pub mod tasks;
@@ -71,6 +72,20 @@ pub const MIGRATIONS: &[&str] = &[
         message TEXT NOT NULL
     );
     CREATE INDEX run_logs_by_run ON run_logs (run_id, id);",
+    // 4: files: uploads in progress and finished files (bytes under
+    // <data_dir>/files; see transfer::storage).
+    "CREATE TABLE files (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        length INTEGER NOT NULL,
+        offset INTEGER NOT NULL,
+        metadata TEXT NOT NULL,
+        sha256 TEXT,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX files_by_owner ON files (owner);
+    CREATE INDEX files_by_expiry ON files (expires_at_ms);",
 ];
 
 /// Queries waiting for the store's thread; callers wait for room beyond it.

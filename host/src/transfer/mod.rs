@@ -1,0 +1,5 @@
+//! File transfers (issue 14): where uploaded and pushed files live
+//! ([`storage`]). The tus upload endpoint, ranged downloads, transfers over
+//! WebSocket and QUIC, and push are not built yet.
+
+pub mod storage;
