@@ -61,7 +61,7 @@ pub enum Admit {
     },
 }
 
-/// The policy's answer on a registration.
+/// The policy's answer on a registration or a transfer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MayRegister {
     Allow,
@@ -74,12 +74,43 @@ pub enum MayRegister {
     Undecided,
 }
 
+/// What a client asks to do with a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileAction {
+    Upload,
+    Download,
+    Push,
+}
+
+/// The file a transfer is about (for an upload: no id yet, the uploader as owner).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileSubject<'a> {
+    pub id: &'a str,
+    pub owner: &'a str,
+    pub name: &'a str,
+    pub size: u64,
+}
+
 pub trait Admission: Send + Sync + 'static {
     fn admit(&self, handshake: &Handshake<'_>) -> Admit;
 
     /// Whether the client admission named `user` in `tier` may register an
     /// instance of `space`.
     fn may_register(&self, _user: &str, _tier: &str, _space: &str) -> MayRegister {
+        MayRegister::Undecided
+    }
+
+    /// Whether the client admission named `user` in `tier` may do `action`
+    /// with `file`. `Undecided` when the policy does not decide transfers
+    /// (the relay then refuses uploads and pushes, and allows a client only
+    /// its own files and those offered to it).
+    fn may_transfer(
+        &self,
+        _user: &str,
+        _tier: &str,
+        _action: FileAction,
+        _file: &FileSubject<'_>,
+    ) -> MayRegister {
         MayRegister::Undecided
     }
 }

@@ -41,6 +41,11 @@ pub mod policy_spaces {
     role_world!("policy-spaces");
 }
 
+/// A policy that also answers `may-transfer`; tried before `policy-spaces`.
+pub mod policy_files {
+    role_world!("policy-files");
+}
+
 pub mod filter {
     role_world!("filter");
 }

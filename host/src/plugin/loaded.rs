@@ -13,9 +13,10 @@ use wasmtime::component::InstancePre;
 use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::bindings::types::{
-    Admission, Decision, Handshake, Outcome, Rejection, RequestInfo, RunContext, Verdict,
+    Admission, Decision, FileInfo, Handshake, Outcome, Rejection, RequestInfo, RunContext,
+    TransferAction, Verdict,
 };
-use super::bindings::{filter, policy, policy_spaces, router, task};
+use super::bindings::{filter, policy, policy_files, policy_spaces, router, task};
 use super::host_api::{HostServices, HostState, PluginContext};
 use super::manifest::{Manifest, Role};
 use super::runtime::{EPOCH_TICK, LoadError, Runtime, describe_exports};
@@ -70,6 +71,7 @@ enum Pre {
     Router(router::RouterPre<HostState>),
     Policy(policy::PolicyPre<HostState>),
     PolicySpaces(policy_spaces::PolicySpacesPre<HostState>),
+    PolicyFiles(policy_files::PolicyFilesPre<HostState>),
     Filter(filter::FilterPre<HostState>),
     Task(task::TaskPre<HostState>),
 }
@@ -78,6 +80,7 @@ enum Bound {
     Router(router::Router),
     Policy(policy::Policy),
     PolicySpaces(policy_spaces::PolicySpaces),
+    PolicyFiles(policy_files::PolicyFiles),
     Filter(filter::Filter),
     Task(task::Task),
 }
@@ -136,10 +139,15 @@ impl LoadedPlugin {
             Role::Router => Pre::Router(router::RouterPre::new(instance_pre).map_err(wrong_world)?),
             // A policy that also exports `may-register` decides registrations;
             // one that does not is still a policy.
-            Role::Policy => match policy_spaces::PolicySpacesPre::new(instance_pre.clone()) {
-                Ok(pre) => Pre::PolicySpaces(pre),
-                Err(_) => Pre::Policy(policy::PolicyPre::new(instance_pre).map_err(wrong_world)?),
-            },
+            Role::Policy => {
+                if let Ok(pre) = policy_files::PolicyFilesPre::new(instance_pre.clone()) {
+                    Pre::PolicyFiles(pre)
+                } else if let Ok(pre) = policy_spaces::PolicySpacesPre::new(instance_pre.clone()) {
+                    Pre::PolicySpaces(pre)
+                } else {
+                    Pre::Policy(policy::PolicyPre::new(instance_pre).map_err(wrong_world)?)
+                }
+            }
             Role::Filter => Pre::Filter(filter::FilterPre::new(instance_pre).map_err(wrong_world)?),
             Role::Task => Pre::Task(task::TaskPre::new(instance_pre).map_err(wrong_world)?),
         };
@@ -174,6 +182,7 @@ impl LoadedPlugin {
             Bound::Router(b) => b.call_self_check(&mut warm.store),
             Bound::Policy(b) => b.call_self_check(&mut warm.store),
             Bound::PolicySpaces(b) => b.call_self_check(&mut warm.store),
+            Bound::PolicyFiles(b) => b.call_self_check(&mut warm.store),
             Bound::Filter(b) => b.call_self_check(&mut warm.store),
             Bound::Task(b) => b.call_self_check(&mut warm.store),
         };
@@ -215,6 +224,7 @@ impl LoadedPlugin {
             Pre::Router(pre) => pre.instantiate(&mut store).map(Bound::Router),
             Pre::Policy(pre) => pre.instantiate(&mut store).map(Bound::Policy),
             Pre::PolicySpaces(pre) => pre.instantiate(&mut store).map(Bound::PolicySpaces),
+            Pre::PolicyFiles(pre) => pre.instantiate(&mut store).map(Bound::PolicyFiles),
             Pre::Filter(pre) => pre.instantiate(&mut store).map(Bound::Filter),
             Pre::Task(pre) => pre.instantiate(&mut store).map(Bound::Task),
         };
@@ -224,6 +234,7 @@ impl LoadedPlugin {
             Bound::Router(b) => b.call_init(&mut store, &self.config_json),
             Bound::Policy(b) => b.call_init(&mut store, &self.config_json),
             Bound::PolicySpaces(b) => b.call_init(&mut store, &self.config_json),
+            Bound::PolicyFiles(b) => b.call_init(&mut store, &self.config_json),
             Bound::Filter(b) => b.call_init(&mut store, &self.config_json),
             Bound::Task(b) => b.call_init(&mut store, &self.config_json),
         };
@@ -239,6 +250,7 @@ impl LoadedPlugin {
             Pre::Router(pre) => pre.engine(),
             Pre::Policy(pre) => pre.engine(),
             Pre::PolicySpaces(pre) => pre.engine(),
+            Pre::PolicyFiles(pre) => pre.engine(),
             Pre::Filter(pre) => pre.engine(),
             Pre::Task(pre) => pre.engine(),
         }
@@ -333,13 +345,33 @@ impl LoadedPlugin {
         self.call(|bound, store| match bound {
             Bound::Policy(b) => b.call_admit(store, handshake),
             Bound::PolicySpaces(b) => b.call_admit(store, handshake),
+            Bound::PolicyFiles(b) => b.call_admit(store, handshake),
             _ => unreachable_role(),
         })
     }
 
     /// Whether this policy decides registrations (exports `may-register`).
     pub fn decides_registration(&self) -> bool {
-        matches!(self.pre, Pre::PolicySpaces(_))
+        matches!(self.pre, Pre::PolicySpaces(_) | Pre::PolicyFiles(_))
+    }
+
+    /// Whether this policy decides file transfers (exports `may-transfer`).
+    pub fn decides_transfers(&self) -> bool {
+        matches!(self.pre, Pre::PolicyFiles(_))
+    }
+
+    /// `may-transfer`; only for a policy that [decides transfers](Self::decides_transfers).
+    pub fn may_transfer(
+        &self,
+        user: &str,
+        tier: &str,
+        action: TransferAction,
+        file: &FileInfo,
+    ) -> Result<Result<(), Rejection>, CallError> {
+        self.call(|bound, store| match bound {
+            Bound::PolicyFiles(b) => b.call_may_transfer(store, user, tier, action, file),
+            _ => unreachable_role(),
+        })
     }
 
     /// `may-register`; only for a policy that [decides registrations](Self::decides_registration).
@@ -351,6 +383,7 @@ impl LoadedPlugin {
     ) -> Result<Result<(), Rejection>, CallError> {
         self.call(|bound, store| match bound {
             Bound::PolicySpaces(b) => b.call_may_register(store, user, tier, space),
+            Bound::PolicyFiles(b) => b.call_may_register(store, user, tier, space),
             _ => unreachable_role(),
         })
     }

@@ -25,8 +25,8 @@ use super::loaded::{LoadedPlugin, Percentiles, Source};
 use super::manifest::{Capability, Manifest, ManifestError, Role};
 use super::runtime::{LoadError, Runtime};
 use crate::hooks::{
-    Admission as AdmissionHook, Admit, Filter, Filtered, Grant, Handshake, MayRegister, Route,
-    RouteInput, Router,
+    Admission as AdmissionHook, Admit, FileAction, FileSubject, Filter, Filtered, Grant, Handshake,
+    MayRegister, Route, RouteInput, Router,
 };
 use crate::protocol::{Data, ErrorCode};
 
@@ -440,6 +440,45 @@ impl AdmissionHook for Registry {
         }
     }
 
+    fn may_transfer(
+        &self,
+        user: &str,
+        tier: &str,
+        action: FileAction,
+        file: &FileSubject<'_>,
+    ) -> MayRegister {
+        use super::bindings::types::{FileInfo, TransferAction};
+        let Some(plugin) = self.policy.load_full() else {
+            return MayRegister::Undecided;
+        };
+        if !plugin.decides_transfers() {
+            return MayRegister::Undecided;
+        }
+        let action = match action {
+            FileAction::Upload => TransferAction::Upload,
+            FileAction::Download => TransferAction::Download,
+            FileAction::Push => TransferAction::Push,
+        };
+        let info = FileInfo {
+            id: file.id.to_owned(),
+            owner: file.owner.to_owned(),
+            name: file.name.to_owned(),
+            size: file.size,
+        };
+        match plugin.may_transfer(user, tier, action, &info) {
+            Ok(Ok(())) => MayRegister::Allow,
+            Ok(Err(rejection)) => MayRegister::Refuse {
+                code: error_code(&rejection.code),
+                reason: rejection.reason,
+            },
+            // Fail closed, as admission does.
+            Err(e) => MayRegister::Refuse {
+                code: ErrorCode::PluginFailed,
+                reason: failure(&plugin, e),
+            },
+        }
+    }
+
     fn may_register(&self, user: &str, tier: &str, space: &str) -> MayRegister {
         let Some(plugin) = self.policy.load_full() else {
             return MayRegister::Undecided;
@@ -591,6 +630,55 @@ mod tests {
             registry.rollback("router"),
             Err(RegistryError::NotFound(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn the_bundled_policy_decides_transfers_by_tier() {
+        let registry = registry();
+        let file = FileSubject {
+            id: "",
+            owner: "alice",
+            name: "report.pdf",
+            size: 1024,
+        };
+        assert_eq!(
+            registry.may_transfer("alice", "vip", FileAction::Upload, &file),
+            MayRegister::Undecided,
+            "no policy, no decision"
+        );
+        let policy = bundled::find("tiered-policy").unwrap();
+        registry
+            .load(
+                "tiered-policy",
+                Bytes::from_static(policy.wasm),
+                policy.manifest,
+                Source::Bundled,
+            )
+            .await
+            .unwrap();
+        for (tier, action, allowed) in [
+            ("vip", FileAction::Upload, true),
+            ("service", FileAction::Push, true),
+            ("guest", FileAction::Download, true),
+            ("guest", FileAction::Upload, false),
+            ("normal", FileAction::Push, false),
+        ] {
+            let decision = registry.may_transfer("someone", tier, action, &file);
+            match decision {
+                MayRegister::Allow => assert!(allowed, "{tier} {action:?}"),
+                MayRegister::Refuse { code, reason } => {
+                    assert!(!allowed, "{tier} {action:?}: {reason}");
+                    assert_eq!(code, ErrorCode::Forbidden);
+                    assert!(reason.contains("report.pdf"), "{reason}");
+                }
+                MayRegister::Undecided => panic!("the bundled policy decides transfers"),
+            }
+        }
+        // It still decides registrations as before.
+        assert_eq!(
+            registry.may_register("svc", "service", "demo"),
+            MayRegister::Allow
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

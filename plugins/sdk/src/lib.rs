@@ -65,6 +65,20 @@ pub mod policy_spaces {
     pub use self::wasmrelay::plugin::types::{ClassRate, Denial, Grant, Limits, Rate};
 }
 
+/// Bindings for the `policy-files` world: `admit`, `may-register`, and
+/// `may-transfer`, which decides who may upload, download and push files.
+#[allow(clippy::too_many_arguments)] // generated code
+pub mod policy_files {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "policy-files",
+        pub_export_macro: true,
+        export_macro_name: "export_policy_files",
+        default_bindings_module: "wasmrelay_plugin_sdk::policy_files",
+    });
+    pub use self::wasmrelay::plugin::types::{ClassRate, Denial, Grant, Limits, Rate};
+}
+
 /// Bindings for the `filter` world: `on-message`.
 #[allow(clippy::too_many_arguments)] // generated code
 pub mod filter {

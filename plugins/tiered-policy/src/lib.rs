@@ -2,14 +2,18 @@
 //! token gives the anonymous tier (keyed by the peer's IP address) or a
 //! refusal; an unknown token is refused with 401. The tier's limits go back to
 //! the relay, which enforces them natively. A tier's `register` list says
-//! which spaces its users may serve (none unless listed).
+//! which spaces its users may serve (none unless listed); its `files` list
+//! which of `upload`, `download`, `push` its users may do (none unless
+//! listed; downloads are further limited by the relay to a client's own
+//! files and those offered to it).
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use serde::Deserialize;
-use wasmrelay_plugin_sdk::policy_spaces::{
-    self, Admission, ClassRate, Denial, Grant, Handshake, Limits, Rate, Rejection,
+use wasmrelay_plugin_sdk::policy_files::{
+    self, Admission, ClassRate, Denial, FileInfo, Grant, Handshake, Limits, Rate, Rejection,
+    TransferAction,
 };
 use wasmrelay_plugin_sdk::{log, parse_config};
 
@@ -35,6 +39,17 @@ struct Tier {
     /// prefixes ending in `*` (`"*"` for any).
     #[serde(default)]
     register: Vec<String>,
+    /// What this tier's users may do with files: `upload`, `download`, `push`.
+    #[serde(default)]
+    files: Vec<FileRight>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum FileRight {
+    Upload,
+    Download,
+    Push,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -108,7 +123,7 @@ fn deny(status: u16, code: &str, reason: &str) -> Admission {
 
 struct TieredPolicy;
 
-impl policy_spaces::Guest for TieredPolicy {
+impl policy_files::Guest for TieredPolicy {
     fn init(config: String) -> Result<(), String> {
         let config: Config = parse_config(&config)?;
         for (token, identity) in &config.tokens {
@@ -173,6 +188,31 @@ impl policy_spaces::Guest for TieredPolicy {
         })
     }
 
+    fn may_transfer(
+        _user: String,
+        tier: String,
+        action: TransferAction,
+        file: FileInfo,
+    ) -> Result<(), Rejection> {
+        let (right, verb) = match action {
+            TransferAction::Upload => (FileRight::Upload, "upload"),
+            TransferAction::Download => (FileRight::Download, "download"),
+            TransferAction::Push => (FileRight::Push, "push"),
+        };
+        let allowed = CONFIG
+            .get()
+            .and_then(|config| config.tiers.get(&tier))
+            .is_some_and(|tier| tier.files.contains(&right));
+        if allowed {
+            Ok(())
+        } else {
+            Err(Rejection {
+                code: "forbidden".into(),
+                reason: format!("tier {tier} may not {verb} files ({:?})", file.name),
+            })
+        }
+    }
+
     fn may_register(_user: String, tier: String, space: String) -> Result<(), Rejection> {
         let allowed = CONFIG
             .get()
@@ -196,4 +236,4 @@ impl policy_spaces::Guest for TieredPolicy {
     }
 }
 
-wasmrelay_plugin_sdk::policy_spaces::export_policy_spaces!(TieredPolicy);
+wasmrelay_plugin_sdk::policy_files::export_policy_files!(TieredPolicy);

@@ -312,7 +312,7 @@ async fn governed_relay() -> anyhow::Result<RelayProcess> {
     let policy = bundled::find("tiered-policy").context("bundled policy")?;
     let manifest = policy
         .manifest
-        .replace("version = \"1.1.0\"", "version = \"1.1.1-bench\"")
+        .replace("version = \"1.2.0\"", "version = \"1.2.1-bench\"")
         .replace("max_connections = 1000\n", "max_connections = 200000\n");
     put(&relay, "tiered-policy", policy.wasm, &manifest).await?;
     Ok(relay)
