@@ -89,19 +89,23 @@ pub fn committed_bytes(conn: &mut Connection, owner: &str) -> rusqlite::Result<(
     )
 }
 
-/// Files whose time is up at `now_ms`: removed from the table and returned
-/// so their bytes can be deleted.
-pub fn take_expired(conn: &mut Connection, now_ms: i64) -> rusqlite::Result<Vec<String>> {
+/// Files whose time is up at `now_ms`, except those in `busy`: removed from
+/// the table and returned so their bytes can be deleted.
+pub fn take_expired(
+    conn: &mut Connection,
+    now_ms: i64,
+    busy: &[String],
+) -> rusqlite::Result<Vec<String>> {
     let tx = conn.transaction()?;
     let ids: Vec<String> = {
         let mut statement = tx.prepare("SELECT id FROM files WHERE expires_at_ms <= ?1")?;
-        let rows = statement.query_map(params![now_ms], |row| row.get(0))?;
-        rows.collect::<rusqlite::Result<_>>()?
+        let rows = statement.query_map(params![now_ms], |row| row.get::<_, String>(0))?;
+        rows.filter(|id| !matches!(id, Ok(id) if busy.contains(id)))
+            .collect::<rusqlite::Result<_>>()?
     };
-    tx.execute(
-        "DELETE FROM files WHERE expires_at_ms <= ?1",
-        params![now_ms],
-    )?;
+    for id in &ids {
+        tx.execute("DELETE FROM files WHERE id = ?1", params![id])?;
+    }
     tx.commit()?;
     Ok(ids)
 }

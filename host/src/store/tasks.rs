@@ -257,10 +257,11 @@ pub fn log_lines(conn: &mut Connection, query: &LogQuery) -> rusqlite::Result<Ve
     rows.collect()
 }
 
-/// Retention: keeps task `task_id`'s newest `keep` runs (and their logs).
+/// Retention: keeps task `task_id`'s newest `keep` runs (and their logs),
+/// and any run still queued or running, however old.
 pub fn prune_task_runs(conn: &Connection, task_id: i64, keep: u32) -> rusqlite::Result<usize> {
     conn.prepare_cached(
-        "DELETE FROM runs WHERE task_id = ?1 AND id < (
+        "DELETE FROM runs WHERE task_id = ?1 AND state NOT IN ('queued', 'running') AND id < (
              SELECT id FROM runs WHERE task_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2
          )",
     )?
@@ -355,6 +356,24 @@ mod tests {
             .unwrap();
         assert_eq!(pruned, 1);
         assert!(gone, "a pruned run's logs go with it");
+        // A run still going is kept, however many newer runs there are.
+        let kept = store
+            .call(move |c| {
+                let task = put_task(c, "again", r#"{"name":"again"}"#, "api", 10_000)?;
+                let going = max_run_id(c)? + 1;
+                insert_run(c, going, task, 1, "running", 10_000, 10_000, None)?;
+                for id in going + 1..going + 5 {
+                    insert_run(c, id, task, 1, "skipped", 11_000, 11_000, None)?;
+                }
+                prune_task_runs(c, task, 2)?;
+                Ok(runs(c, Some(task), 10)?
+                    .iter()
+                    .map(|r| r.state.clone())
+                    .collect::<Vec<_>>())
+            })
+            .await
+            .unwrap();
+        assert_eq!(kept, ["skipped", "skipped", "running"]);
         assert!(deleted, "a task's runs go with it");
     }
 }

@@ -66,7 +66,18 @@ async fn scan(
     let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
         return Ok(());
     };
-    while let Ok(Some(file)) = entries.next_entry().await {
+    let mut listed_all = true;
+    loop {
+        let file = match entries.next_entry().await {
+            Ok(Some(file)) => file,
+            Ok(None) => break,
+            Err(e) => {
+                // A partial listing must not read as files removed.
+                tracing::warn!(dir = %dir.display(), error = %e, "task folder not fully read");
+                listed_all = false;
+                break;
+            }
+        };
         let path = file.path();
         let Some(name) = toml_stem(&path) else {
             continue;
@@ -109,7 +120,19 @@ async fn scan(
                     TaskError::Invalid(e) => (e.field.clone(), e.reason.clone()),
                     other => ("task".to_owned(), other.to_string()),
                 };
-                tracing::warn!(file = %path.display(), %field, %reason, "task file refused; the task keeps its previous definition");
+                // A plugin not loaded yet (the plugin folder is read at the
+                // same time) or a store failure may pass later: tried again
+                // next scan, told once.
+                let passing = field == "plugin" || !matches!(e, TaskError::Invalid(_));
+                if passing {
+                    seen.remove(&name);
+                }
+                let told = refused
+                    .get(&file_name)
+                    .is_some_and(|r| r.field == field && r.reason == reason);
+                if !told {
+                    tracing::warn!(file = %path.display(), %field, %reason, "task file refused; the task keeps its previous definition");
+                }
                 refused.insert(
                     file_name.clone(),
                     Refusal {
@@ -120,6 +143,9 @@ async fn scan(
                 );
             }
         }
+    }
+    if !listed_all {
+        return Ok(());
     }
     seen.retain(|name, _| present.contains(name));
     refusals

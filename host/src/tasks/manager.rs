@@ -582,11 +582,13 @@ impl Manager {
                 .first()
                 .map(|(due, _)| self.runner.clock.instant_at(*due));
             tokio::select! {
+                // Due firings before commands: a steady stream of API calls
+                // must not hold the schedule back.
                 biased;
                 _ = stop.cancelled() => break,
                 Some((task, firing)) = ended.recv() => self.ended(task, firing),
-                Some(command) = commands.recv() => self.handle(command).await,
                 _ = sleep_until(wake), if wake.is_some() => self.fire_due().await,
+                Some(command) = commands.recv() => self.handle(command).await,
             }
         }
         for entry in self.tasks.values() {
@@ -883,11 +885,12 @@ impl Manager {
             return Err(TaskError::FromFile(entry.name.to_string()));
         }
         let name = entry.name.to_string();
-        let mut entry = self.remove(id).expect("found");
-        stop_all(&mut entry, "task deleted");
+        // The store first: if it fails, the task stays, in memory as on disk.
         self.store
             .call(move |conn| saved::delete_task(conn, &name))
             .await?;
+        let mut entry = self.remove(id).expect("found");
+        stop_all(&mut entry, "task deleted");
         self.runner.history.emit(TaskEvent::Task {
             task: entry.name.clone(),
             change: TaskChange::Deleted,
@@ -1013,6 +1016,7 @@ mod tests {
     struct Script {
         running: AtomicUsize,
         most_at_once: AtomicUsize,
+        started: AtomicUsize,
     }
 
     struct Scripted(Arc<Script>);
@@ -1027,6 +1031,7 @@ mod tests {
             let (verb, n) = plugin.split_once(':').unwrap_or((plugin, "0"));
             let (verb, n) = (verb.to_owned(), n.parse::<u64>().unwrap());
             Box::pin(async move {
+                script.started.fetch_add(1, Ordering::SeqCst);
                 let now = script.running.fetch_add(1, Ordering::SeqCst) + 1;
                 script.most_at_once.fetch_max(now, Ordering::SeqCst);
                 let result = match verb.as_str() {
@@ -1264,6 +1269,27 @@ mod tests {
         assert_eq!(states(&runs), ["cancelled", "running"]);
         assert_eq!(runs[0].outcome.as_deref(), Some("replaced by a newer run"));
         assert_eq!(h.script.most_at_once.load(Ordering::SeqCst), 1);
+        h.shut().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_stopped_before_it_began_never_starts_its_plugin() {
+        let h = harness(16).await;
+        h.define(r#"{"name":"spin","plugin":"forever"}"#).await;
+        h.tasks.run_now("spin").await.unwrap();
+        sleep(Duration::from_millis(100)).await;
+        // The restart's firing waits for the first to end; a stop reaches both.
+        h.tasks.restart("spin").await.unwrap();
+        h.tasks.stop("spin").await.unwrap();
+        sleep(Duration::from_millis(100)).await;
+        let runs = h.runs("spin").await;
+        assert_eq!(states(&runs), ["cancelled", "cancelled"], "{runs:?}");
+        assert_eq!(
+            h.script.started.load(Ordering::SeqCst),
+            1,
+            "only the first ran"
+        );
+        assert_eq!(h.tasks.get("spin").await.unwrap().state, TaskState::Idle);
         h.shut().await;
     }
 

@@ -238,7 +238,11 @@ pub async fn fire(
     after: Vec<CancellationToken>,
 ) {
     for ended in after {
-        ended.cancelled().await;
+        tokio::select! {
+            _ = ended.cancelled() => {}
+            // Stopped while waiting: the first attempt records that.
+            _ = job.stop.token.cancelled() => break,
+        }
     }
     let mut attempt = 1;
     let mut id = first_run;
@@ -266,6 +270,27 @@ async fn attempt_once(
     attempt: u32,
     progress: &Progress,
 ) -> RunState {
+    if job.stop.token.is_cancelled() {
+        // Stopped before it began (a restart or replace stopped again, a
+        // delete, shutdown): recorded, never started.
+        let now = runner.clock.now_ms();
+        let reason = job.stop.reason();
+        runner.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        runner
+            .history
+            .insert_later(NewRun {
+                id,
+                task_id: job.task_id,
+                attempt,
+                state: RunState::Cancelled,
+                scheduled_at_ms: job.scheduled_at_ms,
+                at_ms: now,
+                outcome: Some(reason.clone()),
+            })
+            .await;
+        runner.emit(job, id, attempt, RunState::Cancelled, now, Some(reason));
+        return RunState::Cancelled;
+    }
     let permit = runner.permits.clone().try_acquire_owned().ok();
     let first = if permit.is_some() {
         RunState::Running
@@ -347,21 +372,28 @@ async fn attempt_once(
     };
     let mut execution = runner.executor.execute(&job.spec.plugin, context, control);
     let timeout = Duration::from_millis(job.spec.timeout_ms);
+    // The flag is set before the plugin is first polled when a stop came
+    // while this attempt waited for its row or its place.
+    if job.stop.token.is_cancelled() {
+        stop.store(true, Ordering::Relaxed);
+    }
     let (state, outcome) = tokio::select! {
-        result = &mut execution => match result {
-            Ok(summary) => (RunState::Success, summary),
-            Err(reason) => (RunState::Failed, reason),
-        },
-        _ = tokio::time::sleep(timeout) => {
-            stop.store(true, Ordering::Relaxed);
-            let _ = execution.await;
-            (RunState::TimedOut, format!("stopped at its {} ms timeout", job.spec.timeout_ms))
-        }
+        // A stop or the deadline wins over a result that is ready at the same time.
+        biased;
         _ = job.stop.token.cancelled() => {
             stop.store(true, Ordering::Relaxed);
             let _ = execution.await;
             (RunState::Cancelled, job.stop.reason())
         }
+        _ = tokio::time::sleep(timeout) => {
+            stop.store(true, Ordering::Relaxed);
+            let _ = execution.await;
+            (RunState::TimedOut, format!("stopped at its {} ms timeout", job.spec.timeout_ms))
+        }
+        result = &mut execution => match result {
+            Ok(summary) => (RunState::Success, summary),
+            Err(reason) => (RunState::Failed, reason),
+        },
     };
     let written = lines.load(Ordering::Relaxed);
     if written > runner.max_log_lines {

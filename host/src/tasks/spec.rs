@@ -72,6 +72,10 @@ fn enabled() -> bool {
     true
 }
 
+/// Names the task API uses for its own paths (`/admin/tasks/events`,
+/// `/admin/tasks/batch/...`).
+pub const RESERVED_NAMES: [&str; 2] = ["events", "batch"];
+
 /// Bounds on what a task may ask for.
 pub const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
 pub const MAX_RETRIES: u32 = 100;
@@ -119,6 +123,12 @@ impl TaskSpec {
         if self.name.bytes().all(|b| b.is_ascii_digit()) {
             // The API takes a task's id or name in one place.
             return Err(refuse("name", "must not be all digits"));
+        }
+        if RESERVED_NAMES.contains(&self.name.as_str()) {
+            return Err(refuse(
+                "name",
+                format!("{:?} is an endpoint of the task API", self.name),
+            ));
         }
         if self.plugin.is_empty() {
             return Err(refuse("plugin", "must name a task plugin"));
@@ -199,6 +209,7 @@ mod tests {
         assert_eq!(field(r#"{"name":"a","plugin":"p","colour":1}"#), "colour");
         assert_eq!(field(r#"{"plugin":"p"}"#), "name");
         assert_eq!(field(r#"{"name":"no spaces","plugin":"p"}"#), "name");
+        assert_eq!(field(r#"{"name":"events","plugin":"p"}"#), "name");
         assert_eq!(
             field(r#"{"name":"a","plugin":"p","timeout_ms":0}"#),
             "timeout_ms"

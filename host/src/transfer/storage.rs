@@ -302,6 +302,9 @@ impl Storage {
         // Read again under the writer's place: the previous writer may have
         // moved it on since.
         let mut file = self.info(id).await?;
+        if file.sha256.is_none() && file.offset < file.length && self.recover(&file).await? {
+            file = self.info(id).await?;
+        }
         if offset != file.offset {
             return Err(FileError::OffsetMismatch {
                 at: file.offset,
@@ -358,9 +361,15 @@ impl Storage {
             (None, now + self.limits.upload_ttl_ms)
         };
         let (key, digest) = (id.to_owned(), sha256.clone());
-        self.store
+        let recorded = self
+            .store
             .call(move |conn| rows::advance(conn, &key, reached, digest.as_deref(), expires))
             .await?;
+        if !recorded {
+            // Deleted while it was being written.
+            self.remove_bytes(id).await;
+            return Err(FileError::NotFound);
+        }
         file.offset = reached;
         file.sha256 = sha256;
         file.expires_at_ms = expires;
@@ -395,6 +404,38 @@ impl Storage {
         Ok(digest)
     }
 
+    /// A finished file whose row a crash left unfinished (the rename
+    /// happened, the row's update did not): completes the row. Whether it
+    /// did.
+    async fn recover(&self, file: &FileRow) -> Result<bool, FileError> {
+        let blob = self.blobs.join(&file.id);
+        if tokio::fs::try_exists(self.uploads.join(&file.id)).await?
+            || !tokio::fs::try_exists(&blob).await?
+        {
+            return Ok(false);
+        }
+        let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+            let mut hasher = sha2::Sha256::new();
+            std::io::copy(&mut std::fs::File::open(&blob)?, &mut hasher)?;
+            Ok(hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect())
+        })
+        .await
+        .map_err(|e| FileError::Io(std::io::Error::other(e)))??;
+        let (key, length, expires) = (
+            file.id.clone(),
+            file.length,
+            wall_ms() + self.limits.file_ttl_ms,
+        );
+        self.store
+            .call(move |conn| rows::advance(conn, &key, length, Some(&digest), expires))
+            .await?;
+        Ok(true)
+    }
+
     /// Removes a file or an upload, bytes and row.
     pub async fn delete(&self, id: &str) -> Result<(), FileError> {
         let file = self.info(id).await?;
@@ -417,9 +458,12 @@ impl Storage {
     /// Removes uploads abandoned past their TTL and files past theirs; how many.
     pub async fn expire(&self) -> Result<usize, FileError> {
         let now = wall_ms();
+        // An upload being written now is not abandoned, however long its
+        // body takes.
+        let busy: Vec<String> = self.writing.iter().map(|e| e.key().clone()).collect();
         let expired = self
             .store
-            .call(move |conn| rows::take_expired(conn, now))
+            .call(move |conn| rows::take_expired(conn, now, &busy))
             .await?;
         for id in &expired {
             self.remove_bytes(id).await;
@@ -613,11 +657,14 @@ mod tests {
         let second = async {
             tokio::task::yield_now().await;
             let refused = storage.append(&file.id, 0, None, body(&[b"zz"])).await;
+            // Past its TTL, but being written: not abandoned.
+            let expired = storage.expire().await.unwrap();
             drop(feed);
-            refused
+            (refused, expired)
         };
-        let (first, second) = tokio::join!(first, second);
+        let (first, (second, expired_while_written)) = tokio::join!(first, second);
         assert!(matches!(second, Err(FileError::Busy)), "{second:?}");
+        assert_eq!(expired_while_written, 0);
         assert_eq!(first.unwrap().offset, 0);
         assert_eq!(storage.expire().await.unwrap(), 1);
         assert!(matches!(
