@@ -21,6 +21,7 @@ pub struct Config {
     pub channels: ChannelsConfig,
     pub plugins: PluginsConfig,
     pub tasks: TasksConfig,
+    pub files: FilesConfig,
     pub tls: TlsConfig,
 }
 
@@ -314,6 +315,38 @@ impl Default for TasksConfig {
             max_log_lines_per_run: 1_000,
             dir: PathBuf::from("tasks"),
             watch_interval_ms: 1_000,
+        }
+    }
+}
+
+/// Uploaded and pushed files (issue 14: storage only so far).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilesConfig {
+    /// Where file bytes live; relative paths are under `server.data_dir`.
+    pub dir: PathBuf,
+    /// The largest file accepted.
+    pub max_file_bytes: u64,
+    /// Bytes one user's files may take together (declared lengths, reserved
+    /// when an upload starts).
+    pub user_bytes: u64,
+    /// Bytes all files may take together.
+    pub total_bytes: u64,
+    /// An upload untouched this long is abandoned and removed.
+    pub upload_ttl_ms: u64,
+    /// A finished file is kept this long.
+    pub file_ttl_ms: u64,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("files"),
+            max_file_bytes: 1 << 30,
+            user_bytes: 2 << 30,
+            total_bytes: 10 << 30,
+            upload_ttl_ms: 24 * 60 * 60 * 1000,
+            file_ttl_ms: 7 * 24 * 60 * 60 * 1000,
         }
     }
 }
@@ -628,6 +661,19 @@ impl Config {
         }
         if p.watch_interval_ms < 50 {
             return Err(invalid("plugins.watch_interval_ms", "must be at least 50"));
+        }
+        let f = &self.files;
+        if f.max_file_bytes == 0 || f.user_bytes == 0 || f.total_bytes == 0 {
+            return Err(invalid(
+                "files.max_file_bytes",
+                "files.max_file_bytes, user_bytes and total_bytes must be greater than 0",
+            ));
+        }
+        if f.upload_ttl_ms < 1_000 {
+            return Err(invalid("files.upload_ttl_ms", "must be at least 1000"));
+        }
+        if f.file_ttl_ms < 1_000 {
+            return Err(invalid("files.file_ttl_ms", "must be at least 1000"));
         }
         let t = &self.tasks;
         if !(1..=4096).contains(&t.max_concurrent_runs) {

@@ -227,6 +227,7 @@ pub async fn run(
         tokio::spawn(transport::quic::accept_loop(relay.clone(), endpoint))
     });
     let expiry = tokio::spawn(housekeeping(relay.clone()));
+    let file_expiry = tokio::spawn(expire_files(relay.files.clone()));
     let watcher = relay
         .config
         .plugins
@@ -285,6 +286,7 @@ pub async fn run(
         let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
     }
     expiry.abort();
+    file_expiry.abort();
     if let Some(watcher) = watcher {
         watcher.abort();
     }
@@ -350,6 +352,20 @@ async fn restore_uploads(relay: &Relay) -> Result<(), RunError> {
         }
     }
     Ok(())
+}
+
+/// Removes abandoned uploads and files past their time, once a minute.
+async fn expire_files(files: Arc<crate::transfer::storage::Storage>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match files.expire().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "expired files removed"),
+            Err(e) => tracing::warn!(error = %e, "expired files not removed"),
+        }
+    }
 }
 
 /// Expires requests past their deadline; now and then forgets idle users' buckets.

@@ -27,6 +27,7 @@ use crate::spaces::{Directory, Spaces};
 use crate::store::{Store, StoreError};
 use crate::tasks::Tasks;
 use crate::tasks::files::Refusals;
+use crate::transfer::storage::{FileLimits, Storage};
 
 /// The database's file name in the data directory.
 pub const STORE_FILE: &str = "wasmrelay.db";
@@ -41,6 +42,8 @@ pub enum StartError {
     AdminCredential(#[from] crate::admin::credential::CredentialError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot open the file storage")]
+    Files(#[source] std::io::Error),
 }
 
 /// State shared by every connection of one relay. Its fields are visible
@@ -70,6 +73,8 @@ pub struct Relay {
     pub(crate) store: Store,
     /// Plugin key-value data, live in memory, persisted to `store`.
     pub(crate) kv: Arc<KvStore>,
+    /// Uploaded and pushed files.
+    pub(crate) files: Arc<Storage>,
     /// The task manager, set by `relay::run` once the plugins are loaded
     /// (runs need them) and before any listener accepts.
     pub(crate) tasks: OnceLock<Tasks>,
@@ -105,6 +110,19 @@ impl Relay {
             .map_err(|e| StartError::PluginRuntime(e.into_boxed_dyn_error()))?;
         let store = Store::open(&config.server.data_dir.join(STORE_FILE))?;
         let kv = Arc::new(KvStore::default());
+        let limits = &config.files;
+        let files = Storage::open(
+            &config.server.data_dir.join(&limits.dir),
+            store.clone(),
+            FileLimits {
+                max_file_bytes: limits.max_file_bytes,
+                user_bytes: limits.user_bytes,
+                total_bytes: limits.total_bytes,
+                upload_ttl_ms: limits.upload_ttl_ms as i64,
+                file_ttl_ms: limits.file_ttl_ms as i64,
+            },
+        )
+        .map_err(StartError::Files)?;
         let table = Arc::new(ConnTable::default());
         let started = Instant::now();
         let services = HostServices {
@@ -138,6 +156,7 @@ impl Relay {
             admin,
             store,
             kv,
+            files: Arc::new(files),
             tasks: OnceLock::new(),
             task_file_refusals: Refusals::default(),
             config: Arc::new(config),
