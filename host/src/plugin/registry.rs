@@ -567,6 +567,19 @@ mod tests {
         Arc::new(Registry::new(runtime, services, 64 << 20))
     }
 
+    async fn load_bundled(registry: &Registry, name: &str) {
+        let plugin = bundled::find(name).unwrap();
+        registry
+            .load(
+                name,
+                Bytes::from_static(plugin.wasm),
+                plugin.manifest,
+                Source::Bundled,
+            )
+            .await
+            .unwrap();
+    }
+
     fn router_manifest(name: &str) -> String {
         let bundled = bundled::find("path-router").unwrap();
         bundled
@@ -646,16 +659,7 @@ mod tests {
             MayRegister::Undecided,
             "no policy, no decision"
         );
-        let policy = bundled::find("tiered-policy").unwrap();
-        registry
-            .load(
-                "tiered-policy",
-                Bytes::from_static(policy.wasm),
-                policy.manifest,
-                Source::Bundled,
-            )
-            .await
-            .unwrap();
+        load_bundled(&registry, "tiered-policy").await;
         for (tier, action, allowed) in [
             ("vip", FileAction::Upload, true),
             ("service", FileAction::Push, true),
@@ -699,16 +703,7 @@ mod tests {
         };
         let runtime = Runtime::new(&Default::default(), None).expect("runtime");
         let registry = Registry::new(runtime, services, 64 << 20);
-        let heartbeat = bundled::find("heartbeat").unwrap();
-        registry
-            .load(
-                "heartbeat",
-                Bytes::from_static(heartbeat.wasm),
-                heartbeat.manifest,
-                Source::Bundled,
-            )
-            .await
-            .unwrap();
+        load_bundled(&registry, "heartbeat").await;
         assert!(registry.task("nope").is_none());
         let (table, budget) = (Arc::new(ConnTable::default()), Budget::new(1 << 30));
         let watcher = Peer::new(&table, &budget, 16);

@@ -176,6 +176,17 @@ impl Drop for Writing<'_> {
     }
 }
 
+/// A file's SHA-256, hex (blocking: read on a blocking thread).
+fn sha256_of(path: &Path) -> std::io::Result<String> {
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 /// Ids are 32 hex digits: nothing else names a file on disk.
 fn valid_id(id: &str) -> bool {
     id.len() == 32
@@ -387,17 +398,11 @@ impl Storage {
             self.blobs.clone(),
         );
         let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-            let mut hasher = sha2::Sha256::new();
-            let mut file = std::fs::File::open(&from)?;
-            std::io::copy(&mut file, &mut hasher)?;
+            let digest = sha256_of(&from)?;
             std::fs::rename(&from, &to)?;
             // The rename is durable once the directory is.
             std::fs::File::open(&blobs)?.sync_all()?;
-            Ok(hasher
-                .finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect())
+            Ok(digest)
         })
         .await
         .map_err(|e| FileError::Io(std::io::Error::other(e)))??;
@@ -414,17 +419,9 @@ impl Storage {
         {
             return Ok(false);
         }
-        let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-            let mut hasher = sha2::Sha256::new();
-            std::io::copy(&mut std::fs::File::open(&blob)?, &mut hasher)?;
-            Ok(hasher
-                .finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect())
-        })
-        .await
-        .map_err(|e| FileError::Io(std::io::Error::other(e)))??;
+        let digest = tokio::task::spawn_blocking(move || sha256_of(&blob))
+            .await
+            .map_err(|e| FileError::Io(std::io::Error::other(e)))??;
         let (key, length, expires) = (
             file.id.clone(),
             file.length,
