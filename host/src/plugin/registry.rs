@@ -21,7 +21,7 @@ use super::bindings::types::{
     Admission, Decision, Handshake as WitHandshake, RequestInfo, Verdict,
 };
 use super::host_api::HostServices;
-use super::loaded::{LoadedPlugin, Percentiles, Source};
+use super::loaded::{CallError, LoadedPlugin, Percentiles, Source};
 use super::manifest::{Capability, Manifest, ManifestError, Role};
 use super::runtime::{LoadError, Runtime};
 use crate::hooks::{
@@ -465,18 +465,7 @@ impl AdmissionHook for Registry {
             name: file.name.to_owned(),
             size: file.size,
         };
-        match plugin.may_transfer(user, tier, action, &info) {
-            Ok(Ok(())) => MayRegister::Allow,
-            Ok(Err(rejection)) => MayRegister::Refuse {
-                code: error_code(&rejection.code),
-                reason: rejection.reason,
-            },
-            // Fail closed, as admission does.
-            Err(e) => MayRegister::Refuse {
-                code: ErrorCode::PluginFailed,
-                reason: failure(&plugin, e),
-            },
-        }
+        policy_answer(&plugin, plugin.may_transfer(user, tier, action, &info))
     }
 
     fn may_register(&self, user: &str, tier: &str, space: &str) -> MayRegister {
@@ -486,18 +475,26 @@ impl AdmissionHook for Registry {
         if !plugin.decides_registration() {
             return MayRegister::Undecided;
         }
-        match plugin.may_register(user, tier, space) {
-            Ok(Ok(())) => MayRegister::Allow,
-            Ok(Err(rejection)) => MayRegister::Refuse {
-                code: error_code(&rejection.code),
-                reason: rejection.reason,
-            },
-            // Fail closed, as admission does.
-            Err(e) => MayRegister::Refuse {
-                code: ErrorCode::PluginFailed,
-                reason: failure(&plugin, e),
-            },
-        }
+        policy_answer(&plugin, plugin.may_register(user, tier, space))
+    }
+}
+
+/// A policy's yes or no (on a registration or a transfer) as the hook's
+/// answer; a failed call refuses, as admission does (fail closed).
+fn policy_answer(
+    plugin: &LoadedPlugin,
+    answer: Result<Result<(), super::bindings::types::Rejection>, CallError>,
+) -> MayRegister {
+    match answer {
+        Ok(Ok(())) => MayRegister::Allow,
+        Ok(Err(rejection)) => MayRegister::Refuse {
+            code: error_code(&rejection.code),
+            reason: rejection.reason,
+        },
+        Err(e) => MayRegister::Refuse {
+            code: ErrorCode::PluginFailed,
+            reason: failure(plugin, e),
+        },
     }
 }
 
