@@ -319,7 +319,7 @@ impl Default for TasksConfig {
     }
 }
 
-/// Uploaded and pushed files (issue 14: storage only so far).
+/// Uploaded and pushed files: `/files/` (tus uploads, ranged downloads).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct FilesConfig {
@@ -336,6 +336,9 @@ pub struct FilesConfig {
     pub upload_ttl_ms: u64,
     /// A finished file is kept this long.
     pub file_ttl_ms: u64,
+    /// An upload body that sends nothing for this long is cut off (what
+    /// came before is kept), so a stalled client does not hold the upload.
+    pub body_idle_timeout_ms: u64,
 }
 
 impl Default for FilesConfig {
@@ -347,6 +350,7 @@ impl Default for FilesConfig {
             total_bytes: 10 << 30,
             upload_ttl_ms: 24 * 60 * 60 * 1000,
             file_ttl_ms: 7 * 24 * 60 * 60 * 1000,
+            body_idle_timeout_ms: 30_000,
         }
     }
 }
@@ -675,6 +679,9 @@ impl Config {
         if f.file_ttl_ms < 1_000 {
             return Err(invalid("files.file_ttl_ms", "must be at least 1000"));
         }
+        if f.body_idle_timeout_ms < 100 {
+            return Err(invalid("files.body_idle_timeout_ms", "must be at least 100"));
+        }
         let t = &self.tasks;
         if !(1..=4096).contains(&t.max_concurrent_runs) {
             return Err(invalid(
@@ -707,6 +714,10 @@ impl Config {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.request_timeout_ms)
+    }
+
+    pub fn files_body_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.files.body_idle_timeout_ms)
     }
 
     pub fn header_timeout(&self) -> Duration {

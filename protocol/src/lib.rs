@@ -473,6 +473,19 @@ pub enum ErrorCode {
     /// Admin task endpoints: the task is running and its concurrency is
     /// `forbid`.
     TaskBusy,
+    /// Files: the upload would take more than the user's or the relay's
+    /// file quota; nothing was stored.
+    QuotaExceeded,
+    /// Files: a chunk written at an offset other than where the upload is;
+    /// ask for the offset (tus `HEAD`) and resume from there.
+    OffsetMismatch,
+    /// Files: a chunk did not match its checksum; it was discarded and the
+    /// offset is unchanged.
+    ChecksumMismatch,
+    /// Files: another request is writing this upload now.
+    FileBusy,
+    /// Files: the requested byte range is outside the file.
+    RangeNotSatisfiable,
     /// Something went wrong inside the relay; the message says what.
     Internal,
 }
@@ -509,6 +522,11 @@ impl ErrorCode {
             ErrorCode::TaskExists => "task_exists",
             ErrorCode::TaskFromFile => "task_from_file",
             ErrorCode::TaskBusy => "task_busy",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::OffsetMismatch => "offset_mismatch",
+            ErrorCode::ChecksumMismatch => "checksum_mismatch",
+            ErrorCode::FileBusy => "file_busy",
+            ErrorCode::RangeNotSatisfiable => "range_not_satisfiable",
             ErrorCode::Internal => "internal",
         }
     }
@@ -530,10 +548,15 @@ impl ErrorCode {
             ErrorCode::DuplicateId
             | ErrorCode::TaskExists
             | ErrorCode::TaskFromFile
-            | ErrorCode::TaskBusy => 409,
+            | ErrorCode::TaskBusy
+            | ErrorCode::OffsetMismatch => 409,
             ErrorCode::PluginRefused => 422,
             ErrorCode::RateLimited | ErrorCode::TooManyConnections => 429,
-            ErrorCode::TooLarge => 413,
+            ErrorCode::TooLarge | ErrorCode::QuotaExceeded => 413,
+            ErrorCode::RangeNotSatisfiable => 416,
+            ErrorCode::FileBusy => 423,
+            // tus's own status for a failed checksum.
+            ErrorCode::ChecksumMismatch => 460,
             ErrorCode::Internal | ErrorCode::PluginFailed => 500,
             ErrorCode::InstanceLost | ErrorCode::BadResponse => 502,
             ErrorCode::NoInstance | ErrorCode::Overloaded | ErrorCode::ShuttingDown => 503,

@@ -5,12 +5,26 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
 use serde::Serialize;
 
 use crate::protocol::ErrorCode;
 
-pub type Body = Full<Bytes>;
+/// Every response body: whole (JSON, pages) or streamed (downloads,
+/// streamed responses from instances), whose reads can fail.
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// A body held whole in memory.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
 
 pub fn status_for(code: ErrorCode) -> StatusCode {
     StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
@@ -18,7 +32,7 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
 
 pub fn json(status: StatusCode, value: &impl Serialize) -> hyper::Response<Body> {
     let body = serde_json::to_vec(value).expect("our JSON types always serialize");
-    let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
+    let mut response = hyper::Response::new(full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -82,7 +96,7 @@ pub fn json_error_field(
 }
 
 pub fn text(status: StatusCode, content_type: &'static str, body: String) -> hyper::Response<Body> {
-    let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
+    let mut response = hyper::Response::new(full(body));
     *response.status_mut() = status;
     response
         .headers_mut()

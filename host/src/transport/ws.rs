@@ -76,7 +76,7 @@ pub(crate) fn check_handshake(headers: &HeaderMap) -> Result<String, hyper::Resp
 
 /// `101 Switching Protocols` for a checked handshake.
 pub(crate) fn switching_protocols(accept: &str) -> hyper::Response<Body> {
-    let mut response = hyper::Response::new(Body::default());
+    let mut response = hyper::Response::new(super::reply::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 use tokio::sync::oneshot;
 
@@ -243,7 +243,7 @@ fn http_response(response: crate::protocol::Response) -> Result<hyper::Response<
                 ),
             )
         })?;
-    let mut out = hyper::Response::new(Full::new(response.data.0));
+    let mut out = hyper::Response::new(crate::transport::reply::full(response.data.0));
     *out.status_mut() = status;
     for (name, value) in &response.headers {
         let (Ok(name), Ok(value)) = (

@@ -2,10 +2,12 @@
 //! row in the connection table and its place under the caps), applies the
 //! header and TLS deadlines, and serves HTTP/1.1 and HTTP/2 with hyper,
 //! handing each request to [`router`]. The endpoints live beside it:
-//! [`ingress`] (requests into spaces), [`admin`] (the operator API), and
+//! [`ingress`] (requests into spaces), [`files`] (tus uploads and ranged
+//! downloads), [`admin`] (the operator API), and
 //! `transport::reply` (the JSON and error bodies they all answer with).
 
 mod admin;
+mod files;
 mod ingress;
 mod router;
 mod tasks;

@@ -1,5 +1,5 @@
 //! Routing: which endpoint a request goes to — the browser page, health,
-//! the WebSocket upgrade, the spaces API and ingress, the operator API —
+//! the WebSocket upgrade, the spaces API and ingress, files, the operator API —
 //! and, on a connection over a cap, the refusal for all but health and
 //! authorized operators.
 
@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, header};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Serialize;
 
 use super::admin;
+use super::files;
 use super::ingress::ingress;
 use super::tasks;
 use crate::delivery::table::{ConnGuard, ConnState};
@@ -67,6 +67,11 @@ pub(super) async fn route(
         (_, ["spaces", name, rest]) => {
             let (name, rest) = ((*name).to_owned(), format!("/{rest}"));
             ingress(relay, guard, name, rest, req).await
+        }
+        (_, ["files"] | ["files", ""]) => files::route(relay, guard, None, req).await,
+        (_, ["files", id]) => {
+            let id = (*id).to_owned();
+            files::route(relay, guard, Some(id), req).await
         }
         (_, ["admin", "plugins", ..]) => {
             if let Err(denied) = admin::authorize(&relay, req.headers()) {
@@ -125,7 +130,7 @@ fn health(relay: &Relay) -> hyper::Response<Body> {
 }
 
 fn html(page: &'static str) -> hyper::Response<Body> {
-    let mut response = hyper::Response::new(Full::new(Bytes::from_static(page.as_bytes())));
+    let mut response = hyper::Response::new(crate::transport::reply::full(Bytes::from_static(page.as_bytes())));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),

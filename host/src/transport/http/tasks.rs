@@ -503,7 +503,7 @@ async fn export(tasks: &Tasks, what: &str, query: &Query) -> Response {
     };
     match exported {
         Ok(body) => {
-            let mut response = hyper::Response::new(Body::new(Bytes::from(body)));
+            let mut response = hyper::Response::new(crate::transport::reply::full(body));
             let headers = response.headers_mut();
             headers.insert(
                 header::CONTENT_TYPE,
