@@ -680,7 +680,10 @@ impl Config {
             return Err(invalid("files.file_ttl_ms", "must be at least 1000"));
         }
         if f.body_idle_timeout_ms < 100 {
-            return Err(invalid("files.body_idle_timeout_ms", "must be at least 100"));
+            return Err(invalid(
+                "files.body_idle_timeout_ms",
+                "must be at least 100",
+            ));
         }
         let t = &self.tasks;
         if !(1..=4096).contains(&t.max_concurrent_runs) {

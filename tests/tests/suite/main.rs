@@ -8,6 +8,7 @@ mod admin;
 mod backpressure;
 mod browser;
 mod e2e;
+mod files;
 mod hot_swap;
 mod leak;
 mod limits;

@@ -130,7 +130,9 @@ fn health(relay: &Relay) -> hyper::Response<Body> {
 }
 
 fn html(page: &'static str) -> hyper::Response<Body> {
-    let mut response = hyper::Response::new(crate::transport::reply::full(Bytes::from_static(page.as_bytes())));
+    let mut response = hyper::Response::new(crate::transport::reply::full(Bytes::from_static(
+        page.as_bytes(),
+    )));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),

@@ -19,12 +19,12 @@ use tokio_util::io::ReaderStream;
 
 use super::range::{self, Part};
 use super::{Caller, Early, Response, early, file_error, file_name};
-use crate::hooks::{FileAction, FileSubject};
+use crate::hooks::{FileAction, FileSubject, MayRegister};
 use crate::protocol::ErrorCode;
 use crate::state::Relay;
 use crate::store::files::FileRow;
 use crate::transfer::storage::FileError;
-use crate::transport::reply::{Body, empty};
+use crate::transport::reply::{Body, empty, status_for};
 
 /// Bytes read from disk per body frame: large enough for few reads per
 /// megabyte, small enough that a transfer holds little memory.
@@ -55,7 +55,8 @@ pub(super) async fn serve(
         .headers()
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok());
-    if if_none_match.is_some_and(|tags| tags.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    if if_none_match
+        .is_some_and(|tags| tags.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
     {
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         return Ok(response);
@@ -107,27 +108,28 @@ pub(super) async fn serve(
     Ok(response)
 }
 
-/// The owner may fetch a finished file; anyone else needs the policy's yes.
+/// The relay's rule says who may fetch a file at all: its owner (later
+/// also whoever it is offered to); to anyone else it does not exist. The
+/// policy may then narrow that (`may-transfer download`); it cannot widen
+/// it. An upload in progress is fetched by nobody.
 fn may_download(relay: &Relay, caller: &Caller, file: &FileRow) -> Result<(), Early> {
-    if !caller.anonymous() && caller.user == file.owner {
-        return Ok(());
-    }
-    if file.sha256.is_none() {
-        // Someone else's upload in progress does not exist for this caller.
+    if caller.anonymous() || caller.user != file.owner {
         return Err(file_error(FileError::NotFound));
     }
     let metadata = super::metadata(file);
-    super::policy_allows(
-        relay,
-        caller,
-        FileAction::Download,
-        &FileSubject {
-            id: &file.id,
-            owner: &file.owner,
-            name: file_name(&metadata),
-            size: file.length,
-        },
-    )
+    let subject = FileSubject {
+        id: &file.id,
+        owner: &file.owner,
+        name: file_name(&metadata),
+        size: file.length,
+    };
+    match relay
+        .admission()
+        .may_transfer(&caller.user, &caller.tier, FileAction::Download, &subject)
+    {
+        MayRegister::Allow | MayRegister::Undecided => Ok(()),
+        MayRegister::Refuse { code, reason } => Err(early(status_for(code), code, &reason)),
+    }
 }
 
 /// The headers every answer about a finished file carries.

@@ -9,8 +9,9 @@
 //!   or delete it (to anyone else it does not exist);
 //! - starting an upload needs the policy's yes (`may-transfer upload`); a
 //!   policy that does not decide transfers allows none;
-//! - a finished file can be fetched by its owner, and by others when the
-//!   policy says yes to `download`.
+//! - a finished file can be fetched by its owner (and, once push is built,
+//!   by whoever it is offered to); the policy may refuse that
+//!   (`may-transfer download`) but cannot open anyone else's file.
 
 mod download;
 mod range;
@@ -127,7 +128,7 @@ fn admit(
     Ok(caller)
 }
 
-/// The policy's answer on `action`, where only its yes lets the caller through.
+/// The policy's answer on `action` (an upload), where only its yes lets the caller through.
 fn policy_allows(
     relay: &Relay,
     caller: &Caller,
@@ -193,7 +194,10 @@ fn file_error(error: FileError) -> Early {
         FileError::ChecksumMismatch(_) => ErrorCode::ChecksumMismatch,
         FileError::Body(_) => ErrorCode::BadFrame,
         FileError::Io(_) | FileError::Store(_) => {
-            tracing::warn!(error = &error as &dyn std::error::Error, "file storage failed");
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "file storage failed"
+            );
             ErrorCode::Internal
         }
     };

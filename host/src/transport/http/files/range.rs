@@ -44,7 +44,11 @@ pub fn requested(headers: &HeaderMap, length: u64, etag: &str) -> Part {
         return Part::Whole;
     };
     let (first, last) = (first.trim(), last.trim());
-    let parse = |s: &str| s.parse::<u64>().ok().filter(|_| s.bytes().all(|b| b.is_ascii_digit()));
+    let parse = |s: &str| {
+        s.parse::<u64>()
+            .ok()
+            .filter(|_| s.bytes().all(|b| b.is_ascii_digit()))
+    };
     match (first.is_empty(), last.is_empty()) {
         // `-n`: the last n bytes.
         (true, false) => match parse(last) {

@@ -131,8 +131,8 @@ pub(super) async fn create(
         .create(&caller.user, length, &metadata)
         .await
         .map_err(file_error)?;
-    let location = HeaderValue::from_str(&format!("/files/{}", file.id))
-        .expect("file ids are hex digits");
+    let location =
+        HeaderValue::from_str(&format!("/files/{}", file.id)).expect("file ids are hex digits");
     if !with_upload {
         let mut response = created(&file);
         response.headers_mut().insert(header::LOCATION, location);
@@ -344,8 +344,8 @@ fn parse_metadata(value: &HeaderValue) -> Result<BTreeMap<String, String>, Strin
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(encoded.trim())
             .map_err(|e| format!("value of {key:?} is not base64: {e}"))?;
-        let value = String::from_utf8(bytes)
-            .map_err(|_| format!("value of {key:?} is not UTF-8 text"))?;
+        let value =
+            String::from_utf8(bytes).map_err(|_| format!("value of {key:?} is not UTF-8 text"))?;
         if pairs.insert(key.to_owned(), value).is_some() {
             return Err(format!("names {key:?} twice"));
         }
@@ -376,9 +376,10 @@ mod tests {
 
     #[test]
     fn metadata_round_trips_and_refuses_what_tus_forbids() {
-        let parsed =
-            parse_metadata(&HeaderValue::from_static("filename d29ybGRfZG9taW5hdGlvbl9wbGFuLnBkZg==,is_confidential"))
-                .unwrap();
+        let parsed = parse_metadata(&HeaderValue::from_static(
+            "filename d29ybGRfZG9taW5hdGlvbl9wbGFuLnBkZg==,is_confidential",
+        ))
+        .unwrap();
         assert_eq!(parsed["filename"], "world_domination_plan.pdf");
         assert_eq!(parsed["is_confidential"], "");
         assert_eq!(
