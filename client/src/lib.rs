@@ -62,6 +62,9 @@ pub struct Options {
     /// (`hello.batch`, PROTOCOL §2.1): far fewer frames under load. On by
     /// default; [`Receiver`] splits batches, so callers see single messages.
     pub batch: bool,
+    /// The session of a previous connection (`hello.resume`): the uploads it
+    /// left unfinished come back in `welcome.transfers`.
+    pub resume: Option<String>,
 }
 
 impl Options {
@@ -74,6 +77,7 @@ impl Options {
             server_name: None,
             encoding: Encoding::Text,
             batch: true,
+            resume: None,
         }
     }
 
@@ -151,6 +155,7 @@ impl Client {
                 client: Some(options.name.clone()),
                 token: options.token.clone(),
                 batch: options.batch,
+                resume: options.resume.clone(),
             })
             .await?;
         let welcome = match receiver.recv().await? {

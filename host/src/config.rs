@@ -339,6 +339,13 @@ pub struct FilesConfig {
     /// An upload body that sends nothing for this long is cut off (what
     /// came before is kept), so a stalled client does not hold the upload.
     pub body_idle_timeout_ms: u64,
+    /// Uploads one user may have in progress at once.
+    pub max_uploads_per_user: u64,
+    /// The largest chunk of a transfer over WebSocket or QUIC (a client may
+    /// ask for less); also what the relay sends per chunk by default.
+    pub max_chunk_bytes: u32,
+    /// Uploads and downloads one connection may have open at once.
+    pub max_transfers_per_connection: usize,
 }
 
 impl Default for FilesConfig {
@@ -351,6 +358,9 @@ impl Default for FilesConfig {
             upload_ttl_ms: 24 * 60 * 60 * 1000,
             file_ttl_ms: 7 * 24 * 60 * 60 * 1000,
             body_idle_timeout_ms: 30_000,
+            max_uploads_per_user: 64,
+            max_chunk_bytes: 256 * 1024,
+            max_transfers_per_connection: 8,
         }
     }
 }

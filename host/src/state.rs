@@ -120,6 +120,7 @@ impl Relay {
                 total_bytes: limits.total_bytes,
                 upload_ttl_ms: limits.upload_ttl_ms as i64,
                 file_ttl_ms: limits.file_ttl_ms as i64,
+                max_uploads_per_user: limits.max_uploads_per_user,
             },
         )
         .map_err(StartError::Files)?;
@@ -190,6 +191,7 @@ impl Relay {
             budget: self.budget.clone(),
             hooks: self.plugins.clone(),
             draining: self.draining.clone(),
+            files: self.files.clone(),
         }
     }
 

@@ -34,6 +34,10 @@ pub enum Msg {
         /// `welcome` (PROTOCOL §2.1, [`batch`]).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         batch: bool,
+        /// The `welcome.session` of this client's previous connection: the
+        /// uploads it left unfinished are listed in `welcome.transfers`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<String>,
     },
     /// Relay → client, answer to `hello`.
     Welcome {
@@ -50,6 +54,10 @@ pub enum Msg {
         /// yes to `hello.batch`.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         batch: bool,
+        /// With `hello.resume`: the uploads the previous connection left
+        /// unfinished, to continue with `upload` naming their `file`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        transfers: Vec<Unfinished>,
     },
     /// Either direction: an application-level liveness probe (browsers cannot
     /// send WebSocket pings). Answered with `pong` carrying the same id.
@@ -155,6 +163,86 @@ pub enum Msg {
         reason: String,
         reconnect_ms: u64,
     },
+    /// Client → relay: start uploading a file (`name`, `size`, optionally its
+    /// `sha256`), or continue the upload `file` after an interruption. `id`
+    /// is the client's name for this transfer on this connection.
+    Upload {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        file: Option<String>,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        name: String,
+        #[serde(default)]
+        size: u64,
+        /// Hex SHA-256 of the whole file; checked before it is complete.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        chunk_size: Option<u32>,
+    },
+    /// Relay → client: send the chunks of upload `id` from `offset`, each
+    /// at most `chunk_size` bytes.
+    UploadReady {
+        id: String,
+        file: String,
+        offset: u64,
+        size: u64,
+        chunk_size: u32,
+    },
+    /// Relay → client: upload `id` is complete, its digest checked.
+    UploadDone {
+        id: String,
+        file: String,
+        size: u64,
+        sha256: String,
+    },
+    /// Client → relay: send file `file` from `offset`.
+    Download {
+        id: String,
+        file: String,
+        #[serde(default)]
+        offset: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        chunk_size: Option<u32>,
+    },
+    /// Relay → client: what download `id` sends, before its first chunk.
+    DownloadReady {
+        id: String,
+        file: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        name: String,
+        size: u64,
+        sha256: String,
+        offset: u64,
+        chunk_size: u32,
+    },
+    /// Either direction: `data` is the bytes of transfer `id` at `offset`;
+    /// `seq` counts the chunks of this transfer from 0, `crc32c` is the
+    /// CRC-32C of `data`, `last` marks the chunk that ends the file.
+    Chunk {
+        id: String,
+        seq: u64,
+        offset: u64,
+        crc32c: u32,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        last: bool,
+        #[serde(default, skip_serializing_if = "Data::is_empty")]
+        data: Data,
+    },
+    /// Client → relay: stop transfer `id` (an upload keeps what it has).
+    CancelTransfer {
+        id: String,
+    },
+}
+
+/// An upload a previous connection left unfinished (`welcome.transfers`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unfinished {
+    /// The transfer's `id` on the previous connection.
+    pub id: String,
+    pub file: String,
+    pub offset: u64,
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -230,6 +318,13 @@ impl Msg {
             Msg::Cancel { .. } => "cancel",
             Msg::Error { .. } => "error",
             Msg::Goaway { .. } => "goaway",
+            Msg::Upload { .. } => "upload",
+            Msg::UploadReady { .. } => "upload_ready",
+            Msg::UploadDone { .. } => "upload_done",
+            Msg::Download { .. } => "download",
+            Msg::DownloadReady { .. } => "download_ready",
+            Msg::Chunk { .. } => "chunk",
+            Msg::CancelTransfer { .. } => "cancel_transfer",
         }
     }
 
@@ -240,6 +335,7 @@ impl Msg {
             | Msg::Message { data, .. }
             | Msg::Progress { data, .. }
             | Msg::Body { data, .. }
+            | Msg::Chunk { data, .. }
             | Msg::Request(Request { data, .. })
             | Msg::Response(Response { data, .. }) => Some(data),
             _ => None,
@@ -253,6 +349,7 @@ impl Msg {
             | Msg::Message { data, .. }
             | Msg::Progress { data, .. }
             | Msg::Body { data, .. }
+            | Msg::Chunk { data, .. }
             | Msg::Request(Request { data, .. })
             | Msg::Response(Response { data, .. }) => Some(data),
             _ => None,
@@ -314,6 +411,13 @@ pub const KNOWN_TYPES: &[&str] = &[
     "cancel",
     "error",
     "goaway",
+    "upload",
+    "upload_ready",
+    "upload_done",
+    "download",
+    "download_ready",
+    "chunk",
+    "cancel_transfer",
 ];
 
 /// A message payload: raw bytes. In JSON it is a string when the bytes are
@@ -486,6 +590,9 @@ pub enum ErrorCode {
     FileBusy,
     /// Files: the requested byte range is outside the file.
     RangeNotSatisfiable,
+    /// A `chunk` or `cancel_transfer` for a transfer this connection does
+    /// not have open.
+    UnknownTransfer,
     /// Something went wrong inside the relay; the message says what.
     Internal,
 }
@@ -527,6 +634,7 @@ impl ErrorCode {
             ErrorCode::ChecksumMismatch => "checksum_mismatch",
             ErrorCode::FileBusy => "file_busy",
             ErrorCode::RangeNotSatisfiable => "range_not_satisfiable",
+            ErrorCode::UnknownTransfer => "unknown_transfer",
             ErrorCode::Internal => "internal",
         }
     }
@@ -544,7 +652,10 @@ impl ErrorCode {
             | ErrorCode::InvalidTask => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Rejected | ErrorCode::Forbidden => 403,
-            ErrorCode::UnknownSpace | ErrorCode::NotFound | ErrorCode::UnknownRequest => 404,
+            ErrorCode::UnknownSpace
+            | ErrorCode::NotFound
+            | ErrorCode::UnknownRequest
+            | ErrorCode::UnknownTransfer => 404,
             ErrorCode::DuplicateId
             | ErrorCode::TaskExists
             | ErrorCode::TaskFromFile

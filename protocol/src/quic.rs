@@ -56,6 +56,8 @@ pub mod stream_code {
     pub const TOO_LARGE: u32 = 0x3;
     /// The stream made no progress for `idle_timeout_ms`.
     pub const STALLED: u32 = 0x7;
+    /// A transfer's stream: the transfer was cancelled or failed part-way.
+    pub const ABORTED: u32 = 0x1;
 }
 
 /// A frame's 4-byte big-endian length prefix on its own, for writers that

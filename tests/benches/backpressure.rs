@@ -53,6 +53,7 @@ async fn connect(addr: SocketAddr, small_receive_buffer: bool) -> anyhow::Result
         client: Some("bench".into()),
         token: None,
         batch: false,
+        resume: None,
     })))
     .await?;
     expect(&mut ws, "welcome").await?;

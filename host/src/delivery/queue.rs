@@ -44,6 +44,7 @@ impl Lane {
     pub fn of(msg: &Msg) -> Lane {
         match msg {
             Msg::Error { .. } | Msg::Presence { .. } | Msg::Lost { .. } => Lane::Control,
+            Msg::Chunk { .. } | Msg::DownloadReady { .. } => Lane::Bulk,
             _ if crate::protocol::quic::is_bulk(msg) => Lane::Bulk,
             _ => Lane::Normal,
         }
@@ -480,6 +481,13 @@ impl OutboundQueue {
     /// that can themselves wait, such as a streamed body, whose source is
     /// then read no faster than the consumer takes it. `Err` once closed.
     pub async fn push_when_room(&self, out: Outbound) -> Result<(), String> {
+        self.push_within(out, usize::MAX).await
+    }
+
+    /// [`push_when_room`](Self::push_when_room), waiting further until the
+    /// queue holds at most `window` bytes with `out`: a sender that has a
+    /// lot to send (a file) keeps only that much of it queued.
+    pub async fn push_within(&self, out: Outbound, window: usize) -> Result<(), String> {
         let size = Self::size_of(&out);
         let lane = Lane::of(out.msg());
         let mut out = Some(out);
@@ -496,7 +504,7 @@ impl OutboundQueue {
                     return Err(reason.clone());
                 }
                 let fits = state.data_messages() < self.limits.messages
-                    && self.bytes() + size <= self.limits.bytes
+                    && self.bytes() + size <= self.limits.bytes.min(window)
                     && self.budget.used() + size <= self.budget.limit;
                 // An empty queue always takes one message, however large.
                 if fits || state.data_messages() == 0 {

@@ -31,7 +31,11 @@ use crate::quota::Quotas;
 use crate::quota::{ConnQuota, Verdict};
 use crate::spaces::Spaces;
 use crate::spaces::{Caller, Instance};
+use crate::transfer::sink::{QueueStreams, TransferStreams};
 use tokio_util::sync::CancellationToken;
+
+mod transfers;
+use transfers::{Transfers, UploadAsk};
 
 /// The `goaway` every connection is sent when the relay starts draining.
 pub fn goaway(config: &Config) -> Outbound {
@@ -59,6 +63,8 @@ pub struct Context {
     pub hooks: Arc<dyn Hooks>,
     /// Cancelled when the relay starts shutting down.
     pub draining: CancellationToken,
+    /// Uploaded and pushed files.
+    pub files: Arc<crate::transfer::storage::Storage>,
 }
 
 impl Context {
@@ -115,6 +121,8 @@ pub struct Session {
     backpressure: Pressure,
     /// The client asked for batched frames (`hello.batch`, WebSocket only).
     batch: bool,
+    /// Uploads and downloads in progress.
+    transfers: Transfers,
 }
 
 /// Why a session asks its transport to close the connection.
@@ -146,10 +154,13 @@ impl Closing {
 impl Session {
     /// A session for `conn` with its bounded outbound queue; the transport
     /// drains the returned receiver.
+    /// `streams` is where transfers to the peer go: by default the bulk
+    /// lane of the connection's queue (QUIC gives each a stream instead).
     pub fn open(
         relay: Context,
         conn: Arc<ConnInfo>,
         quota: ConnQuota,
+        streams: Option<Arc<dyn TransferStreams>>,
     ) -> (Self, Arc<OutboundQueue>) {
         let limits = &relay.config.limits;
         let queue = OutboundQueue::new(
@@ -161,6 +172,11 @@ impl Session {
             &relay.budget,
         );
         conn.attach_queue(queue.clone());
+        // Two chunks of a download queued at once: enough to keep the
+        // socket busy, little memory per transfer.
+        let window = 2 * (relay.config.files.max_chunk_bytes as usize + 256);
+        let streams =
+            streams.unwrap_or_else(|| Arc::new(QueueStreams::new(queue.clone(), window)));
         let session = Self {
             relay,
             conn,
@@ -172,6 +188,7 @@ impl Session {
             closing: None,
             backpressure: Pressure::default(),
             batch: false,
+            transfers: Transfers::new(streams),
         };
         (session, queue)
     }
@@ -256,7 +273,8 @@ impl Session {
                     client,
                     token,
                     batch,
-                } => Some(self.hello(v, client, token, batch)),
+                    resume,
+                } => Some(self.hello(v, client, token, batch, resume)),
                 other => Some(Msg::error(
                     ErrorCode::HelloRequired,
                     format!("the first message must be `hello`, not `{}`", other.kind()),
@@ -274,7 +292,11 @@ impl Session {
             Msg::Pong { .. } => None,
             // Control messages are charged like the rest: churning them
             // costs the sender's rates, not its neighbours' queues.
-            Msg::Subscribe { .. } | Msg::Unsubscribe { .. } | Msg::Register { .. }
+            Msg::Subscribe { .. }
+            | Msg::Unsubscribe { .. }
+            | Msg::Register { .. }
+            | Msg::Upload { .. }
+            | Msg::Download { .. }
                 if let Some(throttled) = self.charge(None, None) =>
             {
                 Some(throttled)
@@ -297,6 +319,52 @@ impl Session {
                     .err()
                     .map(|e| Msg::error(e.code, e.message, Some(id)))
             }
+            Msg::Upload {
+                id,
+                file,
+                name,
+                size,
+                sha256,
+                chunk_size,
+            } => {
+                let session = self.relay.node.scoped(self.conn.id);
+                let ask = UploadAsk {
+                    id,
+                    file,
+                    name,
+                    size,
+                    sha256,
+                    chunk_size,
+                };
+                self.transfers
+                    .upload(&self.relay, &self.conn, &self.queue, session, ask)
+            }
+            Msg::Chunk {
+                id,
+                seq,
+                offset,
+                crc32c,
+                last,
+                data,
+            } => {
+                let piece = transfers::piece(seq, offset, crc32c, last, data);
+                self.transfers.chunk(id, piece, &mut self.backpressure)
+            }
+            Msg::Download {
+                id,
+                file,
+                offset,
+                chunk_size,
+            } => self.transfers.download(
+                &self.relay,
+                &self.conn,
+                &self.queue,
+                id,
+                file,
+                offset,
+                chunk_size,
+            ),
+            Msg::CancelTransfer { id } => self.transfers.cancel(id),
             other => Some(Msg::error(
                 ErrorCode::UnexpectedType,
                 format!("`{}` is sent by the relay, not to it", other.kind()),
@@ -305,7 +373,14 @@ impl Session {
         }
     }
 
-    fn hello(&mut self, v: u32, client: Option<String>, token: Option<String>, batch: bool) -> Msg {
+    fn hello(
+        &mut self,
+        v: u32,
+        client: Option<String>,
+        token: Option<String>,
+        batch: bool,
+        resume: Option<String>,
+    ) -> Msg {
         if v != VERSION {
             return Msg::error(
                 ErrorCode::UnsupportedVersion,
@@ -328,6 +403,13 @@ impl Session {
         }
         // QUIC's control stream carries messages back to back already.
         self.batch = batch && self.conn.transport() == Transport::Ws;
+        // Only the user who left them gets a session's unfinished uploads.
+        let transfers = match (resume, self.conn.identity()) {
+            (Some(previous), Some((user, _))) => {
+                self.relay.files.take_unfinished(&previous, &user)
+            }
+            _ => Vec::new(),
+        };
         let config = &self.relay.config;
         Msg::Welcome {
             v: VERSION,
@@ -337,6 +419,7 @@ impl Session {
             max_message_bytes: config.limits.max_message_bytes,
             instance_idle_timeout_ms: config.limits.instance_idle_timeout_ms,
             batch: self.batch,
+            transfers,
         }
     }
 

@@ -89,6 +89,15 @@ pub fn committed_bytes(conn: &mut Connection, owner: &str) -> rusqlite::Result<(
     )
 }
 
+/// How many of `owner`'s uploads are still in progress.
+pub fn uploads_in_progress(conn: &mut Connection, owner: &str) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT count(*) FROM files WHERE owner = ?1 AND sha256 IS NULL",
+        params![owner],
+        |row| Ok(row.get::<_, i64>(0)? as u64),
+    )
+}
+
 /// Files whose time is up at `now_ms`, except those in `busy`: removed from
 /// the table and returned so their bytes can be deleted.
 pub fn take_expired(

@@ -2,4 +2,8 @@
 //! ([`storage`]). The tus upload endpoint, ranged downloads, transfers over
 //! WebSocket and QUIC, and push are not built yet.
 
+pub mod access;
+pub mod download;
+pub mod sink;
 pub mod storage;
+pub mod upload;

@@ -19,6 +19,7 @@ use futures_util::{Stream, StreamExt};
 use sha2::Digest;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
+use crate::protocol::{ErrorCode, Unfinished};
 use crate::store::files::{self as rows, FileRow};
 use crate::store::{Store, StoreError, wall_ms};
 
@@ -34,6 +35,8 @@ pub struct FileLimits {
     pub upload_ttl_ms: i64,
     /// A finished file is kept this long.
     pub file_ttl_ms: i64,
+    /// Uploads one user may have in progress at once.
+    pub max_uploads_per_user: u64,
 }
 
 /// Why a file operation was refused.
@@ -57,14 +60,41 @@ pub enum FileError {
     Busy,
     #[error("the chunk does not match its {0} checksum; it was discarded")]
     ChecksumMismatch(&'static str),
+    #[error("the whole file's SHA-256 is {actual}, not the {expected} declared; the upload starts over at offset 0")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("{0} uploads in progress already; finish or delete one first")]
+    TooManyUploads(u64),
     #[error("the body runs past the upload's length of {0} bytes")]
     BeyondLength(u64),
     #[error("the body stopped: {0}")]
     Body(String),
+    #[error("metadata `sha256` must be 64 hex digits, not {0:?}")]
+    BadDigest(String),
     #[error("file storage failed")]
     Io(#[from] std::io::Error),
     #[error("the store failed")]
     Store(#[from] StoreError),
+}
+
+impl FileError {
+    /// The documented error code a client is told.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FileError::NotFound => ErrorCode::NotFound,
+            FileError::TooLarge { .. } | FileError::BeyondLength(_) => ErrorCode::TooLarge,
+            FileError::QuotaExceeded { .. } | FileError::TooManyUploads(_) => {
+                ErrorCode::QuotaExceeded
+            }
+            FileError::OffsetMismatch { .. } => ErrorCode::OffsetMismatch,
+            FileError::Busy => ErrorCode::FileBusy,
+            FileError::ChecksumMismatch(_) | FileError::DigestMismatch { .. } => {
+                ErrorCode::ChecksumMismatch
+            }
+            FileError::Body(_) => ErrorCode::BadFrame,
+            FileError::BadDigest(_) => ErrorCode::BadMessage,
+            FileError::Io(_) | FileError::Store(_) => ErrorCode::Internal,
+        }
+    }
 }
 
 /// A chunk's checksum as a client declares it (tus `Upload-Checksum`:
@@ -165,6 +195,16 @@ pub struct Storage {
     limits: FileLimits,
     /// Uploads being written now: one writer each.
     writing: DashMap<String, ()>,
+    /// Uploads connections left unfinished, by the session that left them
+    /// (for `hello.resume`); forgotten after the upload TTL.
+    unfinished: DashMap<String, Left>,
+}
+
+/// What one session left unfinished.
+struct Left {
+    user: String,
+    uploads: Vec<Unfinished>,
+    at_ms: i64,
 }
 
 /// Holds an upload's single-writer place until dropped.
@@ -185,6 +225,28 @@ fn sha256_of(path: &Path) -> std::io::Result<String> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect())
+}
+
+/// The metadata key under which an uploader may declare the whole file's
+/// hex SHA-256, checked before the file is complete.
+pub const DIGEST_KEY: &str = "sha256";
+
+/// How finishing an upload went.
+enum Finished {
+    Digest(String),
+    /// Not the declared digest: this one.
+    Mismatch(String),
+}
+
+fn declared_digest(file: &FileRow) -> Option<String> {
+    serde_json::from_str::<BTreeMap<String, String>>(&file.metadata)
+        .ok()?
+        .remove(DIGEST_KEY)
+        .map(|d| d.to_ascii_lowercase())
+}
+
+fn is_sha256_hex(value: &str) -> bool {
+    value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Ids are 32 hex digits: nothing else names a file on disk.
@@ -208,6 +270,7 @@ impl Storage {
             store,
             limits,
             writing: DashMap::new(),
+            unfinished: DashMap::new(),
         })
     }
 
@@ -223,6 +286,11 @@ impl Storage {
                 length,
                 max: self.limits.max_file_bytes,
             });
+        }
+        if let Some(declared) = metadata.get(DIGEST_KEY)
+            && !is_sha256_hex(declared)
+        {
+            return Err(FileError::BadDigest(declared.clone()));
         }
         let id = crate::secrets::random_hex(16)?;
         let now = wall_ms();
@@ -245,7 +313,10 @@ impl Storage {
             .store
             .call(move |conn| {
                 let (user, total) = rows::committed_bytes(conn, &owner)?;
-                let refusal = if user + length > limits.user_bytes {
+                let open = rows::uploads_in_progress(conn, &owner)?;
+                let refusal = if open >= limits.max_uploads_per_user {
+                    Some(("uploads", open, limits.max_uploads_per_user))
+                } else if user + length > limits.user_bytes {
                     Some(("user", user, limits.user_bytes))
                 } else if total + length > limits.total_bytes {
                     Some(("total", total, limits.total_bytes))
@@ -258,6 +329,10 @@ impl Storage {
             .await;
         match reserved {
             Ok(None) => Ok(row),
+            Ok(Some(("uploads", _, limit))) => {
+                let _ = tokio::fs::remove_file(self.uploads.join(&id)).await;
+                Err(FileError::TooManyUploads(limit))
+            }
             Ok(Some((scope, used, limit))) => {
                 let _ = tokio::fs::remove_file(self.uploads.join(&id)).await;
                 Err(FileError::QuotaExceeded {
@@ -367,7 +442,17 @@ impl Storage {
         let reached = offset + written;
         let now = wall_ms();
         let (sha256, expires) = if reached == file.length {
-            (Some(self.finish(id).await?), now + self.limits.file_ttl_ms)
+            let declared = declared_digest(&file);
+            match self.finish(id, declared.as_deref()).await? {
+                Finished::Digest(digest) => (Some(digest), now + self.limits.file_ttl_ms),
+                Finished::Mismatch(actual) => {
+                    self.restart(id).await?;
+                    return Err(FileError::DigestMismatch {
+                        expected: declared.unwrap_or_default(),
+                        actual,
+                    });
+                }
+            }
         } else {
             (None, now + self.limits.upload_ttl_ms)
         };
@@ -390,23 +475,44 @@ impl Storage {
         }
     }
 
-    /// Digests a complete upload and moves it among the finished files.
-    async fn finish(&self, id: &str) -> Result<String, FileError> {
+    /// Digests a complete upload and, when it is what was declared (if
+    /// anything was), moves it among the finished files.
+    async fn finish(&self, id: &str, declared: Option<&str>) -> Result<Finished, FileError> {
         let (from, to, blobs) = (
             self.uploads.join(id),
             self.blobs.join(id),
             self.blobs.clone(),
         );
-        let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let declared = declared.map(str::to_owned);
+        let finished = tokio::task::spawn_blocking(move || -> std::io::Result<Finished> {
             let digest = sha256_of(&from)?;
+            if declared.is_some_and(|declared| declared != digest) {
+                return Ok(Finished::Mismatch(digest));
+            }
             std::fs::rename(&from, &to)?;
             // The rename is durable once the directory is.
             std::fs::File::open(&blobs)?.sync_all()?;
-            Ok(digest)
+            Ok(Finished::Digest(digest))
         })
         .await
         .map_err(|e| FileError::Io(std::io::Error::other(e)))??;
-        Ok(digest)
+        Ok(finished)
+    }
+
+    /// Empties an upload whose whole-file digest did not match: which bytes
+    /// are wrong cannot be known, so it starts over (its quota kept).
+    async fn restart(&self, id: &str) -> Result<(), FileError> {
+        tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(self.uploads.join(id))
+            .await?
+            .set_len(0)
+            .await?;
+        let (key, expires) = (id.to_owned(), wall_ms() + self.limits.upload_ttl_ms);
+        self.store
+            .call(move |conn| rows::advance(conn, &key, 0, None, expires))
+            .await?;
+        Ok(())
     }
 
     /// A finished file whose row a crash left unfinished (the rename
@@ -452,9 +558,31 @@ impl Storage {
         let _ = tokio::fs::remove_file(self.blobs.join(id)).await;
     }
 
+    /// Notes that `session` (of `user`) left `upload` unfinished.
+    pub fn leave_unfinished(&self, session: &str, user: &str, upload: Unfinished) {
+        let mut left = self.unfinished.entry(session.to_owned()).or_insert_with(|| Left {
+            user: user.to_owned(),
+            uploads: Vec::new(),
+            at_ms: wall_ms(),
+        });
+        left.uploads.retain(|u| u.file != upload.file);
+        left.uploads.push(upload);
+        left.at_ms = wall_ms();
+    }
+
+    /// The uploads `session` left unfinished, if `user` is who left them.
+    pub fn take_unfinished(&self, session: &str, user: &str) -> Vec<Unfinished> {
+        self.unfinished
+            .remove_if(session, |_, left| left.user == user)
+            .map(|(_, left)| left.uploads)
+            .unwrap_or_default()
+    }
+
     /// Removes uploads abandoned past their TTL and files past theirs; how many.
     pub async fn expire(&self) -> Result<usize, FileError> {
         let now = wall_ms();
+        let ttl = self.limits.upload_ttl_ms;
+        self.unfinished.retain(|_, left| now - left.at_ms < ttl);
         // An upload being written now is not abandoned, however long its
         // body takes.
         let busy: Vec<String> = self.writing.iter().map(|e| e.key().clone()).collect();
@@ -480,6 +608,7 @@ mod tests {
             total_bytes: 3 << 19,
             upload_ttl_ms: 60_000,
             file_ttl_ms: 60_000,
+            max_uploads_per_user: 4,
         }
     }
 

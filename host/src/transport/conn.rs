@@ -17,6 +17,7 @@ use crate::protocol::{DecodeError, Msg};
 use crate::quota::ConnQuota;
 use crate::session::{Closing, Session, goaway};
 use crate::state::Relay;
+use crate::transfer::sink::TransferStreams;
 
 /// At most this many queued messages are written per turn, so a busy
 /// connection batches writes but still gets to its heartbeat and inbound.
@@ -112,6 +113,12 @@ pub trait Link: Send {
     /// transport cannot rely on its own pings to notice a vanished peer.
     fn instance_silence(&self) -> Option<Duration>;
 
+    /// Where file transfers to the peer go, when not through the
+    /// connection's queue (QUIC: a stream per transfer).
+    fn transfer_streams(&self) -> Option<Arc<dyn TransferStreams>> {
+        None
+    }
+
     /// Ends the link, telling the peer `close` when there is one.
     fn close(self, close: Option<Close>) -> impl Future<Output = ()> + Send;
 }
@@ -119,7 +126,12 @@ pub trait Link: Send {
 /// Runs one connection to its end over `link`.
 pub async fn run<L: Link>(relay: Arc<Relay>, mut link: L, guard: Arc<ConnGuard>, quota: ConnQuota) {
     let conn = guard.info().clone();
-    let (mut session, queue) = Session::open(relay.session_context(), conn.clone(), quota);
+    let (mut session, queue) = Session::open(
+        relay.session_context(),
+        conn.clone(),
+        quota,
+        link.transfer_streams(),
+    );
     let idle_timeout = relay.config.idle_timeout();
     let interval = relay.config.heartbeat_interval();
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);

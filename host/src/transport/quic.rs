@@ -31,12 +31,13 @@ use crate::delivery::table::{ConnGuard, ConnInfo, Transport};
 use crate::hooks::Handshake;
 use crate::protocol::quic::{
     FrameError, FrameReader, LENGTH_BYTES, MAX_BULK_STREAMS, close, is_bulk, length_prefix,
-    read_frame, stream_code,
+    read_frame, stream_code, write_frame,
 };
 use crate::protocol::{ErrorCode, Msg, codec};
 use crate::quota::ConnQuota;
 use crate::session::Closing;
 use crate::state::Relay;
+use crate::transfer::sink::{Sent, TransferSink, TransferStreams};
 
 /// Whole frames waiting for the session; readers block (and QUIC flow
 /// control pushes back on the peer) when the session falls behind.
@@ -221,29 +222,124 @@ async fn read_control(recv: quinn::RecvStream, max: usize, inbound: mpsc::Sender
     }
 }
 
-/// Reads the one frame of a bulk stream.
+/// Reads the frames of a unidirectional stream until it finishes: one bulk
+/// body, or the chunks of one upload.
 async fn read_bulk(
     mut recv: quinn::RecvStream,
     max: usize,
     stall: Duration,
     inbound: mpsc::Sender<Inbound>,
 ) {
-    let item = match read_frame(&mut recv, max, Some(stall)).await {
-        Ok(Some(frame)) => Inbound::Frame(frame),
-        Ok(None) => Inbound::BulkFailed(FrameError::Truncated),
-        Err(e) => {
-            let code = match e {
-                FrameError::TooLarge(_) => Some(stream_code::TOO_LARGE),
-                FrameError::Stalled => Some(stream_code::STALLED),
-                _ => None,
-            };
-            if let Some(code) = code {
-                let _ = recv.stop(code.into());
+    let mut frames = 0usize;
+    loop {
+        let item = match read_frame(&mut recv, max, Some(stall)).await {
+            Ok(Some(frame)) => Inbound::Frame(frame),
+            Ok(None) if frames > 0 => return,
+            Ok(None) => Inbound::BulkFailed(FrameError::Truncated),
+            Err(e) => {
+                let code = match e {
+                    FrameError::TooLarge(_) => Some(stream_code::TOO_LARGE),
+                    FrameError::Stalled => Some(stream_code::STALLED),
+                    _ => None,
+                };
+                if let Some(code) = code {
+                    let _ = recv.stop(code.into());
+                }
+                Inbound::BulkFailed(e)
             }
-            Inbound::BulkFailed(e)
+        };
+        let failed = matches!(item, Inbound::BulkFailed(_));
+        // Waiting here while the session is behind stops reading the
+        // stream: QUIC flow control then holds the sender back.
+        if inbound.send(item).await.is_err() || failed {
+            return;
         }
-    };
-    let _ = inbound.send(item).await;
+        frames += 1;
+    }
+}
+
+/// A stream per transfer (PROTOCOL §6.4): a download's `download_ready`
+/// and its chunks travel on a unidirectional stream of their own, finished
+/// after the last chunk, so a file never holds up the control stream or
+/// another transfer, and the peer's flow control paces it.
+struct QuicStreams {
+    connection: quinn::Connection,
+    conn: Arc<ConnInfo>,
+    relay: Arc<Relay>,
+    stall: Duration,
+}
+
+impl TransferStreams for QuicStreams {
+    fn open(&self) -> Box<dyn TransferSink> {
+        Box::new(QuicSink {
+            connection: self.connection.clone(),
+            conn: self.conn.clone(),
+            relay: self.relay.clone(),
+            stall: self.stall,
+            stream: None,
+            finished: false,
+        })
+    }
+}
+
+struct QuicSink {
+    connection: quinn::Connection,
+    conn: Arc<ConnInfo>,
+    relay: Arc<Relay>,
+    stall: Duration,
+    /// Opened with the first message.
+    stream: Option<quinn::SendStream>,
+    finished: bool,
+}
+
+impl QuicSink {
+    async fn write(&mut self, msg: Msg) -> Result<(), String> {
+        let stream = match &mut self.stream {
+            Some(stream) => stream,
+            None => {
+                let opened = tokio::time::timeout(self.stall, self.connection.open_uni())
+                    .await
+                    .map_err(|_| "no stream credit for idle_timeout_ms".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                self.stream.insert(opened)
+            }
+        };
+        let message = codec::encode_binary(&msg);
+        let wire = (LENGTH_BYTES + message.len()) as u64;
+        match tokio::time::timeout(self.stall, write_frame(stream, message)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("the peer took nothing for idle_timeout_ms".to_owned()),
+        }
+        self.conn.bytes_out.fetch_add(wire, Ordering::Relaxed);
+        self.relay.metrics.bytes_out(wire);
+        Ok(())
+    }
+}
+
+impl TransferSink for QuicSink {
+    fn send(&mut self, msg: Msg) -> Sent<'_> {
+        Box::pin(self.write(msg))
+    }
+
+    fn finish(&mut self) -> Sent<'_> {
+        self.finished = true;
+        let result = match &mut self.stream {
+            Some(stream) => stream.finish().map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        Box::pin(async move { result })
+    }
+}
+
+impl Drop for QuicSink {
+    fn drop(&mut self) {
+        // Cut short (cancelled, or the file failed): say so, rather than
+        // letting the stream end as if the transfer were complete.
+        if let (Some(stream), false) = (&mut self.stream, self.finished) {
+            let _ = stream.reset(stream_code::ABORTED.into());
+        }
+    }
 }
 
 /// The `error` a client gets for a bulk stream that carried no whole message.
@@ -474,6 +570,15 @@ impl Link for QuicLink {
     async fn heartbeat(&mut self) -> Result<(), ()> {
         // quinn's keep-alive does this.
         Ok(())
+    }
+
+    fn transfer_streams(&self) -> Option<Arc<dyn TransferStreams>> {
+        Some(Arc::new(QuicStreams {
+            connection: self.connection.clone(),
+            conn: self.conn.clone(),
+            relay: self.relay.clone(),
+            stall: self.idle_timeout,
+        }))
     }
 
     fn instance_silence(&self) -> Option<Duration> {

@@ -104,6 +104,7 @@ fn handle(state: &State, id: u64, outbox: &Outbox, frame: &Bytes) -> Option<Byte
             max_message_bytes: 64 << 20,
             instance_idle_timeout_ms: 2_000,
             batch: false,
+            transfers: Vec::new(),
         },
         Msg::Ping { id } => Msg::Pong { id },
         Msg::Subscribe { channel } => {

@@ -503,6 +503,7 @@ pub async fn idle(job: IdleJob) -> anyhow::Result<()> {
                 client: None,
                 token: None,
                 batch: false,
+                resume: None,
             });
             futures_util::SinkExt::send(
                 &mut ws,

@@ -18,13 +18,13 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
 use super::range::{self, Part};
-use super::{Caller, Early, Response, early, file_error, file_name};
-use crate::hooks::{FileAction, FileSubject, MayRegister};
+use super::{Caller, Early, Response, early, file_error, refused};
 use crate::protocol::ErrorCode;
 use crate::state::Relay;
 use crate::store::files::FileRow;
 use crate::transfer::storage::FileError;
-use crate::transport::reply::{Body, empty, status_for};
+use crate::transfer::access;
+use crate::transport::reply::{Body, empty};
 
 /// Bytes read from disk per body frame: large enough for few reads per
 /// megabyte, small enough that a transfer holds little memory.
@@ -37,7 +37,7 @@ pub(super) async fn serve(
     req: &hyper::Request<Incoming>,
 ) -> Result<Response, Early> {
     let file = relay.files.info(id).await.map_err(file_error)?;
-    may_download(relay, caller, &file)?;
+    access::may_download(relay.admission(), caller.who(), &file).map_err(refused)?;
     let (Some(sha256), Some(path)) = (&file.sha256, relay.files.blob_path(&file)) else {
         return Err(early(
             StatusCode::NOT_FOUND,
@@ -108,33 +108,9 @@ pub(super) async fn serve(
     Ok(response)
 }
 
-/// The relay's rule says who may fetch a file at all: its owner (later
-/// also whoever it is offered to); to anyone else it does not exist. The
-/// policy may then narrow that (`may-transfer download`); it cannot widen
-/// it. An upload in progress is fetched by nobody.
-fn may_download(relay: &Relay, caller: &Caller, file: &FileRow) -> Result<(), Early> {
-    if caller.anonymous() || caller.user != file.owner {
-        return Err(file_error(FileError::NotFound));
-    }
-    let metadata = super::metadata(file);
-    let subject = FileSubject {
-        id: &file.id,
-        owner: &file.owner,
-        name: file_name(&metadata),
-        size: file.length,
-    };
-    match relay
-        .admission()
-        .may_transfer(&caller.user, &caller.tier, FileAction::Download, &subject)
-    {
-        MayRegister::Allow | MayRegister::Undecided => Ok(()),
-        MayRegister::Refuse { code, reason } => Err(early(status_for(code), code, &reason)),
-    }
-}
-
 /// The headers every answer about a finished file carries.
 fn describe(response: &mut Response, file: &FileRow, sha256: &str, etag: &str) {
-    let metadata = super::metadata(file);
+    let metadata = access::metadata(file);
     let headers = response.headers_mut();
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Ok(tag) = HeaderValue::from_str(etag) {
@@ -154,7 +130,7 @@ fn describe(response: &mut Response, file: &FileRow, sha256: &str, etag: &str) {
     headers.insert(header::CONTENT_TYPE, content_type);
     headers.insert(
         header::CONTENT_DISPOSITION,
-        HeaderValue::from_str(&attachment(file_name(&metadata)))
+        HeaderValue::from_str(&attachment(access::name(&metadata)))
             .expect("percent-encoding leaves only header-safe bytes"),
     );
     headers.insert(

@@ -1,33 +1,25 @@
 //! `/files/`: uploads by the tus 1.0.0 protocol ([`tus`]) and downloads
 //! with byte ranges ([`download`]), over the relay's file storage
-//! (`transfer::storage`). This module owns who the caller is and what they
-//! may do:
-//!
-//! - every request is admitted by the policy like any other HTTP request,
-//!   and charged to the user's rate as class `files`;
-//! - an upload belongs to whoever started it: only they can see, continue
-//!   or delete it (to anyone else it does not exist);
-//! - starting an upload needs the policy's yes (`may-transfer upload`); a
-//!   policy that does not decide transfers allows none;
-//! - a finished file can be fetched by its owner (and, once push is built,
-//!   by whoever it is offered to); the policy may refuse that
-//!   (`may-transfer download`) but cannot open anyone else's file.
+//! (`transfer::storage`). This module finds out who the caller is: every
+//! request is admitted by the policy like any other HTTP request, and
+//! charged to the user's rate as class `files`; what they may then do is
+//! `transfer::access`'s rule.
 
 mod download;
 mod range;
 mod tus;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use http::{HeaderValue, Method, StatusCode};
 use hyper::body::Incoming;
 
 use crate::delivery::table::ConnGuard;
-use crate::hooks::{FileAction, FileSubject, Handshake, MayRegister};
+use crate::hooks::Handshake;
 use crate::protocol::ErrorCode;
 use crate::state::Relay;
 use crate::store::files::FileRow;
+use crate::transfer::access::{self, Refused, Who};
 use crate::transfer::storage::FileError;
 use crate::transport::reply::{Body, json_error, refusal_response, set_retry_after, status_for};
 
@@ -89,8 +81,11 @@ struct Caller {
 }
 
 impl Caller {
-    fn anonymous(&self) -> bool {
-        self.user.is_empty()
+    fn who(&self) -> Option<Who<'_>> {
+        (!self.user.is_empty()).then_some(Who {
+            user: &self.user,
+            tier: &self.tier,
+        })
     }
 }
 
@@ -128,79 +123,24 @@ fn admit(
     Ok(caller)
 }
 
-/// The policy's answer on `action` (an upload), where only its yes lets the caller through.
-fn policy_allows(
-    relay: &Relay,
-    caller: &Caller,
-    action: FileAction,
-    file: &FileSubject<'_>,
-) -> Result<(), Early> {
-    let verb = match action {
-        FileAction::Upload => "upload",
-        FileAction::Download => "download",
-        FileAction::Push => "push",
-    };
-    if caller.anonymous() {
-        return Err(early(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Forbidden,
-            &format!("only a client the policy identified may {verb} files"),
-        ));
-    }
-    match relay
-        .admission()
-        .may_transfer(&caller.user, &caller.tier, action, file)
-    {
-        MayRegister::Allow => Ok(()),
-        MayRegister::Refuse { code, reason } => Err(early(status_for(code), code, &reason)),
-        MayRegister::Undecided => Err(early(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Forbidden,
-            &format!("the policy does not allow clients to {verb} files"),
-        )),
-    }
+/// A transfer refusal as the JSON error.
+fn refused(refused: Refused) -> Early {
+    early(status_for(refused.code), refused.code, &refused.reason)
 }
 
 /// The caller's own file or upload; anyone else's is reported missing.
 async fn own_file(relay: &Relay, caller: &Caller, id: &str) -> Result<FileRow, Early> {
     let file = relay.files.info(id).await.map_err(file_error)?;
-    if caller.anonymous() || file.owner != caller.user {
-        return Err(file_error(FileError::NotFound));
-    }
+    access::owns(caller.who(), &file).map_err(refused)?;
     Ok(file)
-}
-
-/// A file's metadata as stored (the tus `Upload-Metadata` pairs).
-fn metadata(file: &FileRow) -> BTreeMap<String, String> {
-    serde_json::from_str(&file.metadata).unwrap_or_default()
-}
-
-/// The name a file goes by: its `filename` (tus-js-client, Uppy) or `name`.
-fn file_name(metadata: &BTreeMap<String, String>) -> &str {
-    metadata
-        .get("filename")
-        .or_else(|| metadata.get("name"))
-        .map_or("", String::as_str)
 }
 
 /// A storage refusal as the JSON error with its documented code.
 fn file_error(error: FileError) -> Early {
-    let code = match &error {
-        FileError::NotFound => ErrorCode::NotFound,
-        FileError::TooLarge { .. } | FileError::BeyondLength(_) => ErrorCode::TooLarge,
-        FileError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
-        FileError::OffsetMismatch { .. } => ErrorCode::OffsetMismatch,
-        FileError::Busy => ErrorCode::FileBusy,
-        FileError::ChecksumMismatch(_) => ErrorCode::ChecksumMismatch,
-        FileError::Body(_) => ErrorCode::BadFrame,
-        FileError::Io(_) | FileError::Store(_) => {
-            tracing::warn!(
-                error = &error as &dyn std::error::Error,
-                "file storage failed"
-            );
-            ErrorCode::Internal
-        }
-    };
+    let code = error.code();
+    if code == ErrorCode::Internal {
+        tracing::warn!(error = &error as &dyn std::error::Error, "file storage failed");
+    }
     early(status_for(code), code, &error.to_string())
 }
 

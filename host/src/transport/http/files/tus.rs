@@ -20,11 +20,11 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyDataStream;
 use hyper::body::Incoming;
 
-use super::{Caller, Early, Response, early, file_error, file_name, http_date, own_file};
-use crate::hooks::{FileAction, FileSubject};
+use super::{Caller, Early, Response, early, file_error, http_date, own_file};
 use crate::protocol::ErrorCode;
 use crate::state::Relay;
 use crate::store::files::FileRow;
+use crate::transfer::access;
 use crate::transfer::storage::{Algorithm, Checksum, FileError};
 use crate::transport::reply::empty;
 
@@ -115,17 +115,13 @@ pub(super) async fn create(
     } else {
         None
     };
-    super::policy_allows(
-        relay,
-        caller,
-        FileAction::Upload,
-        &FileSubject {
-            id: "",
-            owner: &caller.user,
-            name: file_name(&metadata),
-            size: length,
-        },
-    )?;
+    access::may_upload(
+        relay.admission(),
+        caller.who(),
+        access::name(&metadata),
+        length,
+    )
+    .map_err(super::refused)?;
     let file = relay
         .files
         .create(&caller.user, length, &metadata)
@@ -179,7 +175,7 @@ pub(super) async fn status(
     if file.sha256.is_none() {
         out.insert(UPLOAD_EXPIRES, http_date(file.expires_at_ms));
     }
-    let metadata = super::metadata(&file);
+    let metadata = access::metadata(&file);
     if !metadata.is_empty()
         && let Ok(value) = HeaderValue::from_str(&encode_metadata(&metadata))
     {

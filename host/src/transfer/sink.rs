@@ -1,0 +1,66 @@
+//! Where a transfer's messages to the peer go. Over WebSocket they join the
+//! bulk lane of the connection's own queue ([`QueueStreams`]), behind
+//! everything else the connection is sent, a window of bytes at a time;
+//! over QUIC each transfer gets a stream of its own (the transport's
+//! implementation), whose flow control is the backpressure.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::delivery::Outbound;
+use crate::delivery::queue::OutboundQueue;
+use crate::protocol::Msg;
+
+/// The outcome of a send: `Err` with why once the peer cannot take more.
+pub type Sent<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// One transfer's way to the peer, in order.
+pub trait TransferSink: Send {
+    /// Sends `msg`, waiting while the peer is behind.
+    fn send(&mut self, msg: Msg) -> Sent<'_>;
+    /// Says the transfer's messages are complete.
+    fn finish(&mut self) -> Sent<'_>;
+}
+
+/// Opens a way to the peer per transfer.
+pub trait TransferStreams: Send + Sync {
+    fn open(&self) -> Box<dyn TransferSink>;
+}
+
+/// Transfers through the connection's outbound queue (WebSocket).
+pub struct QueueStreams {
+    queue: Arc<OutboundQueue>,
+    /// Bytes a transfer may have queued at once.
+    window: usize,
+}
+
+impl QueueStreams {
+    pub fn new(queue: Arc<OutboundQueue>, window: usize) -> Self {
+        Self { queue, window }
+    }
+}
+
+impl TransferStreams for QueueStreams {
+    fn open(&self) -> Box<dyn TransferSink> {
+        Box::new(QueueSink {
+            queue: self.queue.clone(),
+            window: self.window,
+        })
+    }
+}
+
+struct QueueSink {
+    queue: Arc<OutboundQueue>,
+    window: usize,
+}
+
+impl TransferSink for QueueSink {
+    fn send(&mut self, msg: Msg) -> Sent<'_> {
+        Box::pin(self.queue.push_within(Outbound::new(msg), self.window))
+    }
+
+    fn finish(&mut self) -> Sent<'_> {
+        Box::pin(async { Ok(()) })
+    }
+}
