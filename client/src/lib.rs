@@ -129,6 +129,7 @@ impl Client {
                         endpoint: link.endpoint,
                         connection: link.connection,
                         control: link.control,
+                        transfers: Default::default(),
                     },
                     encoding: Encoding::Binary,
                 },
@@ -390,6 +391,9 @@ enum SendLink {
         endpoint: quinn::Endpoint,
         connection: quinn::Connection,
         control: quinn::SendStream,
+        /// Each upload's chunks go on a stream of its own (PROTOCOL §6.4),
+        /// finished after its last chunk.
+        transfers: std::collections::HashMap<String, quinn::SendStream>,
     },
 }
 
@@ -411,10 +415,47 @@ impl Sender {
                 sink.send(Message::Binary(codec::encode_binary(msg)))
                     .await?;
             }
+            (SendLink::Quic { transfers, .. }, _) if matches!(msg, Msg::CancelTransfer { .. }) => {
+                if let Msg::CancelTransfer { id } = msg
+                    && let Some(mut stream) = transfers.remove(id)
+                {
+                    let _ = stream.reset(wasmrelay_protocol::quic::stream_code::ABORTED.into());
+                }
+                self.feed_quic(codec::encode_binary(msg), false).await?;
+            }
+            (SendLink::Quic { .. }, _) if matches!(msg, Msg::Chunk { .. }) => {
+                self.send_chunk_quic(msg).await?;
+            }
             (SendLink::Quic { .. }, _) => {
                 let bulk = is_bulk(msg);
                 self.feed_quic(codec::encode_binary(msg), bulk).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// A chunk over QUIC: on its transfer's own stream.
+    async fn send_chunk_quic(&mut self, msg: &Msg) -> Result<(), Error> {
+        let (
+            SendLink::Quic {
+                connection,
+                transfers,
+                ..
+            },
+            Msg::Chunk { id, last, .. },
+        ) = (&mut self.link, msg)
+        else {
+            return Ok(());
+        };
+        let stream = match transfers.entry(id.clone()) {
+            std::collections::hash_map::Entry::Occupied(open) => open.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(connection.open_uni().await?)
+            }
+        };
+        write_frame(stream, codec::encode_binary(msg)).await?;
+        if *last && let Some(mut stream) = transfers.remove(id) {
+            stream.finish()?;
         }
         Ok(())
     }
@@ -468,6 +509,7 @@ impl Sender {
                 endpoint,
                 connection,
                 mut control,
+                ..
             } => {
                 let _ = control.finish();
                 connection.close(0u32.into(), b"bye");

@@ -1,6 +1,6 @@
 //! The QUIC link: one bidirectional control stream of length-prefixed
-//! frames, plus a unidirectional stream per bulk body in either direction
-//! (PROTOCOL.md §1.1). Reader tasks turn streams into whole frames so a
+//! frames, plus a unidirectional stream per bulk body or file transfer in
+//! either direction (PROTOCOL.md §1.1, §6.4). Reader tasks turn streams into whole frames so a
 //! caller's `select!` never cancels a half-read frame.
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -124,13 +124,18 @@ pub fn inbox(
     tokio::spawn(async move {
         while let Ok(mut bulk) = connection.accept_uni().await {
             let tx = tx.clone();
+            // One bulk body, or the messages of one download: every frame
+            // until the stream finishes.
             tokio::spawn(async move {
-                if let Some(item) = read_frame(&mut bulk, MAX_FRAME, None)
+                while let Some(item) = read_frame(&mut bulk, MAX_FRAME, None)
                     .await
                     .transpose()
                     .map(|r| r.map(tag(true)))
                 {
-                    let _ = tx.send(item).await;
+                    let failed = item.is_err();
+                    if tx.send(item).await.is_err() || failed {
+                        return;
+                    }
                 }
             });
         }

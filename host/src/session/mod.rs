@@ -35,7 +35,7 @@ use crate::transfer::sink::{QueueStreams, TransferStreams};
 use tokio_util::sync::CancellationToken;
 
 mod transfers;
-use transfers::{Transfers, UploadAsk};
+use transfers::{DownloadAsk, Transfers, UploadAsk};
 
 /// The `goaway` every connection is sent when the relay starts draining.
 pub fn goaway(config: &Config) -> Outbound {
@@ -175,8 +175,7 @@ impl Session {
         // Two chunks of a download queued at once: enough to keep the
         // socket busy, little memory per transfer.
         let window = 2 * (relay.config.files.max_chunk_bytes as usize + 256);
-        let streams =
-            streams.unwrap_or_else(|| Arc::new(QueueStreams::new(queue.clone(), window)));
+        let streams = streams.unwrap_or_else(|| Arc::new(QueueStreams::new(queue.clone(), window)));
         let session = Self {
             relay,
             conn,
@@ -355,15 +354,16 @@ impl Session {
                 file,
                 offset,
                 chunk_size,
-            } => self.transfers.download(
-                &self.relay,
-                &self.conn,
-                &self.queue,
-                id,
-                file,
-                offset,
-                chunk_size,
-            ),
+            } => {
+                let ask = DownloadAsk {
+                    id,
+                    file,
+                    offset,
+                    chunk_size,
+                };
+                self.transfers
+                    .download(&self.relay, &self.conn, &self.queue, ask)
+            }
             Msg::CancelTransfer { id } => self.transfers.cancel(id),
             other => Some(Msg::error(
                 ErrorCode::UnexpectedType,
@@ -405,9 +405,7 @@ impl Session {
         self.batch = batch && self.conn.transport() == Transport::Ws;
         // Only the user who left them gets a session's unfinished uploads.
         let transfers = match (resume, self.conn.identity()) {
-            (Some(previous), Some((user, _))) => {
-                self.relay.files.take_unfinished(&previous, &user)
-            }
+            (Some(previous), Some((user, _))) => self.relay.files.take_unfinished(&previous, &user),
             _ => Vec::new(),
         };
         let config = &self.relay.config;

@@ -45,6 +45,14 @@ pub(super) struct UploadAsk {
     pub chunk_size: Option<u32>,
 }
 
+/// What a client asked for in `download`.
+pub(super) struct DownloadAsk {
+    pub id: String,
+    pub file: String,
+    pub offset: u64,
+    pub chunk_size: Option<u32>,
+}
+
 /// Tells the client something about a transfer, through its own queue.
 #[derive(Clone)]
 struct Teller {
@@ -68,9 +76,16 @@ impl Teller {
 
     fn fail(&self, id: &str, error: &FileError) {
         if error.code() == ErrorCode::Internal {
-            tracing::warn!(error = error as &dyn std::error::Error, "file transfer failed");
+            tracing::warn!(
+                error = error as &dyn std::error::Error,
+                "file transfer failed"
+            );
         }
-        self.tell(Msg::error(error.code(), error.to_string(), Some(id.to_owned())));
+        self.tell(Msg::error(
+            error.code(),
+            error.to_string(),
+            Some(id.to_owned()),
+        ));
     }
 }
 
@@ -90,17 +105,17 @@ impl Transfers {
     }
 
     /// Checks a new transfer's `id` against those open; the refusal if any.
-    fn admit(&mut self, relay: &Context, id: &str) -> Result<(), Msg> {
+    fn refusal(&mut self, relay: &Context, id: &str) -> Option<Msg> {
         self.prune();
         if id.is_empty() {
-            return Err(Msg::error(
+            return Some(Msg::error(
                 ErrorCode::BadMessage,
                 "a transfer needs an `id`",
                 None,
             ));
         }
         if self.uploads.contains_key(id) || self.downloads.contains_key(id) {
-            return Err(Msg::error(
+            return Some(Msg::error(
                 ErrorCode::DuplicateId,
                 "a transfer with this id is open on this connection",
                 Some(id.to_owned()),
@@ -108,13 +123,13 @@ impl Transfers {
         }
         let limit = relay.config.files.max_transfers_per_connection;
         if self.uploads.len() + self.downloads.len() >= limit {
-            return Err(Msg::error(
+            return Some(Msg::error(
                 ErrorCode::Overloaded,
                 format!("at most {limit} transfers per connection at once"),
                 Some(id.to_owned()),
             ));
         }
-        Ok(())
+        None
     }
 
     fn chunk_size(relay: &Context, asked: Option<u32>) -> u32 {
@@ -132,7 +147,7 @@ impl Transfers {
         session: String,
         ask: UploadAsk,
     ) -> Option<Msg> {
-        if let Err(refusal) = self.admit(relay, &ask.id) {
+        if let Some(refusal) = self.refusal(relay, &ask.id) {
             return Some(refusal);
         }
         let id = ask.id.clone();
@@ -189,12 +204,7 @@ impl Transfers {
 
     /// `chunk`: hands the bytes to their upload's writer; while its buffer
     /// is full the connection reads nothing more (`pressure`).
-    pub fn chunk(
-        &mut self,
-        id: String,
-        piece: Piece,
-        pressure: &mut Pressure,
-    ) -> Option<Msg> {
+    pub fn chunk(&mut self, id: String, piece: Piece, pressure: &mut Pressure) -> Option<Msg> {
         let Some(chunks) = self.uploads.get(&id) else {
             return Some(Msg::error(
                 ErrorCode::UnknownTransfer,
@@ -230,12 +240,15 @@ impl Transfers {
         relay: &Context,
         conn: &Arc<ConnInfo>,
         queue: &Arc<OutboundQueue>,
-        id: String,
-        file: String,
-        offset: u64,
-        chunk_size: Option<u32>,
+        ask: DownloadAsk,
     ) -> Option<Msg> {
-        if let Err(refusal) = self.admit(relay, &id) {
+        let DownloadAsk {
+            id,
+            file,
+            offset,
+            chunk_size,
+        } = ask;
+        if let Some(refusal) = self.refusal(relay, &id) {
             return Some(refusal);
         }
         let task = DownloadTask {
@@ -334,9 +347,15 @@ impl UploadTask {
             let teller = self.teller.clone();
             move |msg| teller.tell(msg)
         };
-        let written =
-            upload::receive(&self.files, self.id.clone(), &file, self.chunk_size, pieces, refuse)
-                .await;
+        let written = upload::receive(
+            &self.files,
+            self.id.clone(),
+            &file,
+            self.chunk_size,
+            pieces,
+            refuse,
+        )
+        .await;
         match written {
             Ok(done) => match done.sha256 {
                 Some(sha256) => self.teller.tell(Msg::UploadDone {

@@ -60,7 +60,9 @@ pub enum FileError {
     Busy,
     #[error("the chunk does not match its {0} checksum; it was discarded")]
     ChecksumMismatch(&'static str),
-    #[error("the whole file's SHA-256 is {actual}, not the {expected} declared; the upload starts over at offset 0")]
+    #[error(
+        "the whole file's SHA-256 is {actual}, not the {expected} declared; the upload starts over at offset 0"
+    )]
     DigestMismatch { expected: String, actual: String },
     #[error("{0} uploads in progress already; finish or delete one first")]
     TooManyUploads(u64),
@@ -560,11 +562,14 @@ impl Storage {
 
     /// Notes that `session` (of `user`) left `upload` unfinished.
     pub fn leave_unfinished(&self, session: &str, user: &str, upload: Unfinished) {
-        let mut left = self.unfinished.entry(session.to_owned()).or_insert_with(|| Left {
-            user: user.to_owned(),
-            uploads: Vec::new(),
-            at_ms: wall_ms(),
-        });
+        let mut left = self
+            .unfinished
+            .entry(session.to_owned())
+            .or_insert_with(|| Left {
+                user: user.to_owned(),
+                uploads: Vec::new(),
+                at_ms: wall_ms(),
+            });
         left.uploads.retain(|u| u.file != upload.file);
         left.uploads.push(upload);
         left.at_ms = wall_ms();

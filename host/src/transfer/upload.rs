@@ -81,7 +81,10 @@ impl Checked {
                 }
                 Some((
                     ErrorCode::OffsetMismatch,
-                    format!("chunk {} is at offset {}, not {}", piece.seq, piece.offset, self.at),
+                    format!(
+                        "chunk {} is at offset {}, not {}",
+                        piece.seq, piece.offset, self.at
+                    ),
                 ))
             } else if piece.data.len() > self.chunk_size as usize {
                 Some((
@@ -96,12 +99,18 @@ impl Checked {
             } else if self.at + piece.data.len() as u64 > self.size {
                 Some((
                     ErrorCode::TooLarge,
-                    format!("chunk {} runs past the file's {} bytes", piece.seq, self.size),
+                    format!(
+                        "chunk {} runs past the file's {} bytes",
+                        piece.seq, self.size
+                    ),
                 ))
             } else if crc32c::crc32c(&piece.data) != piece.crc32c {
                 Some((
                     ErrorCode::ChecksumMismatch,
-                    format!("chunk {} does not match its crc32c; it was discarded", piece.seq),
+                    format!(
+                        "chunk {} does not match its crc32c; it was discarded",
+                        piece.seq
+                    ),
                 ))
             } else if piece.last && self.at + piece.data.len() as u64 != self.size {
                 Some((

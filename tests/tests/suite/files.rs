@@ -15,7 +15,7 @@ use wasmrelay_tests::TestRelay;
 const VIP: &str = "vip-demo-token";
 const NORMAL: &str = "normal-demo-token";
 
-async fn demo_relay(edit: impl FnOnce(&mut wasmrelay::Config)) -> TestRelay {
+pub(crate) async fn demo_relay(edit: impl FnOnce(&mut wasmrelay::Config)) -> TestRelay {
     TestRelay::start_with(|c| {
         c.plugins.bundled = vec!["tiered-policy".to_owned()];
         edit(c);
@@ -24,7 +24,7 @@ async fn demo_relay(edit: impl FnOnce(&mut wasmrelay::Config)) -> TestRelay {
 }
 
 /// Deterministic bytes that differ everywhere (xorshift), and the seed used.
-fn content(len: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn content(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed | 1;
     (0..len)
         .map(|_| {
@@ -36,7 +36,7 @@ fn content(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -45,7 +45,7 @@ fn seed() -> u64 {
     seed
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     sha2::Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -68,7 +68,7 @@ fn tus(method: Method, url: &str, token: Option<&str>) -> reqwest::RequestBuilde
 }
 
 /// Starts an upload of `length` bytes named `name`; its URL.
-async fn create(relay: &TestRelay, token: &str, length: usize, name: &str) -> String {
+pub(crate) async fn create(relay: &TestRelay, token: &str, length: usize, name: &str) -> String {
     let response = tus(Method::POST, &relay.url("/files/"), Some(token))
         .header("Upload-Length", length.to_string())
         .header(
@@ -96,7 +96,7 @@ fn header_number(response: &reqwest::Response, name: &str) -> u64 {
     response.headers()[name].to_str().unwrap().parse().unwrap()
 }
 
-async fn patch(url: &str, token: &str, at: u64, chunk: Vec<u8>) -> reqwest::Response {
+pub(crate) async fn patch(url: &str, token: &str, at: u64, chunk: Vec<u8>) -> reqwest::Response {
     tus(Method::PATCH, url, Some(token))
         .header("Upload-Offset", at.to_string())
         .header("Content-Type", "application/offset+octet-stream")
@@ -319,8 +319,9 @@ fn sha1_b64(bytes: &[u8]) -> String {
     b64(&sha1::Sha1::digest(bytes))
 }
 
-/// CRC-32C (Castagnoli), big-endian, base64: the bitwise definition.
-fn crc32c_b64(bytes: &[u8]) -> String {
+/// CRC-32C (Castagnoli) by its bitwise definition (the relay uses a
+/// table-driven crate).
+pub(crate) fn crc32c(bytes: &[u8]) -> u32 {
     let mut crc = !0u32;
     for &b in bytes {
         crc ^= u32::from(b);
@@ -332,7 +333,12 @@ fn crc32c_b64(bytes: &[u8]) -> String {
             };
         }
     }
-    b64(&(!crc).to_be_bytes())
+    !crc
+}
+
+/// As tus's `Upload-Checksum` has it: big-endian, base64.
+fn crc32c_b64(bytes: &[u8]) -> String {
+    b64(&crc32c(bytes).to_be_bytes())
 }
 
 #[tokio::test]

@@ -19,3 +19,4 @@ mod security;
 mod spaces;
 mod tasks;
 mod tls;
+mod transfers;

@@ -22,8 +22,8 @@ use super::{Caller, Early, Response, early, file_error, refused};
 use crate::protocol::ErrorCode;
 use crate::state::Relay;
 use crate::store::files::FileRow;
-use crate::transfer::storage::FileError;
 use crate::transfer::access;
+use crate::transfer::storage::FileError;
 use crate::transport::reply::{Body, empty};
 
 /// Bytes read from disk per body frame: large enough for few reads per

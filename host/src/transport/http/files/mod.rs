@@ -139,7 +139,10 @@ async fn own_file(relay: &Relay, caller: &Caller, id: &str) -> Result<FileRow, E
 fn file_error(error: FileError) -> Early {
     let code = error.code();
     if code == ErrorCode::Internal {
-        tracing::warn!(error = &error as &dyn std::error::Error, "file storage failed");
+        tracing::warn!(
+            error = &error as &dyn std::error::Error,
+            "file storage failed"
+        );
     }
     early(status_for(code), code, &error.to_string())
 }
