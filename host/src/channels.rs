@@ -194,6 +194,28 @@ impl Channels {
         self.map.is_empty()
     }
 
+    /// Gives `notice` (not a channel message: no sequence number) to every
+    /// current subscriber of `channel`; how many.
+    pub fn notify(&self, channel: &str, notice: &Outbound) -> usize {
+        let Some(ch) = self.map.get(channel).map(|c| c.clone()) else {
+            return 0;
+        };
+        let state = ch.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut told = 0;
+        for sub in state.subscribers.values() {
+            if deliver(
+                &sub.conn,
+                &sub.queue,
+                notice.clone(),
+                Overflow::DropNewest,
+                &self.metrics,
+            ) {
+                told += 1;
+            }
+        }
+        told
+    }
+
     /// Tells the subscribers (but `except` the one who just joined, who gets
     /// the count in `subscribed`) the channel's new presence count.
     fn announce(&self, channel: &str, count: u64, state: &ChannelState, except: Option<u64>) {

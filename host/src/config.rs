@@ -346,6 +346,10 @@ pub struct FilesConfig {
     pub max_chunk_bytes: u32,
     /// Uploads and downloads one connection may have open at once.
     pub max_transfers_per_connection: usize,
+    /// How long an offer (push) stays open when the offer names no TTL.
+    pub offer_ttl_ms: u64,
+    /// The longest TTL an offer may ask for.
+    pub max_offer_ttl_ms: u64,
 }
 
 impl Default for FilesConfig {
@@ -361,6 +365,8 @@ impl Default for FilesConfig {
             max_uploads_per_user: 64,
             max_chunk_bytes: 256 * 1024,
             max_transfers_per_connection: 8,
+            offer_ttl_ms: 24 * 60 * 60 * 1000,
+            max_offer_ttl_ms: 7 * 24 * 60 * 60 * 1000,
         }
     }
 }
@@ -693,6 +699,30 @@ impl Config {
             return Err(invalid(
                 "files.body_idle_timeout_ms",
                 "must be at least 100",
+            ));
+        }
+        if f.max_uploads_per_user == 0 {
+            return Err(invalid("files.max_uploads_per_user", "must be greater than 0"));
+        }
+        if f.max_transfers_per_connection == 0 {
+            return Err(invalid(
+                "files.max_transfers_per_connection",
+                "must be greater than 0",
+            ));
+        }
+        // A chunk and its header must fit in one message.
+        if f.max_chunk_bytes < 1024
+            || f.max_chunk_bytes as usize + 1024 > self.limits.max_message_bytes
+        {
+            return Err(invalid(
+                "files.max_chunk_bytes",
+                "must be at least 1024 and at most limits.max_message_bytes - 1024",
+            ));
+        }
+        if f.offer_ttl_ms == 0 || f.offer_ttl_ms > f.max_offer_ttl_ms {
+            return Err(invalid(
+                "files.offer_ttl_ms",
+                "must be greater than 0 and at most files.max_offer_ttl_ms",
             ));
         }
         let t = &self.tasks;

@@ -227,7 +227,7 @@ pub async fn run(
         tokio::spawn(transport::quic::accept_loop(relay.clone(), endpoint))
     });
     let expiry = tokio::spawn(housekeeping(relay.clone()));
-    let file_expiry = tokio::spawn(expire_files(relay.files.clone()));
+    let file_expiry = tokio::spawn(expire_files(relay.files.clone(), relay.offers.clone()));
     let watcher = relay
         .config
         .plugins
@@ -355,11 +355,19 @@ async fn restore_uploads(relay: &Relay) -> Result<(), RunError> {
 }
 
 /// Removes abandoned uploads and files past their time, once a minute.
-async fn expire_files(files: Arc<crate::transfer::storage::Storage>) {
+async fn expire_files(
+    files: Arc<crate::transfer::storage::Storage>,
+    offers: Arc<crate::transfer::offers::Offers>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        match offers.expire().await {
+            Ok(0) => {}
+            Ok(expired) => tracing::info!(expired, "offers expired"),
+            Err(e) => tracing::warn!(error = %e, "offers not expired"),
+        }
         match files.expire().await {
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "expired files removed"),

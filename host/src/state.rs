@@ -27,6 +27,7 @@ use crate::spaces::{Directory, Spaces};
 use crate::store::{Store, StoreError};
 use crate::tasks::Tasks;
 use crate::tasks::files::Refusals;
+use crate::transfer::offers::{OfferLimits, Offers};
 use crate::transfer::storage::{FileLimits, Storage};
 
 /// The database's file name in the data directory.
@@ -75,6 +76,8 @@ pub struct Relay {
     pub(crate) kv: Arc<KvStore>,
     /// Uploaded and pushed files.
     pub(crate) files: Arc<Storage>,
+    /// Files offered to users, channels and sessions (push).
+    pub(crate) offers: Arc<Offers>,
     /// The task manager, set by `relay::run` once the plugins are loaded
     /// (runs need them) and before any listener accepts.
     pub(crate) tasks: OnceLock<Tasks>,
@@ -124,7 +127,20 @@ impl Relay {
             },
         )
         .map_err(StartError::Files)?;
+        let files = Arc::new(files);
         let table = Arc::new(ConnTable::default());
+        let offers = Arc::new(Offers::new(
+            store.clone(),
+            files.clone(),
+            table.clone(),
+            channels.clone(),
+            metrics.clone(),
+            node.clone(),
+            OfferLimits {
+                default_ttl_ms: limits.offer_ttl_ms,
+                max_ttl_ms: limits.max_offer_ttl_ms,
+            },
+        ));
         let started = Instant::now();
         let services = HostServices {
             bus: bus.clone(),
@@ -157,7 +173,8 @@ impl Relay {
             admin,
             store,
             kv,
-            files: Arc::new(files),
+            files,
+            offers,
             tasks: OnceLock::new(),
             task_file_refusals: Refusals::default(),
             config: Arc::new(config),
@@ -192,6 +209,7 @@ impl Relay {
             hooks: self.plugins.clone(),
             draining: self.draining.clone(),
             files: self.files.clone(),
+            offers: self.offers.clone(),
         }
     }
 

@@ -196,7 +196,8 @@ pub enum Msg {
         size: u64,
         sha256: String,
     },
-    /// Client → relay: send file `file` from `offset`.
+    /// Client → relay: send file `file` from `offset` (with `offer`: a
+    /// file offered to this client, `file_offer.offer`).
     Download {
         id: String,
         file: String,
@@ -204,6 +205,36 @@ pub enum Msg {
         offset: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         chunk_size: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offer: Option<String>,
+    },
+    /// Client → relay: offer file `file` (one of this client's) to `to`,
+    /// for `ttl_ms` (the relay's default when absent).
+    Offer {
+        id: String,
+        file: String,
+        to: Target,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+    },
+    /// Relay → client: offer `id` was made; `delivered` connections were
+    /// told at once (the rest are told when they connect).
+    Offered {
+        id: String,
+        offer: String,
+        delivered: u64,
+    },
+    /// Relay → client: a file is offered to this client; pull it with
+    /// `download` (naming `offer`) or `GET /files/{file}?offer=…`.
+    FileOffer {
+        offer: String,
+        file: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        name: String,
+        size: u64,
+        sha256: String,
+        from: String,
+        expires_at_ms: i64,
     },
     /// Relay → client: what download `id` sends, before its first chunk.
     DownloadReady {
@@ -233,6 +264,18 @@ pub enum Msg {
     CancelTransfer {
         id: String,
     },
+}
+
+/// Who a file is offered to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// Every connection of this user, now and until the offer expires.
+    User(String),
+    /// The connections subscribed to this channel now.
+    Channel(String),
+    /// One connection (`welcome.session`), or the one that resumes it.
+    Session(String),
 }
 
 /// An upload a previous connection left unfinished (`welcome.transfers`).
@@ -325,6 +368,9 @@ impl Msg {
             Msg::DownloadReady { .. } => "download_ready",
             Msg::Chunk { .. } => "chunk",
             Msg::CancelTransfer { .. } => "cancel_transfer",
+            Msg::Offer { .. } => "offer",
+            Msg::Offered { .. } => "offered",
+            Msg::FileOffer { .. } => "file_offer",
         }
     }
 
@@ -418,6 +464,9 @@ pub const KNOWN_TYPES: &[&str] = &[
     "download_ready",
     "chunk",
     "cancel_transfer",
+    "offer",
+    "offered",
+    "file_offer",
 ];
 
 /// A message payload: raw bytes. In JSON it is a string when the bytes are

@@ -160,6 +160,11 @@ impl ConnInfo {
         let _ = self.queue.set(queue);
     }
 
+    /// The connection's outbound queue, once it speaks the protocol.
+    pub fn queue(&self) -> Option<Arc<OutboundQueue>> {
+        self.queue.get().cloned()
+    }
+
     pub fn queue_depth(&self) -> usize {
         self.queue.get().map_or(0, |q| q.len())
     }
@@ -280,6 +285,15 @@ impl ConnTable {
 
     pub fn len(&self) -> usize {
         self.rows.len()
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<ConnInfo>> {
+        self.rows.get(&id).map(|row| row.clone())
+    }
+
+    /// Every row, in no order.
+    pub fn all(&self) -> Vec<Arc<ConnInfo>> {
+        self.rows.iter().map(|row| row.clone()).collect()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -35,7 +35,7 @@ use crate::transfer::sink::{QueueStreams, TransferStreams};
 use tokio_util::sync::CancellationToken;
 
 mod transfers;
-use transfers::{DownloadAsk, Transfers, UploadAsk};
+use transfers::{DownloadAsk, OfferAsk, Transfers, UploadAsk};
 
 /// The `goaway` every connection is sent when the relay starts draining.
 pub fn goaway(config: &Config) -> Outbound {
@@ -65,6 +65,8 @@ pub struct Context {
     pub draining: CancellationToken,
     /// Uploaded and pushed files.
     pub files: Arc<crate::transfer::storage::Storage>,
+    /// Files offered to clients (push).
+    pub offers: Arc<crate::transfer::offers::Offers>,
 }
 
 impl Context {
@@ -296,6 +298,7 @@ impl Session {
             | Msg::Register { .. }
             | Msg::Upload { .. }
             | Msg::Download { .. }
+            | Msg::Offer { .. }
                 if let Some(throttled) = self.charge(None, None) =>
             {
                 Some(throttled)
@@ -354,15 +357,32 @@ impl Session {
                 file,
                 offset,
                 chunk_size,
+                offer,
             } => {
                 let ask = DownloadAsk {
                     id,
                     file,
                     offset,
                     chunk_size,
+                    offer,
                 };
                 self.transfers
                     .download(&self.relay, &self.conn, &self.queue, ask)
+            }
+            Msg::Offer {
+                id,
+                file,
+                to,
+                ttl_ms,
+            } => {
+                let ask = OfferAsk {
+                    id,
+                    file,
+                    to,
+                    ttl_ms,
+                };
+                self.transfers
+                    .offer(&self.relay, &self.conn, &self.queue, ask)
             }
             Msg::CancelTransfer { id } => self.transfers.cancel(id),
             other => Some(Msg::error(
@@ -403,11 +423,19 @@ impl Session {
         }
         // QUIC's control stream carries messages back to back already.
         self.batch = batch && self.conn.transport() == Transport::Ws;
+        let user = self.conn.identity().map(|(user, _)| user);
         // Only the user who left them gets a session's unfinished uploads.
-        let transfers = match (resume, self.conn.identity()) {
-            (Some(previous), Some((user, _))) => self.relay.files.take_unfinished(&previous, &user),
+        let transfers = match (&resume, &user) {
+            (Some(previous), Some(user)) => self.relay.files.take_unfinished(previous, user),
             _ => Vec::new(),
         };
+        // Files offered while this client was away are told after the
+        // `welcome` (queued, so they follow it).
+        if user.is_some() || resume.is_some() {
+            let offers = self.relay.offers.clone();
+            let (conn, queue) = (self.conn.clone(), self.queue.clone());
+            tokio::spawn(async move { offers.tell_open(conn, queue, user, resume).await });
+        }
         let config = &self.relay.config;
         Msg::Welcome {
             v: VERSION,

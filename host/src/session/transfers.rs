@@ -19,9 +19,10 @@ use crate::delivery::queue::{OutboundQueue, Overflow};
 use crate::delivery::table::ConnInfo;
 use crate::delivery::{Outbound, Pressure, deliver};
 use crate::metrics::Metrics;
-use crate::protocol::{Data, ErrorCode, Msg, Unfinished};
+use crate::protocol::{Data, ErrorCode, Msg, Target, Unfinished};
 use crate::transfer::access::{self, Who};
 use crate::transfer::download::{self, Outgoing, Stopped};
+use crate::transfer::offers;
 use crate::transfer::sink::TransferStreams;
 use crate::transfer::storage::{DIGEST_KEY, FileError};
 use crate::transfer::upload::{self, Piece};
@@ -51,6 +52,15 @@ pub(super) struct DownloadAsk {
     pub file: String,
     pub offset: u64,
     pub chunk_size: Option<u32>,
+    pub offer: Option<String>,
+}
+
+/// What a client asked for in `offer`.
+pub(super) struct OfferAsk {
+    pub id: String,
+    pub file: String,
+    pub to: Target,
+    pub ttl_ms: Option<u64>,
 }
 
 /// Tells the client something about a transfer, through its own queue.
@@ -247,6 +257,7 @@ impl Transfers {
             file,
             offset,
             chunk_size,
+            offer,
         } = ask;
         if let Some(refusal) = self.refusal(relay, &id) {
             return Some(refusal);
@@ -263,8 +274,51 @@ impl Transfers {
             chunk_size: Self::chunk_size(relay, chunk_size),
         };
         let sink = self.streams.open();
-        let handle = tokio::spawn(task.run(file, offset, sink));
+        let handle = tokio::spawn(task.run(file, offset, offer, sink));
         self.downloads.insert(id, handle.abort_handle());
+        None
+    }
+
+    /// `offer`: offers one of this client's files to others, on a task of
+    /// its own, which answers `offered`.
+    pub fn offer(
+        &self,
+        relay: &Context,
+        conn: &Arc<ConnInfo>,
+        queue: &Arc<OutboundQueue>,
+        ask: OfferAsk,
+    ) -> Option<Msg> {
+        if ask.id.is_empty() {
+            return Some(Msg::error(ErrorCode::BadMessage, "an offer needs an `id`", None));
+        }
+        let teller = Teller {
+            conn: conn.clone(),
+            queue: queue.clone(),
+            metrics: relay.metrics.clone(),
+        };
+        let (relay, identity) = (relay.clone(), conn.identity());
+        tokio::spawn(async move {
+            let who = identity.as_ref().map(|(user, tier)| Who { user, tier });
+            let offered = async {
+                let file = relay.files.info(&ask.file).await?;
+                offers::may_push(relay.hooks.as_ref(), who, &file)?;
+                let from = who.map(|w| w.user).unwrap_or_default();
+                relay.offers.offer(from, &ask.file, ask.to, ask.ttl_ms).await
+            };
+            match offered.await {
+                Ok((offer, delivered)) => teller.tell(Msg::Offered {
+                    id: ask.id,
+                    offer: offer.id,
+                    delivered,
+                }),
+                Err(e) => {
+                    if e.code() == ErrorCode::Internal {
+                        tracing::warn!(error = &e as &dyn std::error::Error, "offer failed");
+                    }
+                    teller.tell(Msg::error(e.code(), e.to_string(), Some(ask.id)));
+                }
+            }
+        });
         None
     }
 
@@ -407,6 +461,7 @@ impl DownloadTask {
         self,
         file: String,
         offset: u64,
+        offer: Option<String>,
         mut sink: Box<dyn crate::transfer::sink::TransferSink>,
     ) {
         let who = self
@@ -417,7 +472,19 @@ impl DownloadTask {
             Ok(file) => file,
             Err(e) => return self.teller.fail(&self.id, &e),
         };
-        if let Err(refused) = access::may_download(self.relay.hooks.as_ref(), who, &file) {
+        let offered = match &offer {
+            Some(offer) => match self.relay.offers.for_recipient(offer, &file.id, who).await {
+                Ok(_) => true,
+                Err(refused) => {
+                    return self
+                        .teller
+                        .tell(Msg::error(refused.code, refused.reason, Some(self.id)));
+                }
+            },
+            None => false,
+        };
+        if let Err(refused) = access::may_download(self.relay.hooks.as_ref(), who, &file, offered)
+        {
             return self
                 .teller
                 .tell(Msg::error(refused.code, refused.reason, Some(self.id)));
@@ -448,8 +515,15 @@ impl DownloadTask {
             offset,
             chunk_size: self.chunk_size,
         };
+        if let Some(offer) = &offer {
+            self.relay.offers.pulling(offer).await;
+        }
         match download::send(outgoing, sink.as_mut()).await {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Some(offer) = &offer {
+                    self.relay.offers.pulled(offer).await;
+                }
+            }
             Err(Stopped::Peer(why)) => tracing::debug!(id = %self.id, %why, "download stopped"),
             Err(Stopped::Disk(e)) => {
                 self.teller.fail(&self.id, &FileError::Io(e));

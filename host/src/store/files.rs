@@ -76,6 +76,14 @@ pub fn advance(
     )? > 0)
 }
 
+/// Keeps a finished file at least until `until_ms`.
+pub fn keep_until(conn: &mut Connection, id: &str, until_ms: i64) -> rusqlite::Result<bool> {
+    Ok(conn.execute(
+        "UPDATE files SET expires_at_ms = max(expires_at_ms, ?2) WHERE id = ?1 AND sha256 IS NOT NULL",
+        params![id, until_ms],
+    )? > 0)
+}
+
 pub fn delete(conn: &mut Connection, id: &str) -> rusqlite::Result<bool> {
     Ok(conn.execute("DELETE FROM files WHERE id = ?1", params![id])? > 0)
 }

@@ -7,9 +7,10 @@
 //! forward at open ([`MIGRATIONS`], tracked in `PRAGMA user_version`); a
 //! database from a newer relay is refused rather than guessed at. Each
 //! feature keeps its queries in a module of its own ([`kv`], [`plugins`],
-//! [`tasks`], [`files`]).
+//! [`tasks`], [`files`], [`offers`]).
 
 pub mod files;
+pub mod offers;
 pub mod kv;
 pub mod plugins;
 pub mod tasks;
@@ -86,6 +87,25 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX files_by_owner ON files (owner);
     CREATE INDEX files_by_expiry ON files (expires_at_ms);",
+    // 5: offers: files pushed to users, channels and sessions, with their
+    // delivery state (see transfer::offers).
+    "CREATE TABLE offers (
+        id TEXT PRIMARY KEY,
+        file TEXT NOT NULL,
+        from_user TEXT NOT NULL,
+        target_kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        to_user TEXT NOT NULL,
+        state TEXT NOT NULL,
+        pulls INTEGER NOT NULL DEFAULT 0,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL,
+        reason TEXT
+    );
+    CREATE INDEX offers_by_target ON offers (target_kind, target, state);
+    CREATE INDEX offers_by_file ON offers (file);
+    CREATE INDEX offers_by_state ON offers (state, expires_at_ms);",
 ];
 
 /// Queries waiting for the store's thread; callers wait for room beyond it.

@@ -5,9 +5,10 @@
 //!   allows none;
 //! - an upload in progress belongs to whoever started it: to anyone else it
 //!   does not exist;
-//! - a finished file can be fetched by its owner (and, once push is built,
-//!   by whoever it is offered to); the policy may refuse that (`may-transfer
-//!   download`) but cannot open anyone else's file.
+//! - a finished file can be fetched by its owner and by the recipients of
+//!   an open offer of it (`offers`); the policy may refuse that
+//!   (`may-transfer download`) but cannot open anyone else's file;
+//! - offering a file needs its owner and the policy's yes (`push`).
 
 use std::collections::BTreeMap;
 
@@ -75,14 +76,22 @@ pub fn owns(who: Option<Who<'_>>, file: &FileRow) -> Result<(), Refused> {
     }
 }
 
-/// Whether `who` may fetch `file`.
+/// Whether `who` may fetch `file`: its owner, or (`offered`) a recipient
+/// of an open offer of it, as `offers` found; then the policy may say no.
 pub fn may_download(
     admission: &dyn Admission,
     who: Option<Who<'_>>,
     file: &FileRow,
+    offered: bool,
 ) -> Result<(), Refused> {
-    owns(who, file)?;
-    let who = who.expect("an owner is someone");
+    if !offered {
+        owns(who, file)?;
+    }
+    // A channel offer may reach anonymous subscribers: nothing for the
+    // policy to ask about them.
+    let Some(who) = who else {
+        return Ok(());
+    };
     let metadata = metadata(file);
     let subject = FileSubject {
         id: &file.id,

@@ -541,6 +541,17 @@ impl Storage {
         Ok(true)
     }
 
+    /// Keeps finished file `id` at least until `until_ms` (an offer of it
+    /// is open that long).
+    pub async fn keep_until(&self, id: &str, until_ms: i64) -> Result<(), FileError> {
+        let key = id.to_owned();
+        let kept = self
+            .store
+            .call(move |conn| rows::keep_until(conn, &key, until_ms))
+            .await?;
+        if kept { Ok(()) } else { Err(FileError::NotFound) }
+    }
+
     /// Removes a file or an upload, bytes and row.
     pub async fn delete(&self, id: &str) -> Result<(), FileError> {
         let file = self.info(id).await?;

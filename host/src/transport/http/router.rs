@@ -73,6 +73,13 @@ pub(super) async fn route(
             let id = (*id).to_owned();
             files::route(relay, guard, Some(id), req).await
         }
+        (_, ["admin", "files" | "offers", ..]) => {
+            if let Err(denied) = admin::authorize(&relay, req.headers()) {
+                denied
+            } else {
+                files::operator(relay, req).await
+            }
+        }
         (_, ["admin", "plugins", ..]) => {
             if let Err(denied) = admin::authorize(&relay, req.headers()) {
                 denied

@@ -10,7 +10,9 @@
 use std::io::SeekFrom;
 
 use base64::Engine;
-use futures_util::TryStreamExt;
+use std::sync::Arc;
+
+use futures_util::{StreamExt, TryStreamExt};
 use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -23,6 +25,7 @@ use crate::protocol::ErrorCode;
 use crate::state::Relay;
 use crate::store::files::FileRow;
 use crate::transfer::access;
+use crate::transfer::offers::Offers;
 use crate::transfer::storage::FileError;
 use crate::transport::reply::{Body, empty};
 
@@ -37,7 +40,19 @@ pub(super) async fn serve(
     req: &hyper::Request<Incoming>,
 ) -> Result<Response, Early> {
     let file = relay.files.info(id).await.map_err(file_error)?;
-    access::may_download(relay.admission(), caller.who(), &file).map_err(refused)?;
+    let offer = offer_in(req.uri().query());
+    let offered = match &offer {
+        Some(offer) => {
+            relay
+                .offers
+                .for_recipient(offer, &file.id, caller.who())
+                .await
+                .map_err(refused)?;
+            true
+        }
+        None => false,
+    };
+    access::may_download(relay.admission(), caller.who(), &file, offered).map_err(refused)?;
     let (Some(sha256), Some(path)) = (&file.sha256, relay.files.blob_path(&file)) else {
         return Err(early(
             StatusCode::NOT_FOUND,
@@ -104,8 +119,26 @@ pub(super) async fn serve(
     blob.seek(SeekFrom::Start(start))
         .await
         .map_err(|e| file_error(FileError::Io(e)))?;
-    *response.body_mut() = stream(blob.take(count));
+    let reaches_end = start + count == file.length;
+    let pulled = match offer {
+        Some(offer) => {
+            relay.offers.pulling(&offer).await;
+            // The offer is done once a pull has sent the file's last byte.
+            reaches_end.then(|| (relay.offers.clone(), offer))
+        }
+        None => None,
+    };
+    *response.body_mut() = stream(blob.take(count), pulled);
     Ok(response)
+}
+
+/// `offer=…` in the query: the download is of a file offered to the caller.
+fn offer_in(query: Option<&str>) -> Option<String> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("offer="))
+        .filter(|offer| !offer.is_empty())
+        .map(str::to_owned)
 }
 
 /// The headers every answer about a finished file carries.
@@ -156,20 +189,29 @@ fn is_media_type(value: &str) -> bool {
         .is_some_and(|(kind, sub)| token(kind) && token(sub))
 }
 
-/// `attachment; filename*=UTF-8''…` (RFC 6266 / 8187), any name made safe.
+/// `attachment; filename*=UTF-8''…` (RFC 6266 / 8187), any name made safe:
+/// everything but RFC 8187's attr-chars is percent-encoded.
 fn attachment(name: &str) -> String {
+    const NOT_ATTR_CHAR: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'!')
+        .remove(b'#')
+        .remove(b'$')
+        .remove(b'&')
+        .remove(b'+')
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'^')
+        .remove(b'_')
+        .remove(b'`')
+        .remove(b'|')
+        .remove(b'~');
     if name.is_empty() {
         return "attachment".to_owned();
     }
-    let mut encoded = String::with_capacity(name.len());
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
-            encoded.push(b as char);
-        } else {
-            encoded.push_str(&format!("%{b:02X}"));
-        }
-    }
-    format!("attachment; filename*=UTF-8''{encoded}")
+    format!(
+        "attachment; filename*=UTF-8''{}",
+        percent_encoding::utf8_percent_encode(name, NOT_ATTR_CHAR)
+    )
 }
 
 fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
@@ -179,9 +221,20 @@ fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn stream(reader: impl tokio::io::AsyncRead + Send + 'static) -> Body {
+/// The file's bytes as a body; with `pulled`, its offer is recorded done
+/// when the last of them has been handed to the connection.
+fn stream(
+    reader: impl tokio::io::AsyncRead + Send + 'static,
+    pulled: Option<(Arc<Offers>, String)>,
+) -> Body {
     let frames = ReaderStream::with_capacity(reader, READ_BUFFER).map_ok(Frame::data);
-    StreamBody::new(frames).boxed_unsync()
+    let done = futures_util::stream::once(async move {
+        if let Some((offers, offer)) = pulled {
+            offers.pulled(&offer).await;
+        }
+    })
+    .filter_map(|()| async { None });
+    StreamBody::new(frames.chain(done)).boxed_unsync()
 }
 
 #[cfg(test)]

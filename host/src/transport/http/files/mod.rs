@@ -6,6 +6,7 @@
 //! `transfer::access`'s rule.
 
 mod download;
+mod operator;
 mod range;
 mod tus;
 
@@ -24,6 +25,7 @@ use crate::transfer::storage::FileError;
 use crate::transport::reply::{Body, json_error, refusal_response, set_retry_after, status_for};
 
 pub use tus::TUS_VERSION;
+pub(super) use operator::route as operator;
 
 type Response = hyper::Response<Body>;
 

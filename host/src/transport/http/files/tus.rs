@@ -250,7 +250,7 @@ pub(super) async fn terminate(
 
 /// Writes a chunk on a task of the relay's own: if the client hangs up (and
 /// hyper drops the request), the bytes that came are still recorded.
-async fn write(
+pub(super) async fn write(
     relay: &Arc<Relay>,
     id: &str,
     offset: u64,
