@@ -702,7 +702,10 @@ impl Config {
             ));
         }
         if f.max_uploads_per_user == 0 {
-            return Err(invalid("files.max_uploads_per_user", "must be greater than 0"));
+            return Err(invalid(
+                "files.max_uploads_per_user",
+                "must be greater than 0",
+            ));
         }
         if f.max_transfers_per_connection == 0 {
             return Err(invalid(

@@ -43,10 +43,9 @@ pub enum Lane {
 impl Lane {
     pub fn of(msg: &Msg) -> Lane {
         match msg {
-            Msg::Error { .. }
-            | Msg::Presence { .. }
-            | Msg::Lost { .. }
-            | Msg::FileOffer { .. } => Lane::Control,
+            Msg::Error { .. } | Msg::Presence { .. } | Msg::Lost { .. } | Msg::FileOffer { .. } => {
+                Lane::Control
+            }
             Msg::Chunk { .. } | Msg::DownloadReady { .. } => Lane::Bulk,
             _ if crate::protocol::quic::is_bulk(msg) => Lane::Bulk,
             _ => Lane::Normal,

@@ -174,10 +174,7 @@ impl Session {
             &relay.budget,
         );
         conn.attach_queue(queue.clone());
-        // Two chunks of a download queued at once: enough to keep the
-        // socket busy, little memory per transfer.
-        let window = 2 * (relay.config.files.max_chunk_bytes as usize + 256);
-        let streams = streams.unwrap_or_else(|| Arc::new(QueueStreams::new(queue.clone(), window)));
+        let streams = streams.unwrap_or_else(|| Arc::new(QueueStreams::new(queue.clone())));
         let session = Self {
             relay,
             conn,

@@ -262,6 +262,7 @@ impl Transfers {
         if let Some(refusal) = self.refusal(relay, &id) {
             return Some(refusal);
         }
+        let chunk_size = Self::chunk_size(relay, chunk_size);
         let task = DownloadTask {
             relay: relay.clone(),
             teller: Teller {
@@ -271,9 +272,9 @@ impl Transfers {
             },
             identity: conn.identity(),
             id: id.clone(),
-            chunk_size: Self::chunk_size(relay, chunk_size),
+            chunk_size,
         };
-        let sink = self.streams.open();
+        let sink = self.streams.open(chunk_size);
         let handle = tokio::spawn(task.run(file, offset, offer, sink));
         self.downloads.insert(id, handle.abort_handle());
         None
@@ -289,7 +290,11 @@ impl Transfers {
         ask: OfferAsk,
     ) -> Option<Msg> {
         if ask.id.is_empty() {
-            return Some(Msg::error(ErrorCode::BadMessage, "an offer needs an `id`", None));
+            return Some(Msg::error(
+                ErrorCode::BadMessage,
+                "an offer needs an `id`",
+                None,
+            ));
         }
         let teller = Teller {
             conn: conn.clone(),
@@ -303,7 +308,10 @@ impl Transfers {
                 let file = relay.files.info(&ask.file).await?;
                 offers::may_push(relay.hooks.as_ref(), who, &file)?;
                 let from = who.map(|w| w.user).unwrap_or_default();
-                relay.offers.offer(from, &ask.file, ask.to, ask.ttl_ms).await
+                relay
+                    .offers
+                    .offer(from, &ask.file, ask.to, ask.ttl_ms)
+                    .await
             };
             match offered.await {
                 Ok((offer, delivered)) => teller.tell(Msg::Offered {
@@ -476,15 +484,16 @@ impl DownloadTask {
             Some(offer) => match self.relay.offers.for_recipient(offer, &file.id, who).await {
                 Ok(_) => true,
                 Err(refused) => {
-                    return self
-                        .teller
-                        .tell(Msg::error(refused.code, refused.reason, Some(self.id)));
+                    return self.teller.tell(Msg::error(
+                        refused.code,
+                        refused.reason,
+                        Some(self.id),
+                    ));
                 }
             },
             None => false,
         };
-        if let Err(refused) = access::may_download(self.relay.hooks.as_ref(), who, &file, offered)
-        {
+        if let Err(refused) = access::may_download(self.relay.hooks.as_ref(), who, &file, offered) {
             return self
                 .teller
                 .tell(Msg::error(refused.code, refused.reason, Some(self.id)));

@@ -10,8 +10,8 @@
 //! [`tasks`], [`files`], [`offers`]).
 
 pub mod files;
-pub mod offers;
 pub mod kv;
+pub mod offers;
 pub mod plugins;
 pub mod tasks;
 

@@ -93,13 +93,19 @@ pub fn open_for(
     rows.collect()
 }
 
-/// Moves an open offer on: a pull started (`pulling`, counted) or finished
-/// (`done`). Whether it was open.
-pub fn advance(conn: &mut Connection, id: &str, state: &str, now_ms: i64) -> rusqlite::Result<bool> {
+/// Moves an offer on: a pull started (`pulling`, counted; a `done` offer
+/// stays done) or finished (`done`). Whether it was still pullable.
+pub fn advance(
+    conn: &mut Connection,
+    id: &str,
+    state: &str,
+    now_ms: i64,
+) -> rusqlite::Result<bool> {
     let counted = if state == "pulling" { 1 } else { 0 };
     Ok(conn.execute(
-        "UPDATE offers SET state = ?2, pulls = pulls + ?3, updated_at_ms = ?4 \
-         WHERE id = ?1 AND state IN ('offered', 'pulling')",
+        "UPDATE offers SET state = CASE WHEN state = 'done' THEN 'done' ELSE ?2 END, \
+         pulls = pulls + ?3, updated_at_ms = ?4 \
+         WHERE id = ?1 AND state IN ('offered', 'pulling', 'done')",
         params![id, state, counted, now_ms],
     )? > 0)
 }
@@ -113,8 +119,8 @@ pub fn fail(conn: &mut Connection, id: &str, reason: &str, now_ms: i64) -> rusql
     )? > 0)
 }
 
-/// Expires the open offers whose time is up and forgets offers that ended
-/// more than `keep_ms` ago; how many expired.
+/// Expires the open offers whose time is up and forgets offers whose TTL
+/// ended more than `keep_ms` ago; how many expired.
 pub fn expire(conn: &mut Connection, now_ms: i64, keep_ms: i64) -> rusqlite::Result<usize> {
     let expired = conn.execute(
         "UPDATE offers SET state = 'expired', updated_at_ms = ?1 \
@@ -122,7 +128,7 @@ pub fn expire(conn: &mut Connection, now_ms: i64, keep_ms: i64) -> rusqlite::Res
         params![now_ms],
     )?;
     conn.execute(
-        "DELETE FROM offers WHERE state IN ('done', 'expired', 'failed') AND updated_at_ms <= ?1",
+        "DELETE FROM offers WHERE state IN ('done', 'expired', 'failed') AND expires_at_ms <= ?1",
         params![now_ms - keep_ms],
     )?;
     Ok(expired)

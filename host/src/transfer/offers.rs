@@ -6,10 +6,11 @@
 //! Offers live in the store, so a user who is offline when a file is
 //! offered is told when they connect (and a session's offers go to the
 //! connection that resumes it), until the offer's TTL. Channel offers go to
-//! the subscribers of the moment only (channel history comes later). Each
-//! offer moves `offered` → `pulling` (a download started) → `done` (one
-//! finished), or ends `expired` at its TTL, or `failed` when its file is
-//! gone; the operator API shows them.
+//! the subscribers of the moment only (channel history comes later).
+//! Each offer moves `offered` → `pulling` (a download started) → `done` (a
+//! download sent the last byte; it can still be pulled again until its
+//! TTL, and is no longer announced), or ends `expired` at its TTL, or
+//! `failed` when its file is gone; the operator API shows them.
 
 use std::sync::Arc;
 
@@ -197,9 +198,13 @@ impl Offers {
     fn tell(&self, conn: &ConnInfo, notice: &Outbound) -> bool {
         let greeted = matches!(conn.state(), ConnState::Open | ConnState::Draining);
         match conn.queue() {
-            Some(queue) if greeted => {
-                deliver(conn, &queue, notice.clone(), Overflow::DropNewest, &self.metrics)
-            }
+            Some(queue) if greeted => deliver(
+                conn,
+                &queue,
+                notice.clone(),
+                Overflow::DropNewest,
+                &self.metrics,
+            ),
             _ => false,
         }
     }
@@ -275,11 +280,18 @@ impl Offers {
         if offer.file != file {
             return Err(not_offered());
         }
-        if !matches!(offer.state.as_str(), "offered" | "pulling") || offer.expires_at_ms <= wall_ms()
-        {
+        // A done offer can still be pulled until its TTL: the relay sent
+        // every byte, which does not mean the recipient got them all.
+        let ended = !matches!(offer.state.as_str(), "offered" | "pulling" | "done");
+        if ended || offer.expires_at_ms <= wall_ms() {
+            let state = if ended {
+                offer.state.as_str()
+            } else {
+                "expired"
+            };
             return Err(Refused {
                 code: ErrorCode::NotFound,
-                reason: format!("the offer is {}", if offer.state == "offered" { "expired" } else { &offer.state }),
+                reason: format!("the offer is {state}"),
             });
         }
         let user = who.map(|w| w.user).unwrap_or_default();
@@ -311,7 +323,11 @@ impl Offers {
             .call(move |db| rows::advance(db, &key, state, wall_ms()))
             .await
         {
-            tracing::warn!(error = &e as &dyn std::error::Error, offer = id, "offer state not recorded");
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                offer = id,
+                "offer state not recorded"
+            );
         }
     }
 

@@ -25,27 +25,29 @@ pub trait TransferSink: Send {
 
 /// Opens a way to the peer per transfer.
 pub trait TransferStreams: Send + Sync {
-    fn open(&self) -> Box<dyn TransferSink>;
+    /// For a transfer sending chunks of up to `chunk_size` bytes.
+    fn open(&self, chunk_size: u32) -> Box<dyn TransferSink>;
 }
 
-/// Transfers through the connection's outbound queue (WebSocket).
+/// Transfers through the connection's outbound queue (WebSocket). A
+/// transfer queues a chunk only while the queue holds less than two of its
+/// chunks: enough to keep the socket busy, little memory per transfer.
 pub struct QueueStreams {
     queue: Arc<OutboundQueue>,
-    /// Bytes a transfer may have queued at once.
-    window: usize,
 }
 
 impl QueueStreams {
-    pub fn new(queue: Arc<OutboundQueue>, window: usize) -> Self {
-        Self { queue, window }
+    pub fn new(queue: Arc<OutboundQueue>) -> Self {
+        Self { queue }
     }
 }
 
 impl TransferStreams for QueueStreams {
-    fn open(&self) -> Box<dyn TransferSink> {
+    fn open(&self, chunk_size: u32) -> Box<dyn TransferSink> {
         Box::new(QueueSink {
             queue: self.queue.clone(),
-            window: self.window,
+            // A chunk's header and the queue's per-message estimate on top.
+            window: 2 * (chunk_size as usize + 256),
         })
     }
 }

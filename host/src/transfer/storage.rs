@@ -549,7 +549,11 @@ impl Storage {
             .store
             .call(move |conn| rows::keep_until(conn, &key, until_ms))
             .await?;
-        if kept { Ok(()) } else { Err(FileError::NotFound) }
+        if kept {
+            Ok(())
+        } else {
+            Err(FileError::NotFound)
+        }
     }
 
     /// Removes a file or an upload, bytes and row.

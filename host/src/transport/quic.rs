@@ -270,7 +270,7 @@ struct QuicStreams {
 }
 
 impl TransferStreams for QuicStreams {
-    fn open(&self) -> Box<dyn TransferSink> {
+    fn open(&self, _chunk_size: u32) -> Box<dyn TransferSink> {
         Box::new(QuicSink {
             connection: self.connection.clone(),
             conn: self.conn.clone(),

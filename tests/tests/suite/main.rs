@@ -14,6 +14,7 @@ mod leak;
 mod limits;
 mod plugins;
 mod protocol;
+mod push;
 mod quic;
 mod security;
 mod spaces;

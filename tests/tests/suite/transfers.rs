@@ -264,6 +264,7 @@ async fn download_cut_and_resumed(via: Via) {
                 file: file.clone(),
                 offset,
                 chunk_size: Some(CHUNK),
+                offer: None,
             })
             .await
             .unwrap();
@@ -448,6 +449,7 @@ async fn guests_cannot_upload_and_nobody_downloads_anothers_file() {
                 file: file.clone(),
                 offset: 0,
                 chunk_size: None,
+                offer: None,
             },
             Msg::Upload {
                 id: "r".into(),

@@ -24,8 +24,8 @@ use crate::transfer::access::{self, Refused, Who};
 use crate::transfer::storage::FileError;
 use crate::transport::reply::{Body, json_error, refusal_response, set_retry_after, status_for};
 
-pub use tus::TUS_VERSION;
 pub(super) use operator::route as operator;
+pub use tus::TUS_VERSION;
 
 type Response = hyper::Response<Body>;
 

@@ -183,7 +183,11 @@ async fn list(relay: &Relay, query: Option<&str>) -> Result<Response, Box<Respon
                     .map_err(|_| bad("limit must be a number"))?
                     .clamp(1, 1000)
             }
-            _ => return Err(bad(&format!("unknown query parameter {pair:?} (file, state, limit)"))),
+            _ => {
+                return Err(bad(&format!(
+                    "unknown query parameter {pair:?} (file, state, limit)"
+                )));
+            }
         }
     }
     let offers = relay
@@ -191,5 +195,8 @@ async fn list(relay: &Relay, query: Option<&str>) -> Result<Response, Box<Respon
         .list(file, state, limit)
         .await
         .map_err(|e| internal(&e))?;
-    Ok(json(StatusCode::OK, &serde_json::json!({ "offers": offers })))
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "offers": offers }),
+    ))
 }
