@@ -43,6 +43,7 @@ impl Responder {
             id: self.id,
             status,
             headers,
+            stream: false,
             data: data.into(),
         });
         let _ = self.out.send(response).await;

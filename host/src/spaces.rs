@@ -5,7 +5,8 @@
 //! requests in flight, and remembered as pending until the instance answers,
 //! the instance disconnects (the caller hears `instance_lost` at once), or the
 //! deadline passes (`timeout`, and the instance is told to `cancel`). Progress
-//! and the response go only to the one caller that asked.
+//! and the response go only to the one caller that asked; a response the
+//! instance streams goes on piece by piece ([`streams`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -28,6 +29,17 @@ use crate::metrics::Metrics;
 use crate::protocol::{Data, ErrorCode, Msg, Request, Response};
 
 pub use crate::protocol::names::validate_space_name;
+pub use streams::HttpBody;
+
+mod streams;
+
+/// What an HTTP caller gets: the response, and its body still to come when
+/// the instance streams it.
+#[derive(Debug)]
+pub struct Reply {
+    pub response: Response,
+    pub body: Option<HttpBody>,
+}
 
 /// A refusal, with the code the caller gets.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -159,7 +171,7 @@ pub enum Caller {
         id: String,
     },
     /// An HTTP ingress request, which gets only the outcome.
-    Http(oneshot::Sender<Result<Response, SpaceError>>),
+    Http(oneshot::Sender<Result<Reply, SpaceError>>),
 }
 
 #[derive(Debug)]
@@ -214,6 +226,8 @@ impl Directory for Spaces {
 pub struct Spaces {
     spaces: DashMap<String, Arc<Space>>,
     pending: DashMap<u64, Pending>,
+    /// Requests whose response is being streamed, by relay id.
+    streams: DashMap<u64, streams::Streaming>,
     // (caller connection, caller's request id) -> relay id, to refuse duplicates.
     by_caller: DashMap<(u64, String), u64>,
     next_request: AtomicU64,
@@ -246,6 +260,7 @@ impl Spaces {
         Self {
             spaces: map,
             pending: DashMap::new(),
+            streams: DashMap::new(),
             by_caller: DashMap::new(),
             next_request: AtomicU64::new(0),
             next_instance: AtomicU64::new(0),
@@ -357,6 +372,7 @@ impl Spaces {
                 );
             }
         }
+        self.instance_streams_lost(instance);
         tracing::info!(space = %instance.space, instance = %instance.id, "instance unregistered");
     }
 
@@ -603,7 +619,11 @@ impl Spaces {
         let Some((_, pending)) = self.pending.remove(&key) else {
             return Err(not_pending(&response.id));
         };
-        self.finish(pending, Ok(response));
+        if response.stream {
+            self.start_stream(key, pending, response);
+        } else {
+            self.finish(pending, Ok(response));
+        }
         Ok(())
     }
 
@@ -649,7 +669,7 @@ impl Spaces {
                 count += 1;
             }
         }
-        count
+        count + self.expire_streams(now)
     }
 
     /// The HTTP caller gave up (disconnected) before the outcome: forget the
@@ -684,6 +704,7 @@ impl Spaces {
                     .request_finished("caller_gone", pending.started.elapsed().as_secs_f64());
             }
         }
+        self.caller_streams_gone(conn_id);
         self.by_caller.retain(|key, _| key.0 != conn_id);
     }
 
@@ -701,10 +722,14 @@ impl Spaces {
     /// request waiting in that space.
     fn release(&self, pending: &Pending) {
         if let Some(instance) = &pending.instance {
-            instance.in_flight.fetch_sub(1, Ordering::AcqRel);
-            if let Some(space) = self.spaces.get(&instance.space).map(|s| s.clone()) {
-                self.start_waiting(&space);
-            }
+            self.release_instance(instance);
+        }
+    }
+
+    fn release_instance(&self, instance: &Instance) {
+        instance.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let Some(space) = self.spaces.get(&instance.space).map(|s| s.clone()) {
+            self.start_waiting(&space);
         }
     }
 
@@ -808,7 +833,10 @@ impl Spaces {
             }
             Caller::Http(reply) => {
                 // The HTTP caller may have given up already; nothing to do then.
-                let _ = reply.send(outcome);
+                let _ = reply.send(outcome.map(|response| Reply {
+                    response,
+                    body: None,
+                }));
             }
         }
     }
@@ -974,6 +1002,7 @@ mod tests {
             id: id.to_owned(),
             status: 200,
             headers: vec![],
+            stream: false,
             data: Data::from("HI"),
         }
     }

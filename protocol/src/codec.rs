@@ -181,6 +181,7 @@ mod tests {
             id: "1".into(),
             status: 201,
             headers: vec![],
+            stream: false,
             data: Data::from(payload.clone()),
         });
         let frame = encode_binary(&msg);

@@ -135,8 +135,9 @@ pub enum Msg {
         data: Data,
     },
     Response(Response),
-    /// Relay → instance: the next piece of a streamed request body (the
-    /// request had `stream: true`); `last` marks the end.
+    /// The next piece of a streamed body, `last` marking the end: relay →
+    /// instance for a request with `stream: true`; instance → relay → caller
+    /// for a response with `stream: true`.
     Body {
         id: String,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -319,6 +320,10 @@ pub struct Response {
     pub status: u16,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<(String, String)>,
+    /// The body continues in `body` messages after this one (`data` holds
+    /// its first bytes, if any), the last one marked (PROTOCOL §6.3).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
     #[serde(default, skip_serializing_if = "Data::is_empty")]
     pub data: Data,
 }

@@ -318,6 +318,18 @@ impl Session {
                     .err()
                     .map(|e| Msg::error(e.code, e.message, Some(id)))
             }
+            Msg::Body { id, last, data } => {
+                let result = self.relay.spaces.stream_body(
+                    &self.conn,
+                    &id,
+                    data,
+                    last,
+                    &mut self.backpressure,
+                );
+                result
+                    .err()
+                    .map(|e| Msg::error(e.code, e.message, Some(id)))
+            }
             Msg::Upload {
                 id,
                 file,

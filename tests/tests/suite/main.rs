@@ -18,6 +18,7 @@ mod push;
 mod quic;
 mod security;
 mod spaces;
+mod streams;
 mod tasks;
 mod tls;
 mod transfers;

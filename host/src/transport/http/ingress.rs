@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::{Body as _, Incoming};
+use http_body_util::{BodyExt, Limited, StreamBody};
+use hyper::body::{Body as _, Frame, Incoming};
 use tokio::sync::oneshot;
 
 use crate::delivery::table::ConnGuard;
 use crate::hooks::{Handshake, Route, RouteInput};
 use crate::protocol::{Data, ErrorCode, Request};
-use crate::spaces::Caller;
+use crate::spaces::{Caller, HttpBody, Reply};
 use crate::state::Relay;
 use crate::transport::body::{self, StreamEnd};
 use crate::transport::reply::{Body, json_error, refusal_response, set_retry_after, status_for};
@@ -101,7 +101,7 @@ async fn relay_request(
         send_body(relay, id, body, deadline).await?;
     }
     match reply_rx.await {
-        Ok(Ok(response)) => http_response(response),
+        Ok(Ok(reply)) => http_response(reply),
         Ok(Err(e)) => Err(early(status_for(e.code), e.code, &e.message)),
         Err(_) => Err(early(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -227,9 +227,11 @@ async fn send_body(
     }
 }
 
-/// The instance's response as the HTTP response (hop-by-hop headers and
-/// its own Content-Length dropped; hyper sets the real one).
-fn http_response(response: crate::protocol::Response) -> Result<hyper::Response<Body>, Early> {
+/// The instance's response as the HTTP response (hop-by-hop headers
+/// dropped, and its own Content-Length unless it streams: hyper sets the
+/// real one); a streamed body follows as the instance sends it.
+fn http_response(reply: Reply) -> Result<hyper::Response<Body>, Early> {
+    let Reply { response, body } = reply;
     let status = StatusCode::from_u16(response.status)
         .ok()
         .filter(|s| !s.is_informational())
@@ -243,7 +245,11 @@ fn http_response(response: crate::protocol::Response) -> Result<hyper::Response<
                 ),
             )
         })?;
-    let mut out = hyper::Response::new(crate::transport::reply::full(response.data.0));
+    let streamed = body.is_some();
+    let mut out = hyper::Response::new(match body {
+        None => crate::transport::reply::full(response.data.0),
+        Some(body) => streamed_body(body),
+    });
     *out.status_mut() = status;
     for (name, value) in &response.headers {
         let (Ok(name), Ok(value)) = (
@@ -252,11 +258,35 @@ fn http_response(response: crate::protocol::Response) -> Result<hyper::Response<
         ) else {
             continue;
         };
-        if !is_hop_by_hop(&name) && name != header::CONTENT_LENGTH {
+        if !is_hop_by_hop(&name) && (streamed || name != header::CONTENT_LENGTH) {
             out.headers_mut().append(name, value);
         }
     }
     Ok(out)
+}
+
+/// A streamed response's pieces as they come; a stream that stops before
+/// its last piece ends the body with an error (the connection is cut), so
+/// the caller never takes a partial body for a whole one.
+fn streamed_body(body: HttpBody) -> Body {
+    let HttpBody { pieces, complete } = body;
+    let frames = futures_util::stream::unfold(Some(pieces), move |state| {
+        let complete = complete.clone();
+        async move {
+            let mut pieces = state?;
+            match pieces.recv().await {
+                Some(piece) => Some((Ok(Frame::data(piece)), Some(pieces))),
+                None if complete.load(std::sync::atomic::Ordering::Acquire) => None,
+                None => Some((
+                    Err(std::io::Error::other(
+                        "the instance's streamed response ended early",
+                    )),
+                    None,
+                )),
+            }
+        }
+    });
+    StreamBody::new(frames).boxed_unsync()
 }
 
 /// Cancels a still-pending request when dropped; harmless once it finished.

@@ -321,6 +321,7 @@ async fn echo_instances(job: &RequestsJob) -> anyhow::Result<Vec<tokio::task::Jo
                     id: request.id,
                     status: 200,
                     headers: Vec::new(),
+                    stream: false,
                     data: request.data,
                 });
                 if tx.feed(codec::encode_binary(&response)).await.is_err() {
@@ -624,6 +625,7 @@ async fn relay_bulk(job: &BulkJob, target: &Target, token: Option<&str>) -> anyh
                 id: request.id,
                 status: 200,
                 headers: Vec::new(),
+                stream: false,
                 data: Data::from("ok"),
             });
             instance_tx.send_msg(&response).await?;
