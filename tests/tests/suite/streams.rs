@@ -246,7 +246,7 @@ async fn a_one_gib_streamed_response_passes_with_bounded_relay_memory() {
     while let Some(chunk) = response.chunk().await.transpose() {
         checker.feed(&chunk.unwrap());
         chunks += 1;
-        if chunks % 256 == 0
+        if chunks.is_multiple_of(256)
             && let Some(rss) = rss_of(pid)
         {
             peak = peak.max(rss);
