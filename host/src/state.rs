@@ -20,7 +20,7 @@ use crate::hooks::{Admission, Filter, Grant, Handshake, Router};
 use crate::ids::NodeId;
 use crate::metrics::Metrics;
 use crate::plugin::bindings::stats;
-use crate::plugin::host_api::{HostServices, KvStore, RelayFigures};
+use crate::plugin::host_api::{FileDrop, HostServices, KvStore, RelayFigures};
 use crate::plugin::{Registry, Runtime};
 use crate::quota::{ConnQuota, Quotas, Refusal};
 use crate::spaces::{Directory, Spaces};
@@ -153,6 +153,11 @@ impl Relay {
                 metrics: metrics.clone(),
                 started,
             }),
+            files: Arc::new(RelayFiles {
+                files: files.clone(),
+                offers: offers.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            }),
         };
         let plugins = Arc::new(Registry::new(
             runtime,
@@ -262,6 +267,76 @@ impl Relay {
 
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+}
+
+/// Where the `transfer` capability puts and offers files: the relay's own
+/// storage and offers, run on the relay's runtime while the (blocking)
+/// plugin call waits.
+struct RelayFiles {
+    files: Arc<Storage>,
+    offers: Arc<Offers>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl RelayFiles {
+    fn run<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, String>> + Send + 'static,
+    ) -> Result<T, String> {
+        let (done, answer) = std::sync::mpsc::channel();
+        self.runtime.spawn(async move {
+            let _ = done.send(work.await);
+        });
+        crate::plugin::host_api::wait_for(answer, || Err("the relay is stopping".to_owned()))
+    }
+}
+
+impl FileDrop for RelayFiles {
+    fn put(&self, owner: &str, name: &str, data: Vec<u8>) -> Result<String, String> {
+        let (files, owner) = (self.files.clone(), owner.to_owned());
+        let mut metadata = std::collections::BTreeMap::new();
+        if !name.is_empty() {
+            metadata.insert("filename".to_owned(), name.to_owned());
+        }
+        self.run(async move {
+            let length = data.len() as u64;
+            let file = files
+                .create(&owner, length, &metadata)
+                .await
+                .map_err(|e| e.to_string())?;
+            let body = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+                bytes::Bytes::from(data),
+            )]);
+            files
+                .append(&file.id, 0, None, body)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(file.id)
+        })
+    }
+
+    fn offer(
+        &self,
+        owner: &str,
+        file: &str,
+        to: crate::protocol::Target,
+        ttl_ms: Option<u64>,
+    ) -> Result<String, String> {
+        let (files, offers) = (self.files.clone(), self.offers.clone());
+        let (owner, file) = (owner.to_owned(), file.to_owned());
+        self.run(async move {
+            // A task offers only what it put.
+            let row = files.info(&file).await.map_err(|e| e.to_string())?;
+            if row.owner != owner {
+                return Err(format!("no file {file} of {owner}"));
+            }
+            let (offer, _) = offers
+                .offer(&owner, &file, to, ttl_ms)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(offer.id)
+        })
     }
 }
 

@@ -71,6 +71,7 @@ fn hook_costs(settings: &Settings) {
         presence: channels.clone(),
         kv: Arc::new(KvStore::default()),
         figures: Arc::new(wasmrelay::plugin::host_api::NoRelay),
+        files: Arc::new(wasmrelay::plugin::host_api::NoRelay),
     };
     let runtime = Runtime::new(&PluginsConfig::default(), None).expect("runtime");
     let load = |wasm: &[u8], manifest: &str| {

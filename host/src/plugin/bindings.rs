@@ -55,3 +55,5 @@ pub mod task {
 }
 
 pub use router::wasmrelay::plugin::{clock, http, kv, log, presence, publish, stats, types};
+/// Only the task world imports it.
+pub use task::wasmrelay::plugin::transfer;

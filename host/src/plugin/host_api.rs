@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 
-use super::bindings::{clock, http, kv, log, presence, publish, stats, types};
+use super::bindings::{clock, http, kv, log, presence, publish, stats, transfer, types};
 pub use super::kv::KvStore;
 use super::loaded::RunLog;
 use super::manifest::Manifest;
@@ -24,6 +24,39 @@ pub struct HostServices {
     pub kv: Arc<KvStore>,
     /// What the `stats` capability reads.
     pub figures: Arc<dyn RelayFigures>,
+    /// Where the `transfer` capability puts and offers files.
+    pub files: Arc<dyn FileDrop>,
+}
+
+/// Files for the `transfer` capability: put a finished file, offer one.
+/// Calls block until done (task plugins run on blocking threads).
+pub trait FileDrop: Send + Sync {
+    /// Stores `data` as file `name` owned by `owner`; its id.
+    fn put(&self, owner: &str, name: &str, data: Vec<u8>) -> Result<String, String>;
+    /// Offers `owner`'s file `file` to `to`; the offer's id.
+    fn offer(
+        &self,
+        owner: &str,
+        file: &str,
+        to: crate::protocol::Target,
+        ttl_ms: Option<u64>,
+    ) -> Result<String, String>;
+}
+
+impl FileDrop for NoRelay {
+    fn put(&self, _: &str, _: &str, _: Vec<u8>) -> Result<String, String> {
+        Err("no relay: files are not available here".to_owned())
+    }
+
+    fn offer(
+        &self,
+        _: &str,
+        _: &str,
+        _: crate::protocol::Target,
+        _: Option<u64>,
+    ) -> Result<String, String> {
+        Err("no relay: files are not available here".to_owned())
+    }
 }
 
 /// The relay's own figures, as the `stats` capability reports them.
@@ -237,6 +270,37 @@ impl stats::Host for HostState {
     }
 }
 
+impl transfer::Host for HostState {
+    fn put(&mut self, name: String, data: Vec<u8>) -> Result<String, String> {
+        let owner = format!("task:{}", self.ctx.name);
+        self.ctx.services.files.put(&owner, &name, data)
+    }
+
+    fn offer(&mut self, file: String, to: transfer::Target, ttl_ms: u64) -> Result<String, String> {
+        let owner = format!("task:{}", self.ctx.name);
+        let to = match to {
+            transfer::Target::User(user) => crate::protocol::Target::User(user),
+            transfer::Target::Channel(channel) => crate::protocol::Target::Channel(channel),
+            transfer::Target::Session(session) => crate::protocol::Target::Session(session),
+        };
+        let ttl = (ttl_ms > 0).then_some(ttl_ms);
+        self.ctx.services.files.offer(&owner, &file, to, ttl)
+    }
+}
+
+/// Waits, from a plugin call, for what a task on a runtime sends back:
+/// block_in_place hands this worker's other tasks to another thread
+/// meanwhile, so connections sharing the worker are not held up.
+pub fn wait_for<T>(answer: std::sync::mpsc::Receiver<T>, gone: impl FnOnce() -> T) -> T {
+    let wait = || answer.recv().unwrap_or_else(|_| gone());
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+        // A current-thread runtime has no other worker to hand tasks to (the
+        // relay binary never runs on one; some tests and benches do).
+        _ => wait(),
+    }
+}
+
 impl http::Host for HostState {
     fn fetch(&mut self, request: http::Request) -> Result<http::Response, String> {
         fetch(&self.ctx, request)
@@ -286,20 +350,8 @@ fn fetch(ctx: &PluginContext, request: http::Request) -> Result<http::Response, 
                 .unwrap_or_else(|_| Err(format!("no response within {} ms", timeout.as_millis()))),
         );
     });
-    // Plugin calls are synchronous, so the caller must wait; block_in_place
-    // hands this worker's other tasks to another thread meanwhile, so
-    // connections sharing the worker are not held up by a plugin's fetch.
-    let wait = || {
-        answer
-            .recv()
-            .unwrap_or_else(|_| Err("the HTTP client stopped".to_owned()))
-    };
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
-        // A current-thread runtime has no other worker to hand tasks to (the
-        // relay binary never runs on one; some tests and benches do).
-        _ => wait(),
-    }
+    // Plugin calls are synchronous, so the caller must wait.
+    wait_for(answer, || Err("the HTTP client stopped".to_owned()))
 }
 
 /// The runtime outbound plugin HTTP runs on: one thread of its own, started

@@ -63,10 +63,12 @@ pub enum Capability {
     Clock,
     Http,
     Stats,
+    /// Task plugins only: put files and offer them (push).
+    Transfer,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 7] = [
+    pub const ALL: [Capability; 8] = [
         Capability::Log,
         Capability::Kv,
         Capability::Publish,
@@ -74,6 +76,7 @@ impl Capability {
         Capability::Clock,
         Capability::Http,
         Capability::Stats,
+        Capability::Transfer,
     ];
 
     /// The WIT interface name that carries this capability.
@@ -86,6 +89,7 @@ impl Capability {
             Capability::Clock => "clock",
             Capability::Http => "http",
             Capability::Stats => "stats",
+            Capability::Transfer => "transfer",
         }
     }
 
@@ -149,6 +153,9 @@ impl Manifest {
         }
         if self.limits.call_timeout_ms == 0 || self.limits.call_timeout_ms > 10_000 {
             return fail("limits.call_timeout_ms: must be between 1 and 10000".into());
+        }
+        if self.role != Role::Task && self.capabilities.contains(&Capability::Transfer) {
+            return fail("capabilities: transfer is for task plugins only".into());
         }
         if self.role != Role::Filter && !self.channels.is_empty() {
             return fail("channels: only a filter has channels".into());
@@ -265,6 +272,21 @@ mod tests {
         ] {
             let manifest = Manifest::from_toml(text).unwrap();
             manifest.validate(64 * 1024 * 1024).unwrap();
+        }
+    }
+
+    #[test]
+    fn only_task_plugins_may_transfer_files() {
+        let manifest = |role: &str| {
+            Manifest::from_toml(&format!(
+                "name = \"x\"\nversion = \"1\"\nrole = \"{role}\"\ncapabilities = [\"transfer\"]\n"
+            ))
+            .unwrap()
+        };
+        manifest("task").validate(1 << 26).unwrap();
+        for role in ["router", "policy", "filter"] {
+            let err = manifest(role).validate(1 << 26).unwrap_err();
+            assert!(err.0.contains("transfer is for task plugins"), "{err}");
         }
     }
 

@@ -559,6 +559,7 @@ mod tests {
             presence: channels.clone(),
             kv: Arc::new(KvStore::default()),
             figures: Arc::new(crate::plugin::host_api::NoRelay),
+            files: Arc::new(crate::plugin::host_api::NoRelay),
         };
         let runtime = Runtime::new(&Default::default(), None).expect("runtime");
         Arc::new(Registry::new(runtime, services, 64 << 20))
@@ -697,6 +698,7 @@ mod tests {
             presence: channels.clone(),
             kv: kv.clone(),
             figures: Arc::new(crate::plugin::host_api::NoRelay),
+            files: Arc::new(crate::plugin::host_api::NoRelay),
         };
         let runtime = Runtime::new(&Default::default(), None).expect("runtime");
         let registry = Registry::new(runtime, services, 64 << 20);

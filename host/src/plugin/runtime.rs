@@ -11,7 +11,7 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use super::bindings::{clock, http, kv, log, presence, publish, stats, types};
+use super::bindings::{clock, http, kv, log, presence, publish, stats, transfer, types};
 use super::host_api::HostState;
 use super::manifest::{Capability, Manifest, ManifestError, WIT_VERSION};
 use crate::config::PluginsConfig;
@@ -229,6 +229,9 @@ impl Runtime {
                 }
                 Capability::Stats => {
                     stats::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+                }
+                Capability::Transfer => {
+                    transfer::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
                 }
             }
             .map_err(link)?;

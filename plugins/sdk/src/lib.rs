@@ -106,6 +106,8 @@ pub mod task {
 // The capability imports are the same in every world; one copy serves all.
 pub use router::wasmrelay::plugin::types::{Headers, Rejection};
 pub use router::wasmrelay::plugin::{clock, http, kv, log, presence, publish, stats};
+/// Task plugins only (the `task` world imports it).
+pub use task::wasmrelay::plugin::transfer;
 
 /// Parses the manifest's `[config]` table, which `init` receives as JSON.
 /// The host adds `_plugin = { name, version }` to it.

@@ -109,7 +109,7 @@ async fn a_streamed_response_reaches_http_and_websocket_callers_piece_by_piece()
         (128 * PIECE).to_string()
     );
     let mut checker = Checker::default();
-        while let Some(chunk) = response.chunk().await.transpose() {
+    while let Some(chunk) = response.chunk().await.transpose() {
         checker.feed(&chunk.unwrap());
     }
     assert_eq!(checker.at, 128 * PIECE as u64);
@@ -164,7 +164,7 @@ async fn an_instance_that_vanishes_mid_stream_cuts_the_body_with_an_error() {
     tokio::spawn(serve(server, 64, Some(20)));
     let mut response = reqwest::get(relay.url("/spaces/flaky/file")).await.unwrap();
     assert_eq!(response.status(), 200);
-        let mut received = 0;
+    let mut received = 0;
     let mut failed = false;
     while let Some(chunk) = response.chunk().await.transpose() {
         match chunk {
@@ -241,7 +241,7 @@ async fn a_one_gib_streamed_response_passes_with_bounded_relay_memory() {
     let mut response = reqwest::get(relay.url("/spaces/huge/file")).await.unwrap();
     assert_eq!(response.status(), 200);
     let mut checker = Checker::default();
-        let mut peak = before;
+    let mut peak = before;
     let mut chunks = 0u64;
     while let Some(chunk) = response.chunk().await.transpose() {
         checker.feed(&chunk.unwrap());

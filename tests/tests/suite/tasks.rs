@@ -15,7 +15,7 @@ use wasmrelay_tests::{
 
 const SCRIPT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/task-script.wasm"));
 const RELAY: &str = env!("CARGO_BIN_EXE_test-wasmrelay");
-const SCRIPT_MANIFEST: &str = "name = \"script\"\nversion = \"1.0.0\"\nrole = \"task\"\ncapabilities = [\"log\"]\n[limits]\nmemory_bytes = 4194304\ncall_timeout_ms = 50\n";
+const SCRIPT_MANIFEST: &str = "name = \"script\"\nversion = \"1.0.0\"\nrole = \"task\"\ncapabilities = [\"log\", \"transfer\"]\n[limits]\nmemory_bytes = 4194304\ncall_timeout_ms = 50\n";
 
 async fn with_heartbeat() -> TestRelay {
     TestRelay::start_with(|c| {
@@ -585,4 +585,66 @@ async fn tasks_and_history_survive_a_restart_and_a_kill_interrupts_the_open_run(
     assert_eq!(cancelled["outcome"], "the relay is shutting down");
     let list = get_json(&relay.url("/admin/tasks")).await.unwrap();
     assert_eq!(list["count"], 2, "{list}");
+}
+
+#[tokio::test]
+async fn a_task_plugin_puts_a_file_and_offers_it_to_a_user() {
+    use wasmrelay_client::{Client, Encoding, Msg, Options};
+    let relay =
+        TestRelay::start_with(|c| c.plugins.bundled = vec!["tiered-policy".to_owned()]).await;
+    let base = relay.url("");
+    load_script(&base).await;
+    let (status, view) = post(
+        &base,
+        "/admin/tasks",
+        json!({"name": "report", "plugin": "script",
+               "config": {"mode": "push", "name": "daily.txt", "text": "all quiet", "to_user": "bob"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{view}");
+    let (status, run) = post(&base, "/admin/tasks/report/run", json!({})).await;
+    assert!(status < 300, "{run}");
+    let runs = ended_runs(&base, "report", 1).await;
+    assert_eq!(states(&runs), ["success"], "{runs:?}");
+    let outcome = runs[0]["outcome"].as_str().unwrap().to_owned();
+    let offer = outcome.rsplit(' ').next().unwrap().to_owned();
+
+    // bob connects and is told; the file is the task's.
+    let options = Options::named("bob")
+        .token(Some("normal-demo-token"))
+        .encoding(Encoding::Binary);
+    let mut bob = Client::connect(&relay.ws_url(), options).await.unwrap();
+    let told = tokio::time::timeout(Duration::from_secs(10), bob.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Msg::FileOffer {
+        offer: told,
+        file,
+        name,
+        from,
+        size,
+        ..
+    } = told
+    else {
+        panic!("expected file_offer, got {told:?}")
+    };
+    assert_eq!(
+        (told.as_str(), name.as_str(), from.as_str()),
+        (offer.as_str(), "daily.txt", "task:script")
+    );
+    assert_eq!(size, "all quiet".len() as u64);
+    let body = reqwest::Client::new()
+        .get(relay.url(&format!("/files/{file}?offer={offer}")))
+        .bearer_auth("normal-demo-token")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "all quiet");
+    bob.close().await.unwrap();
+    relay.stop().await.unwrap();
 }
