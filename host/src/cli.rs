@@ -4,6 +4,7 @@
 //! Precedence for settings: flag, then `WASMRELAY_*` environment variable,
 //! then the config file, then the built-in default.
 
+mod push;
 mod task;
 
 use std::io::Write as _;
@@ -44,6 +45,11 @@ pub enum Command {
     /// Scheduled tasks: list, show, apply, run, stop, enable, disable,
     /// delete, history, logs (-f to follow), export.
     Task(task::TaskArgs),
+    /// Put a file on the relay and offer it to users, channels or sessions
+    /// (they are told, and pull it when ready).
+    Push(push::PushArgs),
+    /// Offers of files and their delivery states.
+    Offers(push::OffersArgs),
 }
 
 #[derive(Debug, Args)]
@@ -245,6 +251,8 @@ pub fn main() -> ExitCode {
             Command::Conns(args) => conns(args).await,
             Command::Plugin(args) => plugin(args).await,
             Command::Task(args) => task::task(args).await,
+            Command::Push(args) => push::push(args).await,
+            Command::Offers(args) => push::offers(args).await,
         }
     });
     match result {

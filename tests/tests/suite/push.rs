@@ -394,3 +394,71 @@ async fn a_client_offers_its_file_to_a_channel_and_to_a_session() {
     }
     relay.stop().await.unwrap();
 }
+
+/// `wasmrelay push` and `wasmrelay offers`, the real binary against a relay.
+#[tokio::test]
+async fn the_cli_pushes_a_file_and_lists_its_offer() {
+    const RELAY: &str = env!("CARGO_BIN_EXE_test-wasmrelay");
+    let relay = demo_relay(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes v2.txt");
+    let data = content(200_000, seed());
+    std::fs::write(&path, &data).unwrap();
+    let base = relay.url("");
+    let cli = |args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(["--relay".into(), base.clone()]);
+        all.extend(["--token".into(), wasmrelay_tests::TEST_ADMIN_TOKEN.into()]);
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(RELAY)
+                .args(&all)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = cli(&[
+        "push",
+        path.to_str().unwrap(),
+        "--to",
+        "user:bob",
+        "--ttl-ms",
+        "60000",
+    ])
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains(&sha256_hex(&data)), "{said}");
+    assert!(said.contains("offered to user:bob"), "{said}");
+
+    let mut bob = connect(&relay, Via::Ws, Some(NORMAL)).await;
+    let Msg::FileOffer {
+        offer, file, name, ..
+    } = next(&mut bob).await
+    else {
+        panic!("expected file_offer")
+    };
+    assert_eq!(name, "notes v2.txt");
+    let (bytes, done) = pull(&mut bob, "cli", &file, &offer, 0, u64::MAX).await;
+    assert!(done && bytes == data);
+
+    let out = cli(&["offers", "--file", &file]).await.unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{listed}");
+    assert!(
+        listed.contains(&offer) && listed.contains("user:bob"),
+        "{listed}"
+    );
+    // A bad target is refused before anything is uploaded.
+    let out = cli(&["push", path.to_str().unwrap(), "--to", "everyone"])
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("user:NAME"));
+    bob.close().await.unwrap();
+    relay.stop().await.unwrap();
+}
