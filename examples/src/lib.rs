@@ -3,6 +3,7 @@
 //! ([`ws_client`]), both on the `wasmrelay-client` crate. The browser page
 //! served by the relay at `/` lives in `examples/browser/index.html`.
 
+pub mod files;
 pub mod service_app;
 pub mod ws_client;
 

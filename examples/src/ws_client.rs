@@ -1,6 +1,7 @@
 //! The example command-line client (`ws-client`, and `quic-client` with QUIC
-//! as the default): publish to or subscribe to a channel, or send a request
-//! to a space and print its progress and response.
+//! as the default): publish to or subscribe to a channel, send a request
+//! to a space and print its progress and response, upload a file, or
+//! receive the files the relay offers (both resumable).
 
 use std::io::Write as _;
 
@@ -41,12 +42,26 @@ pub enum Command {
         #[arg(long, default_value = "/")]
         path: String,
     },
+    /// Upload FILE in checksummed chunks; run again after an interruption
+    /// to resume.
+    Upload { file: std::path::PathBuf },
+    /// Wait for files offered to this client and pull each into DIR, with
+    /// resume, checking its SHA-256.
+    Receive {
+        #[arg(long, default_value = ".")]
+        dir: std::path::PathBuf,
+        /// Stop after this many files.
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let client_options = ClientOptions::named("ws-client")
         .token(options.token)
-        .trust(options.trust);
+        .trust(options.trust)
+        // Files travel as raw bytes, not base64.
+        .encoding(wasmrelay_client::Encoding::Binary);
     let mut client = Client::connect(&options.relay, client_options).await?;
     let mut out = std::io::stdout();
     match options.command {
@@ -111,6 +126,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 String::from_utf8_lossy(response.data.as_bytes())
             )?;
         }
+        Command::Upload { file } => crate::files::upload(&mut client, &file).await?,
+        Command::Receive { dir, count } => crate::files::receive(&mut client, &dir, count).await?,
     }
     client.close().await?;
     Ok(())

@@ -462,3 +462,69 @@ async fn the_cli_pushes_a_file_and_lists_its_offer() {
     bob.close().await.unwrap();
     relay.stop().await.unwrap();
 }
+
+/// The README's tour: the example client waits for files; one pushed to
+/// its user arrives, resuming a part it already had, and checks out.
+#[tokio::test]
+async fn the_example_client_receives_a_pushed_file_resuming_a_partial_one() {
+    const WS_CLIENT: &str = env!("CARGO_BIN_EXE_test-ws-client");
+    let relay = demo_relay(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = content(700_000, seed());
+    // Half of it from an earlier, interrupted pull.
+    std::fs::write(dir.path().join("big.bin.part"), &data[..350_000]).unwrap();
+    let mut receiver = wasmrelay_tests::ChildProcess::spawn(
+        WS_CLIENT,
+        &[
+            "--relay",
+            &relay.ws_url(),
+            "--token",
+            NORMAL,
+            "receive",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--count",
+            "1",
+        ],
+    )
+    .unwrap();
+    // Once bob is connected, push to him.
+    wasmrelay_tests::wait_for(
+        "the example client connected",
+        Duration::from_secs(20),
+        || async {
+            let conns: Value = admin_client()
+                .get(relay.url("/admin/connections"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            conns["connections"]
+                .as_array()?
+                .iter()
+                .any(|c| c["user"] == "bob")
+                .then_some(())
+        },
+    )
+    .await;
+    let file = operator_file(&relay, "big.bin", &data).await;
+    let (status, made) = operator_offer(&relay, json!({"file": file, "to": {"user": "bob"}})).await;
+    assert_eq!(status, 201, "{made}");
+    assert_eq!(made["delivered"], 1);
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = receiver.wait_exit(Duration::from_secs(20));
+        (status, receiver)
+    })
+    .await
+    .unwrap();
+    assert!(
+        exit.0.is_some_and(|s| s.success()),
+        "the example client failed"
+    );
+    let received = std::fs::read(dir.path().join("big.bin")).unwrap();
+    assert!(received == data);
+    assert!(!dir.path().join("big.bin.part").exists());
+    relay.stop().await.unwrap();
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    wasmrelay_examples::ws_client::main()
+}
