@@ -39,6 +39,7 @@ fn the_benchmark_suite_runs_every_scenario_in_quick_mode() {
         "## 3. Idle WebSocket connections",
         "## 4. Bulk",
         "## 5. Plugins",
+        "## 7. Files",
         "| lost | 0 |",
     ] {
         assert!(stdout.contains(heading), "missing {heading:?}:\n{stdout}");

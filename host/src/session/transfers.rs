@@ -29,6 +29,8 @@ use crate::transfer::upload::{self, Piece};
 
 /// Chunks waiting for an upload's writer: a little slack for the disk.
 const UPLOAD_BUFFER: usize = 2;
+/// The chunk size of a transfer whose client named none.
+const DEFAULT_CHUNK: u32 = 64 * 1024;
 
 pub(super) struct Transfers {
     uploads: HashMap<String, mpsc::Sender<Piece>>,
@@ -142,9 +144,13 @@ impl Transfers {
         None
     }
 
+    /// The chunk size a transfer uses: what the client asked for, up to
+    /// `files.max_chunk_bytes`; 64 KiB when it did not ask (a download then
+    /// holds about 192 KiB of the relay's memory: two chunks queued, one
+    /// being read).
     fn chunk_size(relay: &Context, asked: Option<u32>) -> u32 {
         let max = relay.config.files.max_chunk_bytes;
-        asked.unwrap_or(max).clamp(1, max)
+        asked.unwrap_or(DEFAULT_CHUNK).clamp(1, max)
     }
 
     /// `upload`: starts (or resumes) an upload on a task of its own, which

@@ -17,12 +17,14 @@
 //! (WebSocket and HTTP ingress, 1 and 4 instances), idle connections (RSS
 //! per connection, accept rate), bulk (1 GiB over ws, wss, QUIC beside a TCP
 //! copy), plugins (no plugin, a no-op filter, policy + router; hot swap
-//! under load), and tasks (firing lag, runs per second, store writes,
-//! memory per task). Baselines: the bare relay, nginx in front of it (when
+//! under load), tasks (firing lag, runs per second, store writes, memory
+//! per task), and files (uploads and downloads over HTTP, WebSocket and
+//! QUIC, resume cost, memory per transfer). Baselines: the bare relay, nginx in front of it (when
 //! installed), nats-server, a plain TCP copy, tokio timers, the store alone.
 #![allow(clippy::print_stdout)] // a benchmark prints its tables
 
 mod bare;
+mod files;
 mod load;
 mod nats;
 mod nginx;
@@ -165,7 +167,7 @@ impl Options {
                 // cargo bench and test harnesses pass this along.
                 "--bench" => {}
                 other => bail!(
-                    "unknown argument {other:?}; use --quick and --only small,requests,idle,bulk,plugins,tasks"
+                    "unknown argument {other:?}; use --quick and --only small,requests,idle,bulk,plugins,tasks,files"
                 ),
             }
         }
@@ -533,6 +535,10 @@ async fn drive(options: Options) -> anyhow::Result<()> {
     if options.wants("tasks") {
         tasks::tasks(&tasks::TaskSettings::new(options.quick), &mut failures).await;
         timings.push(("tasks", started.elapsed()));
+    }
+    if options.wants("files") {
+        files::files(&files::FileSettings::new(options.quick), &mut failures).await;
+        timings.push(("files", started.elapsed()));
     }
     let mut previous = Duration::ZERO;
     let spent: Vec<String> = timings
