@@ -191,6 +191,11 @@ pub async fn run(
                 relay.draining().clone(),
             ))
         });
+    // Before the listeners: a user who connects is told of offers made
+    // while the relay was down.
+    if let Err(e) = relay.offers.refresh().await {
+        tracing::warn!(error = %e, "open offers not read; users are told of them after the next sweep");
+    }
     tracing::info!(
         addr = %listeners.http.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         "listening for HTTP and WebSocket"

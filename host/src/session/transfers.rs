@@ -31,6 +31,8 @@ use crate::transfer::upload::{self, Piece};
 const UPLOAD_BUFFER: usize = 2;
 /// The chunk size of a transfer whose client named none.
 const DEFAULT_CHUNK: u32 = 64 * 1024;
+/// The smallest chunk size a client may ask for.
+const MIN_CHUNK: u32 = 4 * 1024;
 
 pub(super) struct Transfers {
     uploads: HashMap<String, mpsc::Sender<Piece>>,
@@ -150,7 +152,9 @@ impl Transfers {
     /// being read).
     fn chunk_size(relay: &Context, asked: Option<u32>) -> u32 {
         let max = relay.config.files.max_chunk_bytes;
-        asked.unwrap_or(DEFAULT_CHUNK).clamp(1, max)
+        // Not tiny: a client must not make the relay send a file a few
+        // bytes per message.
+        asked.unwrap_or(DEFAULT_CHUNK).clamp(MIN_CHUNK, max)
     }
 
     /// `upload`: starts (or resumes) an upload on a task of its own, which

@@ -93,6 +93,16 @@ pub fn open_for(
     rows.collect()
 }
 
+/// The users and sessions with offers open at `now_ms`, as `kind:target`.
+pub fn open_targets(conn: &mut Connection, now_ms: i64) -> rusqlite::Result<Vec<String>> {
+    let mut statement = conn.prepare(
+        "SELECT DISTINCT target_kind || ':' || target FROM offers \
+         WHERE state IN ('offered', 'pulling') AND expires_at_ms > ?1 AND target_kind != 'channel'",
+    )?;
+    let rows = statement.query_map(params![now_ms], |row| row.get::<_, String>(0))?;
+    rows.collect()
+}
+
 /// Moves an offer on: a pull started (`pulling`, counted; a `done` offer
 /// stays done) or finished (`done`). Whether it was still pullable.
 pub fn advance(

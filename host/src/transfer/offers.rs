@@ -14,6 +14,8 @@
 
 use std::sync::Arc;
 
+use dashmap::DashMap;
+
 use crate::channels::Channels;
 use crate::delivery::queue::{OutboundQueue, Overflow};
 use crate::delivery::table::{ConnInfo, ConnState, ConnTable};
@@ -80,6 +82,10 @@ pub struct Offers {
     metrics: Arc<Metrics>,
     node: NodeId,
     limits: OfferLimits,
+    /// `user:NAME` and `session:ID` with offers open (and when each was
+    /// noted), so a `hello` asks the store only when there is something
+    /// to tell: most connections have no offers waiting.
+    waiting: DashMap<String, std::time::Instant>,
 }
 
 impl Offers {
@@ -100,7 +106,26 @@ impl Offers {
             metrics,
             node,
             limits,
+            waiting: DashMap::new(),
         }
+    }
+
+    /// Reads which users and sessions have offers open (at start, and after
+    /// each expiry sweep).
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let open = self
+            .store
+            .call(move |db| rows::open_targets(db, wall_ms()))
+            .await?;
+        let open: std::collections::HashSet<String> = open.into_iter().collect();
+        // Keys noted while the store was read stay: their offers are newer.
+        self.waiting
+            .retain(|key, noted| open.contains(key) || *noted >= started);
+        for key in open {
+            self.waiting.entry(key).or_insert(started);
+        }
+        Ok(())
     }
 
     /// Offers `file` to `to` on behalf of `from` (who must already have been
@@ -165,6 +190,10 @@ impl Offers {
         self.store
             .call(move |conn| rows::insert(conn, &inserted))
             .await?;
+        if kind != "channel" {
+            self.waiting
+                .insert(format!("{kind}:{}", row.target), std::time::Instant::now());
+        }
         let notice = Outbound::new(notice(&row, &file));
         let told = match &to {
             Target::User(user) => self.tell_user(user, &notice),
@@ -218,6 +247,11 @@ impl Offers {
         user: Option<String>,
         resumed: Option<String>,
     ) {
+        let user = user.filter(|u| self.waiting.contains_key(&format!("user:{u}")));
+        let resumed = resumed.filter(|s| self.waiting.contains_key(&format!("session:{s}")));
+        if user.is_none() && resumed.is_none() {
+            return;
+        }
         let now = wall_ms();
         let (for_user, for_session) = (user.clone(), resumed.clone());
         let found = self
@@ -360,9 +394,12 @@ impl Offers {
 
     /// Expires offers past their TTL; how many.
     pub async fn expire(&self) -> Result<usize, StoreError> {
-        self.store
+        let expired = self
+            .store
             .call(move |db| rows::expire(db, wall_ms(), KEEP_ENDED_MS))
-            .await
+            .await?;
+        self.refresh().await?;
+        Ok(expired)
     }
 }
 

@@ -222,12 +222,15 @@ impl Drop for Writing<'_> {
 fn sha256_of(path: &Path) -> std::io::Result<String> {
     let mut hasher = sha2::Sha256::new();
     std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex(&hasher.finalize()))
 }
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Bytes gathered before a write to an upload's file.
+const WRITE_BUFFER: usize = 256 * 1024;
 
 /// The metadata key under which an uploader may declare the whole file's
 /// hex SHA-256, checked before the file is complete.
@@ -407,7 +410,13 @@ impl Storage {
         // Bytes past the recorded offset were never acknowledged.
         out.set_len(offset).await?;
         out.seek(std::io::SeekFrom::Start(offset)).await?;
+        // Small body frames are gathered into large writes: each write is a
+        // trip to a blocking thread.
+        let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, out);
         let mut hasher = checksum.as_ref().map(|c| Hasher::new(c.algorithm));
+        // An upload written whole in one go is digested as it is written,
+        // which saves reading the file back at the end.
+        let mut whole = (offset == 0).then(sha2::Sha256::new);
         let mut written = 0u64;
         let room = file.length - offset;
         let mut broke = None;
@@ -420,32 +429,38 @@ impl Storage {
                 }
             };
             if written + chunk.len() as u64 > room {
-                out.set_len(offset).await?;
+                // What is still buffered is dropped with it.
+                out.into_inner().set_len(offset).await?;
                 return Err(FileError::BeyondLength(file.length));
             }
             out.write_all(&chunk).await?;
             if let Some(hasher) = &mut hasher {
                 hasher.update(&chunk);
             }
+            if let Some(whole) = &mut whole {
+                whole.update(&chunk);
+            }
             written += chunk.len() as u64;
         }
         if let (Some(hasher), Some(checksum)) = (hasher, &checksum)
             && (broke.is_some() || hasher.finish() != checksum.digest)
         {
-            out.set_len(offset).await?;
+            out.into_inner().set_len(offset).await?;
             return Err(match broke {
                 Some(why) => FileError::Body(why),
                 None => FileError::ChecksumMismatch(checksum.algorithm.name()),
             });
         }
         out.flush().await?;
+        let out = out.into_inner();
         out.sync_data().await?;
         drop(out);
         let reached = offset + written;
         let now = wall_ms();
         let (sha256, expires) = if reached == file.length {
             let declared = declared_digest(&file);
-            match self.finish(id, declared.as_deref()).await? {
+            let digested = whole.map(|whole| hex(&whole.finalize()));
+            match self.finish(id, declared.as_deref(), digested).await? {
                 Finished::Digest(digest) => (Some(digest), now + self.limits.file_ttl_ms),
                 Finished::Mismatch(actual) => {
                     self.restart(id).await?;
@@ -477,9 +492,15 @@ impl Storage {
         }
     }
 
-    /// Digests a complete upload and, when it is what was declared (if
-    /// anything was), moves it among the finished files.
-    async fn finish(&self, id: &str, declared: Option<&str>) -> Result<Finished, FileError> {
+    /// Digests a complete upload (unless `digested` already did) and, when
+    /// it is what was declared (if anything was), moves it among the
+    /// finished files.
+    async fn finish(
+        &self,
+        id: &str,
+        declared: Option<&str>,
+        digested: Option<String>,
+    ) -> Result<Finished, FileError> {
         let (from, to, blobs) = (
             self.uploads.join(id),
             self.blobs.join(id),
@@ -487,7 +508,10 @@ impl Storage {
         );
         let declared = declared.map(str::to_owned);
         let finished = tokio::task::spawn_blocking(move || -> std::io::Result<Finished> {
-            let digest = sha256_of(&from)?;
+            let digest = match digested {
+                Some(digest) => digest,
+                None => sha256_of(&from)?,
+            };
             if declared.is_some_and(|declared| declared != digest) {
                 return Ok(Finished::Mismatch(digest));
             }

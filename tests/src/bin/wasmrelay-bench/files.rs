@@ -16,6 +16,7 @@ use wasmrelay_client::{Client, Encoding, Options, Trust};
 use wasmrelay_tests::RelayProcess;
 
 use super::stats::{PeakRss, median};
+use super::tasks::cpu_seconds;
 use super::{Failures, MIB, TOKEN, helper, ratio, relay_with};
 
 pub struct FileSettings {
@@ -71,7 +72,7 @@ pub async fn files(settings: &FileSettings, failures: &mut Failures) {
         settings.bytes >> 20
     );
     println!(
-        "Client in the driver process, relay in its own; HTTP is one tus PATCH up and one GET down; WebSocket (binary frames) and QUIC send 256 KiB chunks with CRC-32C up and take the relay's 64 KiB chunks down. Every upload ends with the relay's fsync, SHA-256 of the whole file and rename; the second baseline pays the same fsync. Median of {} rounds.\n",
+        "Client in the driver process, relay in its own; HTTP is one tus PATCH up and one GET down; WebSocket (binary frames) and QUIC move 256 KiB chunks with CRC-32C both ways (the memory table uses the relay's default, 64 KiB). Every upload ends with the relay's fsync, SHA-256 of the whole file and rename; the second baseline pays the same fsync. Median of {} rounds.\n",
         settings.rounds
     );
     let gib = (settings.bytes as u64 * 8).max(4 << 30);
@@ -98,24 +99,44 @@ pub async fn files(settings: &FileSettings, failures: &mut Failures) {
         ("QUIC download", Vec::new()),
     ];
     let mb = |seconds: f64| settings.bytes as f64 / 1e6 / seconds;
+    // CPU seconds per GB moved: the server side (the forwarder for the
+    // baselines, the relay otherwise) and this client process.
+    let forwarder_pid = forwarder.as_ref().and_then(|(child, _)| child.id());
+    let relay_pid = relay.process.pid();
+    let client_pid = std::process::id();
+    let cpu = |pid: Option<u32>| pid.and_then(cpu_seconds).unwrap_or(f64::NAN);
+    let gb = settings.bytes as f64 / 1e9;
+    let mut server_cpu: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
+    let mut client_cpu: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
     for _ in 0..settings.rounds {
         let mut measured: Vec<anyhow::Result<f64>> = Vec::new();
+        let mut marks = vec![(cpu(forwarder_pid), cpu(Some(relay_pid)), cpu(Some(client_pid)))];
+        let mark = |marks: &mut Vec<(f64, f64, f64)>| {
+            marks.push((cpu(forwarder_pid), cpu(Some(relay_pid)), cpu(Some(client_pid))))
+        };
         if let Some((_, port)) = &forwarder {
             measured.push(tcp_copy(*port, &data, false).await);
+            mark(&mut marks);
             measured.push(tcp_copy(*port, &data, true).await);
+            mark(&mut marks);
         } else {
-            measured.push(Err(anyhow::anyhow!("no forwarder")));
-            measured.push(Err(anyhow::anyhow!("no forwarder")));
+            for _ in 0..2 {
+                measured.push(Err(anyhow::anyhow!("no forwarder")));
+                mark(&mut marks);
+            }
         }
         let uploaded = http_upload(&relay, &data).await;
+        mark(&mut marks);
         let file = uploaded.as_ref().ok().map(|(file, _)| file.clone());
         measured.push(uploaded.map(|(_, seconds)| seconds));
         measured.push(match &file {
             Some(file) => http_download(&relay, file, data.len()).await,
             None => Err(anyhow::anyhow!("no file uploaded")),
         });
+        mark(&mut marks);
         for via in [Via::Ws, Via::Quic] {
             let uploaded = upload(&relay, via, &data).await;
+            mark(&mut marks);
             let file = uploaded.as_ref().ok().map(|(file, _)| file.clone());
             measured.push(uploaded.map(|(_, seconds)| seconds));
             measured.push(match &file {
@@ -124,8 +145,17 @@ pub async fn files(settings: &FileSettings, failures: &mut Failures) {
                     .map(|(s, _)| s),
                 None => Err(anyhow::anyhow!("no file uploaded")),
             });
+            mark(&mut marks);
         }
-        for ((label, rates), result) in rows.iter_mut().zip(measured) {
+        for (i, ((label, rates), result)) in rows.iter_mut().zip(measured).enumerate() {
+            let (before, after) = (marks[i], marks[i + 1]);
+            let server = if i < 2 {
+                after.0 - before.0
+            } else {
+                after.1 - before.1
+            };
+            server_cpu[i].push(server / gb);
+            client_cpu[i].push((after.2 - before.2) / gb);
             match result {
                 Ok(seconds) => rates.push(mb(seconds)),
                 Err(e) => {
@@ -135,11 +165,16 @@ pub async fn files(settings: &FileSettings, failures: &mut Failures) {
         }
     }
     let tcp = median(&rows[0].1);
-    println!("| path | MB/s | × TCP copy |");
-    println!("|---|---:|---:|");
-    for (label, rates) in &rows {
+    println!("| path | MB/s | × TCP copy | server CPU s/GB | client CPU s/GB |");
+    println!("|---|---:|---:|---:|---:|");
+    for (i, (label, rates)) in rows.iter().enumerate() {
         let rate = median(rates);
-        println!("| {label} | {rate:.0} | {} |", ratio(rate, tcp));
+        println!(
+            "| {label} | {rate:.0} | {} | {:.2} | {:.2} |",
+            ratio(rate, tcp),
+            median(&server_cpu[i]),
+            median(&client_cpu[i])
+        );
     }
     println!();
     resume(settings, &relay, &data, failures).await;
@@ -239,6 +274,9 @@ async fn connect(relay: &RelayProcess, via: Via, resume: Option<String>) -> anyh
             pin_sha256: None,
         })
         .batch(false);
+    // Named at the upgrade, so the connection counts as the service user,
+    // not as a guest under the guest tier's cap.
+    options.token_in_url = true;
     options.resume = resume;
     Ok(Client::connect(&url, options).await?)
 }
@@ -334,7 +372,7 @@ async fn download(
             id: "down".into(),
             file: file.to_owned(),
             offset: 0,
-            chunk_size: None,
+            chunk_size: Some(CHUNK as u32),
             offer: None,
         })
         .await?;
@@ -450,7 +488,7 @@ async fn memory(
             let cert = relay.cert_pem();
             let length = data.len();
             downloads.spawn(async move {
-                let options = Options::named("bench-files")
+                let mut options = Options::named("bench-files")
                     .token(Some(TOKEN))
                     .encoding(Encoding::Binary)
                     .trust(Trust {
@@ -458,6 +496,7 @@ async fn memory(
                         pin_sha256: None,
                     })
                     .batch(false);
+                options.token_in_url = true;
                 let mut client = Client::connect(&relay_url, options).await?;
                 client
                     .send(&Msg::Download {

@@ -425,7 +425,7 @@ pub async fn store(rows: usize) -> anyhow::Result<()> {
 }
 
 /// A process's user + system CPU time, in seconds (Linux).
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) in parentheses.
     let rest = stat.rsplit_once(')')?.1;

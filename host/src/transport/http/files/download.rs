@@ -29,9 +29,9 @@ use crate::transfer::offers::Offers;
 use crate::transfer::storage::FileError;
 use crate::transport::reply::{Body, empty};
 
-/// Bytes read from disk per body frame: large enough for few reads per
-/// megabyte, small enough that a transfer holds little memory.
-const READ_BUFFER: usize = 64 * 1024;
+/// Bytes read from disk per body frame: each read is a trip to a blocking
+/// thread, so few per megabyte; a download holds about this much.
+const READ_BUFFER: usize = 256 * 1024;
 
 pub(super) async fn serve(
     relay: &Relay,
