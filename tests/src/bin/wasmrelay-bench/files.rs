@@ -110,9 +110,17 @@ pub async fn files(settings: &FileSettings, failures: &mut Failures) {
     let mut client_cpu: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
     for _ in 0..settings.rounds {
         let mut measured: Vec<anyhow::Result<f64>> = Vec::new();
-        let mut marks = vec![(cpu(forwarder_pid), cpu(Some(relay_pid)), cpu(Some(client_pid)))];
+        let mut marks = vec![(
+            cpu(forwarder_pid),
+            cpu(Some(relay_pid)),
+            cpu(Some(client_pid)),
+        )];
         let mark = |marks: &mut Vec<(f64, f64, f64)>| {
-            marks.push((cpu(forwarder_pid), cpu(Some(relay_pid)), cpu(Some(client_pid))))
+            marks.push((
+                cpu(forwarder_pid),
+                cpu(Some(relay_pid)),
+                cpu(Some(client_pid)),
+            ))
         };
         if let Some((_, port)) = &forwarder {
             measured.push(tcp_copy(*port, &data, false).await);
