@@ -19,8 +19,7 @@ use super::stats::Percentiles;
 use super::{Failures, MIB, emit, put, relay_with, start_role, us};
 
 const NOOP_TASK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/task-script.wasm"));
-const NOOP_TASK_MANIFEST: &str =
-    "name = \"noop-task\"\nversion = \"1.0.0\"\nrole = \"task\"\ncapabilities = [\"log\"]\n";
+const NOOP_TASK_MANIFEST: &str = "name = \"noop-task\"\nversion = \"1.0.0\"\nrole = \"task\"\ncapabilities = [\"log\", \"transfer\"]\n";
 
 pub struct TaskSettings {
     /// Tasks due every second for the firing-lag table.
