@@ -393,6 +393,20 @@ where
     }
 }
 
+/// `len` bytes that differ everywhere (xorshift from `seed`), so nothing
+/// compresses or lines up by accident.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 /// Polls `url` until its JSON satisfies `accept`; returns that JSON.
 pub async fn wait_json(
     what: &str,

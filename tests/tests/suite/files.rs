@@ -23,17 +23,9 @@ pub(crate) async fn demo_relay(edit: impl FnOnce(&mut wasmrelay::Config)) -> Tes
     .await
 }
 
-/// Deterministic bytes that differ everywhere (xorshift), and the seed used.
+/// Deterministic bytes that differ everywhere, from `seed`.
 pub(crate) fn content(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+    wasmrelay_tests::pattern(len, seed)
 }
 
 pub(crate) fn seed() -> u64 {

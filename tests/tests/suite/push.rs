@@ -8,40 +8,17 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use wasmrelay_client::protocol::{ErrorCode, Target};
-use wasmrelay_client::{Client, Encoding, Msg, Options, Trust};
+use wasmrelay_client::{Client, Msg};
 use wasmrelay_tests::{TestRelay, Via, admin_client};
 
 use super::files::{content, crc32c, demo_relay, seed, sha256_hex};
+use super::transfers::next;
 
 const VIP: &str = "vip-demo-token";
 const NORMAL: &str = "normal-demo-token";
 
 async fn connect(relay: &TestRelay, via: Via, token: Option<&str>) -> Client {
-    let url = match via {
-        Via::Ws => relay.ws_url(),
-        Via::Quic => format!("quic://{}", relay.quic_addr.unwrap()),
-    };
-    let options = Options::named("push")
-        .token(token)
-        .encoding(Encoding::Binary)
-        .trust(Trust {
-            ca: Some(relay.cert_pem.clone()),
-            pin_sha256: None,
-        });
-    Client::connect(&url, options).await.unwrap()
-}
-
-async fn next(client: &mut Client) -> Msg {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), client.recv())
-            .await
-            .expect("a message within 10 s")
-            .unwrap()
-            .expect("the connection is open");
-        if !matches!(msg, Msg::Pong { .. } | Msg::Ping { .. }) {
-            return msg;
-        }
-    }
+    super::transfers::connect(relay, via, token, None).await
 }
 
 /// Puts `data` on the relay as the operator; the file's id.

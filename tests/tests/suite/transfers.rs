@@ -15,7 +15,7 @@ const VIP: &str = "vip-demo-token";
 const NORMAL: &str = "normal-demo-token";
 const CHUNK: u32 = 64 * 1024;
 
-async fn connect(
+pub(crate) async fn connect(
     relay: &TestRelay,
     via: Via,
     token: Option<&str>,
@@ -37,7 +37,7 @@ async fn connect(
 }
 
 /// The next message that is not a heartbeat, within 10 s.
-async fn next(client: &mut Client) -> Msg {
+pub(crate) async fn next(client: &mut Client) -> Msg {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), client.recv())
             .await

@@ -126,11 +126,23 @@ fn admit(
             "the relay is shutting down and takes no new requests",
         ));
     }
+    admit_request(relay, guard, req, space).map(|_| ())
+}
+
+/// The policy's verdict on one HTTP request and the user's rate for
+/// `class` (a space, or `files`); the grant, also recorded on the
+/// connection's row.
+pub(super) fn admit_request(
+    relay: &Relay,
+    guard: &ConnGuard,
+    req: &hyper::Request<Incoming>,
+    class: &str,
+) -> Result<Option<crate::hooks::Grant>, Early> {
     let handshake = Handshake::of(guard.info().peer, req);
     let grant = relay
         .admit_policy(&handshake)
         .map_err(|refusal| Box::new(refusal_response(&refusal)))?;
-    if let Err(throttled) = relay.quotas.check_request(grant.as_ref(), space) {
+    if let Err(throttled) = relay.quotas.check_request(grant.as_ref(), class) {
         relay.metrics.message_throttled();
         let mut response = json_error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -140,8 +152,8 @@ fn admit(
         set_retry_after(&mut response, throttled.retry_after);
         return Err(Box::new(response));
     }
-    guard.info().record_grant(grant);
-    Ok(())
+    guard.info().record_grant(grant.clone());
+    Ok(grant)
 }
 
 /// The caller's deadline from [`TIMEOUT_HEADER`], if it gave one.

@@ -44,19 +44,6 @@ impl FileSettings {
     }
 }
 
-/// Bytes that differ everywhere (xorshift), so nothing compresses or dedups.
-fn pattern(len: usize) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
 /// Chunks a client sends: the relay's largest by default.
 const CHUNK: usize = 256 * 1024;
 
@@ -80,7 +67,10 @@ pub async fn files(settings: &FileSettings, failures: &mut Failures) {
         "[files]\nmax_file_bytes = {gib}\nuser_bytes = {gib}\ntotal_bytes = {gib}\nmax_uploads_per_user = 1000\nmax_transfers_per_connection = 8\n"
     ))
     .await;
-    let data = Bytes::from(pattern(settings.bytes));
+    let data = Bytes::from(wasmrelay_tests::pattern(
+        settings.bytes,
+        0x9e37_79b9_7f4a_7c15,
+    ));
     let forwarder = match helper(&["__forward"]).await {
         Ok(forwarder) => Some(forwarder),
         Err(e) => {

@@ -16,13 +16,12 @@ use http::{HeaderValue, Method, StatusCode};
 use hyper::body::Incoming;
 
 use crate::delivery::table::ConnGuard;
-use crate::hooks::Handshake;
 use crate::protocol::ErrorCode;
 use crate::state::Relay;
 use crate::store::files::FileRow;
 use crate::transfer::access::{self, Refused, Who};
 use crate::transfer::storage::FileError;
-use crate::transport::reply::{Body, json_error, refusal_response, set_retry_after, status_for};
+use crate::transport::reply::{Body, json_error, status_for};
 
 pub(super) use operator::route as operator;
 pub use tus::TUS_VERSION;
@@ -97,21 +96,8 @@ fn admit(
     guard: &ConnGuard,
     req: &hyper::Request<Incoming>,
 ) -> Result<Caller, Early> {
-    let handshake = Handshake::of(guard.info().peer, req);
-    let grant = relay
-        .admit_policy(&handshake)
-        .map_err(|refusal| Box::new(refusal_response(&refusal)))?;
-    if let Err(throttled) = relay.quotas.check_request(grant.as_ref(), "files") {
-        relay.metrics.message_throttled();
-        let mut response = json_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::RateLimited,
-            &format!("over the {} rate; try again later", throttled.scope),
-        );
-        set_retry_after(&mut response, throttled.retry_after);
-        return Err(Box::new(response));
-    }
-    let caller = match &grant {
+    let grant = super::ingress::admit_request(relay, guard, req, "files")?;
+    Ok(match &grant {
         Some(grant) => Caller {
             user: grant.user.clone(),
             tier: grant.tier.clone(),
@@ -120,9 +106,7 @@ fn admit(
             user: String::new(),
             tier: String::new(),
         },
-    };
-    guard.info().record_grant(grant);
-    Ok(caller)
+    })
 }
 
 /// A transfer refusal as the JSON error.
