@@ -713,14 +713,9 @@ impl Config {
                 "must be greater than 0",
             ));
         }
-        // A chunk and its header must fit in one message.
-        if f.max_chunk_bytes < 1024
-            || f.max_chunk_bytes as usize + 1024 > self.limits.max_message_bytes
-        {
-            return Err(invalid(
-                "files.max_chunk_bytes",
-                "must be at least 1024 and at most limits.max_message_bytes - 1024",
-            ));
+        // Larger than a message allows is fine: `chunk_limit` caps it.
+        if f.max_chunk_bytes < 1024 {
+            return Err(invalid("files.max_chunk_bytes", "must be at least 1024"));
         }
         if f.offer_ttl_ms == 0 || f.offer_ttl_ms > f.max_offer_ttl_ms {
             return Err(invalid(
@@ -752,6 +747,16 @@ impl Config {
 
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat.interval_ms)
+    }
+
+    /// The largest chunk a transfer over WebSocket or QUIC uses:
+    /// `files.max_chunk_bytes`, but never more than fits in one message
+    /// with its header (1 KiB is kept for that).
+    pub fn chunk_limit(&self) -> u32 {
+        let fits = self.limits.max_message_bytes.saturating_sub(1024).max(1);
+        self.files
+            .max_chunk_bytes
+            .min(u32::try_from(fits).unwrap_or(u32::MAX))
     }
 
     pub fn idle_timeout(&self) -> Duration {
@@ -871,6 +876,15 @@ mod tests {
         config.admin.insecure = true;
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("admin.insecure"), "{err}");
+    }
+
+    #[test]
+    fn small_messages_cap_the_transfer_chunk_instead_of_refusing_the_config() {
+        let mut config = Config::default();
+        config.limits.max_message_bytes = 4096;
+        config.validate().expect("a small message limit is valid");
+        assert_eq!(config.chunk_limit(), 3072);
+        assert_eq!(Config::default().chunk_limit(), 256 * 1024);
     }
 
     #[test]

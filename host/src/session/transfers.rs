@@ -151,10 +151,12 @@ impl Transfers {
     /// holds about 192 KiB of the relay's memory: two chunks queued, one
     /// being read).
     fn chunk_size(relay: &Context, asked: Option<u32>) -> u32 {
-        let max = relay.config.files.max_chunk_bytes;
+        let max = relay.config.chunk_limit();
         // Not tiny: a client must not make the relay send a file a few
-        // bytes per message.
-        asked.unwrap_or(DEFAULT_CHUNK).clamp(MIN_CHUNK, max)
+        // bytes per message (unless messages themselves are that small).
+        asked
+            .unwrap_or(DEFAULT_CHUNK)
+            .clamp(MIN_CHUNK.min(max), max)
     }
 
     /// `upload`: starts (or resumes) an upload on a task of its own, which
