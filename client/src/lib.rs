@@ -13,7 +13,13 @@
 //!
 //! The helpers wait for their answer; whatever else arrives meanwhile (a
 //! channel message, a presence count) is kept and handed out by
-//! [`Client::recv`] in arrival order. For full control, [`Client::send`] and
+//! [`Client::recv`] in arrival order.
+//!
+//! The client remembers where it is in every channel with history (its
+//! epoch and the last seq received); after a dropped connection,
+//! [`Client::reconnect`] connects again, resumes the session and
+//! resubscribes each channel asking to recover what it missed, which then
+//! arrives through [`Client::recv`] before any live message. For full control, [`Client::send`] and
 //! [`Client::recv`] speak [`Msg`]s directly, and [`Client::split`] gives a
 //! sending and a receiving half for separate tasks. PROTOCOL.md is the
 //! reference for writing a client in another language.
@@ -24,7 +30,7 @@ pub mod serve;
 mod trust;
 mod ws;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,7 +38,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use wasmrelay_protocol::quic::{BULK_THRESHOLD, FrameError, frame, is_bulk, write_frame};
-use wasmrelay_protocol::{Data, ErrorCode, Request, Response, VERSION, batch, codec};
+use wasmrelay_protocol::{Data, ErrorCode, Position, Request, Response, VERSION, batch, codec};
 
 pub use error::Error;
 pub use trust::Trust;
@@ -110,12 +116,63 @@ pub struct Client {
     /// Messages that arrived while a helper waited for its answer.
     pending: VecDeque<Msg>,
     next_id: u64,
+    /// Where [`Client::reconnect`] connects, and how.
+    url: String,
+    options: Options,
+    /// Channels subscribed to, resubscribed on reconnect.
+    channels: BTreeSet<String>,
+    /// Per channel with history: its epoch and the last seq received.
+    positions: HashMap<String, Position>,
 }
 
 impl Client {
     /// Connects to `url` — `ws://HOST:PORT/ws`, `wss://HOST[:PORT]/ws` or
     /// `quic://HOST:PORT` — and completes `hello`.
     pub async fn connect(url: &str, options: Options) -> Result<Self, Error> {
+        let (sender, receiver, welcome) = Self::open(url, &options).await?;
+        Ok(Self {
+            sender,
+            receiver,
+            welcome,
+            pending: VecDeque::new(),
+            next_id: 0,
+            url: url.to_owned(),
+            options,
+            channels: BTreeSet::new(),
+            positions: HashMap::new(),
+        })
+    }
+
+    /// Connects again after the connection dropped (or to move to a fresh
+    /// one): resumes this session (`hello.resume`) and resubscribes every
+    /// channel, asking channels with history to recover what was missed.
+    /// What each channel said comes back; one with `recovered: Some(false)`
+    /// lost messages for good, and the application should resync it (from
+    /// its own source, or with a `history` request). Messages received but
+    /// not yet taken with [`Client::recv`] are kept.
+    pub async fn reconnect(&mut self) -> Result<Vec<(String, Subscribed)>, Error> {
+        let mut options = self.options.clone();
+        options.resume = Some(self.session().to_owned());
+        let (sender, receiver, welcome) = Self::open(&self.url, &options).await?;
+        self.sender = sender;
+        self.receiver = receiver;
+        self.welcome = welcome;
+        let mut answers = Vec::new();
+        for channel in self.channels.clone() {
+            let from = self.positions.get(&channel).cloned();
+            let answer = self.subscribe_from(&channel, from).await?;
+            answers.push((channel, answer));
+        }
+        Ok(answers)
+    }
+
+    /// Where this client is in `channel`, if the channel keeps history:
+    /// the epoch and the last seq received.
+    pub fn position(&self, channel: &str) -> Option<&Position> {
+        self.positions.get(channel)
+    }
+
+    async fn open(url: &str, options: &Options) -> Result<(Sender, Receiver, Msg), Error> {
         let (mut sender, mut receiver) = if let Some(authority) = url.strip_prefix("quic://") {
             let link = quic::connect(
                 authority.trim_end_matches('/'),
@@ -174,13 +231,7 @@ impl Client {
             }
             None => return Err(Error::Closed { during: "hello" }),
         };
-        Ok(Self {
-            sender,
-            receiver,
-            welcome,
-            pending: VecDeque::new(),
-            next_id: 0,
-        })
+        Ok((sender, receiver, welcome))
     }
 
     /// The relay's answer to our `hello`.
@@ -204,27 +255,121 @@ impl Client {
     pub async fn recv(&mut self) -> Result<Option<Msg>, Error> {
         match self.pending.pop_front() {
             Some(msg) => Ok(Some(msg)),
-            None => self.receiver.recv().await,
+            None => {
+                let msg = self.receiver.recv().await?;
+                if let Some(msg) = &msg {
+                    self.note(msg);
+                }
+                Ok(msg)
+            }
         }
     }
 
-    /// Subscribes to `channel`; returns its last sequence number and
-    /// subscriber count.
+    /// Keeps this client's position in a channel with history current.
+    fn note(&mut self, msg: &Msg) {
+        if let Msg::Message { channel, seq, .. } = msg
+            && let Some(position) = self.positions.get_mut(channel)
+        {
+            position.seq = position.seq.max(*seq);
+        }
+    }
+
+    /// Subscribes to `channel`; returns its last sequence number,
+    /// subscriber count and (with history) epoch.
     pub async fn subscribe(&mut self, channel: &str) -> Result<Subscribed, Error> {
+        self.subscribe_from(channel, None).await
+    }
+
+    /// Subscribes to `channel`, asking to recover everything after `from`
+    /// (an epoch and the last seq seen): when the answer says `recovered:
+    /// Some(true)`, the missed messages follow through [`Client::recv`]
+    /// before any live one.
+    pub async fn subscribe_from(
+        &mut self,
+        channel: &str,
+        from: Option<Position>,
+    ) -> Result<Subscribed, Error> {
         self.send(&Msg::Subscribe {
+            channel: channel.to_owned(),
+            recover: from.clone(),
+        })
+        .await?;
+        let answer = self
+            .answer("subscribed", |msg| match msg {
+                Msg::Subscribed {
+                    channel: c,
+                    seq,
+                    presence,
+                    epoch,
+                    recovered,
+                } if c == channel => Answer::Done(Subscribed {
+                    seq: *seq,
+                    presence: *presence,
+                    epoch: epoch.clone(),
+                    recovered: *recovered,
+                }),
+                Msg::Error { id: None, .. } => Answer::Failed,
+                _ => Answer::NotMine,
+            })
+            .await?;
+        self.channels.insert(channel.to_owned());
+        match (&answer.epoch, answer.recovered, from) {
+            // Recovered: the missed messages follow; we are still at `from`
+            // until they are received.
+            (Some(_), Some(true), Some(from)) => {
+                self.positions.insert(channel.to_owned(), from);
+            }
+            (Some(epoch), _, _) => {
+                self.positions.insert(
+                    channel.to_owned(),
+                    Position {
+                        epoch: epoch.clone(),
+                        seq: answer.seq,
+                    },
+                );
+            }
+            (None, _, _) => {
+                self.positions.remove(channel);
+            }
+        }
+        Ok(answer)
+    }
+
+    /// Unsubscribes from `channel` (and forgets it for [`Client::reconnect`]).
+    pub async fn unsubscribe(&mut self, channel: &str) -> Result<(), Error> {
+        self.channels.remove(channel);
+        self.positions.remove(channel);
+        self.send(&Msg::Unsubscribe {
             channel: channel.to_owned(),
         })
         .await?;
-        self.answer("subscribed", |msg| match msg {
-            Msg::Subscribed {
-                channel: c,
-                seq,
-                presence,
-            } if c == channel => Answer::Done(Subscribed {
-                seq: *seq,
-                presence: *presence,
-            }),
+        self.answer("unsubscribed", |msg| match msg {
+            Msg::Unsubscribed { channel: c } if c == channel => Answer::Done(()),
             Msg::Error { id: None, .. } => Answer::Failed,
+            _ => Answer::NotMine,
+        })
+        .await
+    }
+
+    /// A page of `channel`'s history: the messages after `since`, or the
+    /// last `limit` (PROTOCOL §5.1).
+    pub async fn history(
+        &mut self,
+        channel: &str,
+        since: Option<u64>,
+        limit: Option<u32>,
+    ) -> Result<Msg, Error> {
+        let id = self.fresh_id();
+        self.send(&Msg::History {
+            id: id.clone(),
+            channel: channel.to_owned(),
+            since,
+            limit,
+        })
+        .await?;
+        self.answer("history_page", |msg| match msg {
+            Msg::HistoryPage { id: i, .. } if *i == id => Answer::Done(msg.clone()),
+            Msg::Error { id: Some(i), .. } if *i == id => Answer::Failed,
             _ => Answer::NotMine,
         })
         .await
@@ -332,6 +477,22 @@ impl Client {
         self.sender.close().await
     }
 
+    /// Closes the connection but keeps what [`Client::reconnect`] needs
+    /// (subscriptions, positions, the session); sends fail and `recv`
+    /// ends until then. For going offline on purpose, and for tests.
+    pub async fn disconnect(&mut self) -> Result<(), Error> {
+        let encoding = self.sender.encoding;
+        let sender = std::mem::replace(
+            &mut self.sender,
+            Sender {
+                link: SendLink::Closed,
+                encoding,
+            },
+        );
+        self.receiver = Receiver::new(RecvLink::Closed);
+        sender.close().await
+    }
+
     fn fresh_id(&mut self) -> String {
         self.next_id += 1;
         format!("c{}", self.next_id)
@@ -349,6 +510,7 @@ impl Client {
             let Some(msg) = self.receiver.recv().await? else {
                 break Err(Error::Closed { during: expected });
             };
+            self.note(&msg);
             match classify(&msg) {
                 Answer::Done(value) => break Ok(value),
                 Answer::Consumed => {}
@@ -378,10 +540,14 @@ enum Answer<T> {
 }
 
 /// A channel's state when we subscribed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscribed {
     pub seq: u64,
     pub presence: u64,
+    /// The channel's epoch, when it keeps history.
+    pub epoch: Option<String>,
+    /// When we asked to recover: whether everything missed follows.
+    pub recovered: Option<bool>,
 }
 
 enum SendLink {
@@ -395,6 +561,8 @@ enum SendLink {
         /// finished after its last chunk.
         transfers: std::collections::HashMap<String, quinn::SendStream>,
     },
+    /// After [`Client::disconnect`].
+    Closed,
 }
 
 /// The sending half of a connection.
@@ -430,6 +598,7 @@ impl Sender {
                 let bulk = is_bulk(msg);
                 self.feed_quic(codec::encode_binary(msg), bulk).await?;
             }
+            (SendLink::Closed, _) => return Err(Error::Closed { during: msg.kind() }),
         }
         Ok(())
     }
@@ -471,6 +640,7 @@ impl Sender {
                 let bulk = message.len() >= BULK_THRESHOLD;
                 self.feed_quic(message, bulk).await?;
             }
+            SendLink::Closed => return Err(Error::Closed { during: "feed" }),
         }
         Ok(())
     }
@@ -516,6 +686,7 @@ impl Sender {
                 // Bounded: an unreachable relay never acknowledges the close.
                 let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
             }
+            SendLink::Closed => {}
         }
         Ok(())
     }
@@ -524,6 +695,8 @@ impl Sender {
 enum RecvLink {
     Ws(ws::WsSource),
     Quic(mpsc::Receiver<Result<QuicFrame, FrameError>>),
+    /// After [`Client::disconnect`].
+    Closed,
 }
 
 /// One message as it arrived, undecoded (a batched frame's messages come
@@ -627,6 +800,7 @@ impl Receiver {
                 None | Some(Err(FrameError::Lost)) => Ok(None),
                 Some(Err(e)) => Err(e.into()),
             },
+            RecvLink::Closed => Ok(None),
         }
     }
 }

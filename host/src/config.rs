@@ -156,6 +156,53 @@ pub struct ChannelsConfig {
     pub slow_consumer: SlowConsumer,
     /// Policies by channel-name prefix; the longest matching prefix wins.
     pub overrides: Vec<ChannelOverride>,
+    /// Which channels keep a history, by pattern (the most specific wins):
+    /// their sequence survives empty periods, and a client that comes back
+    /// recovers what it missed (PROTOCOL §5.1).
+    pub history: Vec<HistoryRule>,
+    /// Bytes all channels' histories may hold together (payloads plus a
+    /// fixed estimate per message and per channel); past it the oldest
+    /// messages relay-wide go first.
+    pub history_memory_bytes: usize,
+    /// How long a channel with history that nobody subscribes to and
+    /// nobody publishes on keeps its epoch and sequence after its last
+    /// message expired.
+    pub history_idle_ms: u64,
+    /// Channel patterns whose subscribers a subscriber may list (`who`):
+    /// their sessions and users. None by default.
+    pub presence_details: Vec<String>,
+}
+
+/// History for the channels a pattern names.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRule {
+    /// A channel name, or a prefix ending in `*` (`chat/*`).
+    pub pattern: String,
+    /// Messages kept per channel (1–10,000).
+    pub size: usize,
+    /// How long a message is kept.
+    pub ttl_ms: u64,
+    /// Also keep it in the embedded store, so a restart keeps the epoch.
+    #[serde(default)]
+    pub persist: bool,
+}
+
+/// Whether `pattern` (a name, or a prefix ending in `*`) names `channel`.
+pub fn pattern_matches(pattern: &str, channel: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => channel.starts_with(prefix),
+        None => channel == pattern,
+    }
+}
+
+/// How specific a pattern is: an exact name beats any prefix, a longer
+/// prefix a shorter one.
+fn specificity(pattern: &str) -> usize {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => prefix.len(),
+        None => usize::MAX,
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -170,6 +217,16 @@ impl Default for ChannelsConfig {
         Self {
             slow_consumer: SlowConsumer::DropOldest,
             overrides: Vec::new(),
+            // The demo's chat keeps its last 100 messages for 5 minutes.
+            history: vec![HistoryRule {
+                pattern: "chat/*".into(),
+                size: 100,
+                ttl_ms: 5 * 60 * 1000,
+                persist: false,
+            }],
+            history_memory_bytes: 64 * 1024 * 1024,
+            history_idle_ms: 60 * 60 * 1000,
+            presence_details: Vec::new(),
         }
     }
 }
@@ -182,6 +239,59 @@ impl ChannelsConfig {
             .filter(|o| channel.starts_with(&o.prefix))
             .max_by_key(|o| o.prefix.len())
             .map_or(self.slow_consumer, |o| o.slow_consumer)
+    }
+
+    /// The history rule for `channel`, if any names it.
+    pub fn history_for(&self, channel: &str) -> Option<&HistoryRule> {
+        self.history
+            .iter()
+            .filter(|rule| pattern_matches(&rule.pattern, channel))
+            .max_by_key(|rule| specificity(&rule.pattern))
+    }
+
+    /// Whether `who` may list `channel`'s subscribers.
+    pub fn shows_members(&self, channel: &str) -> bool {
+        self.presence_details
+            .iter()
+            .any(|pattern| pattern_matches(pattern, channel))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let check_pattern = |field: String, pattern: &str| {
+            let star = pattern.find('*');
+            if pattern.is_empty() || star.is_some_and(|at| at + 1 != pattern.len()) {
+                return Err(ConfigError::Invalid {
+                    field: field.into(),
+                    reason: "must be a channel name, or a prefix ending in `*`".into(),
+                });
+            }
+            Ok(())
+        };
+        for (i, rule) in self.history.iter().enumerate() {
+            check_pattern(format!("channels.history[{i}].pattern"), &rule.pattern)?;
+            if !(1..=10_000).contains(&rule.size) {
+                return Err(ConfigError::Invalid {
+                    field: format!("channels.history[{i}].size").into(),
+                    reason: "must be 1 to 10000".into(),
+                });
+            }
+            if rule.ttl_ms == 0 {
+                return Err(ConfigError::Invalid {
+                    field: format!("channels.history[{i}].ttl_ms").into(),
+                    reason: "must be greater than 0".into(),
+                });
+            }
+        }
+        for (i, pattern) in self.presence_details.iter().enumerate() {
+            check_pattern(format!("channels.presence_details[{i}]"), pattern)?;
+        }
+        if self.history_memory_bytes < 64 * 1024 {
+            return Err(ConfigError::Invalid {
+                field: "channels.history_memory_bytes".into(),
+                reason: "must be at least 65536".into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -481,7 +591,10 @@ pub enum ConfigError {
         source: Box<toml::de::Error>,
     },
     #[error("invalid config: {field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
+    Invalid {
+        field: std::borrow::Cow<'static, str>,
+        reason: String,
+    },
 }
 
 impl Config {
@@ -505,13 +618,14 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
             ConfigError::Invalid {
-                field,
+                field: field.into(),
                 reason: reason.into(),
             }
         }
         if let Err(reason) = crate::ids::validate_node(&self.server.node) {
             return Err(invalid("server.node", reason));
         }
+        self.channels.validate()?;
         let l = &self.limits;
         if l.max_message_bytes < 1024 {
             return Err(invalid("limits.max_message_bytes", "must be at least 1024"));
@@ -812,10 +926,7 @@ mod tests {
         assert!(
             matches!(
                 config.validate(),
-                Err(ConfigError::Invalid {
-                    field: "plugins.allow_hosts",
-                    ..
-                })
+                Err(ConfigError::Invalid { ref field, .. }) if field == "plugins.allow_hosts"
             ),
             "{:?}",
             config.validate()

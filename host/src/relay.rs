@@ -143,9 +143,18 @@ pub async fn run(
         .await
         .map_err(|e| RunError::Start(e.into()))?;
     relay.kv.restore(rows);
+    // Persisted channel history, with its epochs, before any client subscribes.
+    crate::channels::persist::restore(&relay.channels, &relay.store)
+        .await
+        .map_err(|e| RunError::Start(e.into()))?;
     let stop_persisting = CancellationToken::new();
     let kv_persister = tokio::spawn(crate::plugin::kv::persist(
         relay.kv.clone(),
+        relay.store.clone(),
+        stop_persisting.clone(),
+    ));
+    let history_persister = tokio::spawn(crate::channels::persist::persist(
+        relay.channels.clone(),
         relay.store.clone(),
         stop_persisting.clone(),
     ));
@@ -304,6 +313,7 @@ pub async fn run(
     // Last: what plugins wrote up to the end reaches the store.
     stop_persisting.cancel();
     let _ = kv_persister.await;
+    let _ = history_persister.await;
     tracing::info!("shutdown complete");
     Ok(())
 }
@@ -388,11 +398,19 @@ async fn housekeeping(relay: Arc<Relay>) {
     // Forgotten users' buckets are swept far less often than requests expire.
     const SWEEP_EVERY: u32 = 100;
     let mut sweep_due = SWEEP_EVERY;
+    // Channel histories once a second.
+    const HISTORY_EVERY: u32 = 20;
+    let mut history_due = HISTORY_EVERY;
     loop {
         tick.tick().await;
         let expired = relay.spaces.expire(tokio::time::Instant::now());
         if expired > 0 {
             tracing::debug!(expired, "requests timed out");
+        }
+        history_due -= 1;
+        if history_due == 0 {
+            history_due = HISTORY_EVERY;
+            relay.channels.sweep();
         }
         sweep_due -= 1;
         if sweep_due == 0 {

@@ -71,12 +71,66 @@ pub enum Msg {
     },
     Subscribe {
         channel: String,
+        /// Where this client left off (the `epoch` of its last `subscribed`
+        /// and the last `seq` it received): the messages it missed are
+        /// delivered before any live one, or `subscribed.recovered` is false.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recover: Option<Position>,
     },
     /// `seq` is the channel's last sequence number, `presence` its subscriber count.
     Subscribed {
         channel: String,
         seq: u64,
         presence: u64,
+        /// For a channel with history: the name of its sequence. A different
+        /// epoch than before means the sequence restarted and history was lost.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<String>,
+        /// Only when the `subscribe` asked to `recover`: whether every
+        /// missed message follows (true) or the client must resync (false).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+    },
+    /// Client → relay: the messages of `channel` kept in its history, after
+    /// `since` (oldest first), or the last `limit` when `since` is absent.
+    History {
+        id: String,
+        channel: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Relay → client: one page of `history`, oldest first. `seq` is the
+    /// channel's last sequence number; `more` says a next page (ask again
+    /// with `since` the last seq here) holds more; `complete` says the page
+    /// starts right after `since` (false: some were no longer kept).
+    HistoryPage {
+        id: String,
+        channel: String,
+        epoch: String,
+        seq: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        complete: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        messages: Vec<Kept>,
+    },
+    /// Client → relay: who is subscribed to `channel` (where the relay's
+    /// configuration shows it: `channels.presence_details`).
+    Who {
+        id: String,
+        channel: String,
+    },
+    /// Relay → client: the answer to `who`; `count` is the whole number,
+    /// `members` at most the first 1,000.
+    Members {
+        id: String,
+        channel: String,
+        count: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        members: Vec<Member>,
     },
     Unsubscribe {
         channel: String,
@@ -267,6 +321,31 @@ pub enum Msg {
     },
 }
 
+/// A point in a channel's sequence: its `epoch` and a `seq` in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub epoch: String,
+    pub seq: u64,
+}
+
+/// A message kept in a channel's history (`history_page.messages`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Kept {
+    pub seq: u64,
+    #[serde(default, skip_serializing_if = "Data::is_empty")]
+    pub data: Data,
+}
+
+/// One subscriber of a channel (`members`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its connection's `welcome.session`.
+    pub session: String,
+    /// The user admission named, when it named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
 /// Who a file is offered to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -350,6 +429,10 @@ impl Msg {
             Msg::Pong { .. } => "pong",
             Msg::Subscribe { .. } => "subscribe",
             Msg::Subscribed { .. } => "subscribed",
+            Msg::History { .. } => "history",
+            Msg::HistoryPage { .. } => "history_page",
+            Msg::Who { .. } => "who",
+            Msg::Members { .. } => "members",
             Msg::Unsubscribe { .. } => "unsubscribe",
             Msg::Unsubscribed { .. } => "unsubscribed",
             Msg::Publish { .. } => "publish",
@@ -448,6 +531,10 @@ pub const KNOWN_TYPES: &[&str] = &[
     "subscribed",
     "unsubscribe",
     "unsubscribed",
+    "history",
+    "history_page",
+    "who",
+    "members",
     "publish",
     "ack",
     "message",

@@ -77,6 +77,7 @@ async fn expect(ws: &mut Ws, kind: &str) -> anyhow::Result<()> {
 async fn subscribe(ws: &mut Ws) -> anyhow::Result<()> {
     ws.send(Message::Binary(codec::encode_binary(&Msg::Subscribe {
         channel: "fan".into(),
+        recover: None,
     })))
     .await?;
     expect(ws, "subscribed").await

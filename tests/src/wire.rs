@@ -73,6 +73,7 @@ impl Tx {
             Tx::Relay(sender) => Ok(sender
                 .send(&Msg::Subscribe {
                     channel: channel.to_owned(),
+                    recover: None,
                 })
                 .await?),
             Tx::Nats(nats) => nats.subscribe(&nats::subject(channel)).await,

@@ -256,6 +256,18 @@ impl OutboundQueue {
         out.msg().data().map_or(0, |d| d.len()) + HEADER_ESTIMATE
     }
 
+    /// Whether `messages` more data messages with `payload_bytes` of
+    /// payload between them fit now without evicting anything: a channel
+    /// recovering a client's gap gives all of it or none.
+    pub fn has_room(&self, messages: usize, payload_bytes: usize) -> bool {
+        let bytes = payload_bytes + messages * HEADER_ESTIMATE;
+        let state = lock(&self.state);
+        state.closed.is_none()
+            && state.data_messages() + messages <= self.limits.messages
+            && self.bytes() + bytes <= self.limits.bytes
+            && self.budget.used() + bytes <= self.budget.limit
+    }
+
     /// Queues `out` for the consumer, or applies `overflow` when there is no room.
     pub fn push(&self, out: Outbound, overflow: Overflow) -> Pushed {
         let size = Self::size_of(&out);

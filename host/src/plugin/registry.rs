@@ -712,6 +712,7 @@ mod tests {
                 conn: watcher.conn().clone(),
                 queue: watcher.queue.clone(),
             },
+            None,
         );
         let task = registry.task("heartbeat").expect("a task plugin");
         let lines = Arc::new(std::sync::Mutex::new(Vec::new()));

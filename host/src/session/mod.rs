@@ -26,7 +26,7 @@ use crate::hooks::Hooks;
 use crate::hooks::{Filtered, Handshake, MayRegister, Route, RouteInput};
 use crate::ids::NodeId;
 use crate::metrics::Metrics;
-use crate::protocol::{DecodeError, ErrorCode, Msg, Request, VERSION};
+use crate::protocol::{DecodeError, ErrorCode, Msg, Position, Request, VERSION};
 use crate::quota::Quotas;
 use crate::quota::{ConnQuota, Verdict};
 use crate::spaces::Spaces;
@@ -292,6 +292,8 @@ impl Session {
             // costs the sender's rates, not its neighbours' queues.
             Msg::Subscribe { .. }
             | Msg::Unsubscribe { .. }
+            | Msg::History { .. }
+            | Msg::Who { .. }
             | Msg::Register { .. }
             | Msg::Upload { .. }
             | Msg::Download { .. }
@@ -300,7 +302,14 @@ impl Session {
             {
                 Some(throttled)
             }
-            Msg::Subscribe { channel } => Some(self.subscribe(channel)),
+            Msg::Subscribe { channel, recover } => Some(self.subscribe(channel, recover)),
+            Msg::History {
+                id,
+                channel,
+                since,
+                limit,
+            } => Some(self.history(id, channel, since, limit)),
+            Msg::Who { id, channel } => Some(self.who(id, channel)),
             Msg::Unsubscribe { channel } => Some(self.unsubscribe(channel)),
             Msg::Publish { channel, id, data } => self.publish(channel, id, data),
             Msg::Register { space } => Some(self.register(space)),
@@ -501,7 +510,7 @@ impl Session {
         None
     }
 
-    fn subscribe(&mut self, channel: String) -> Msg {
+    fn subscribe(&mut self, channel: String, recover: Option<Position>) -> Msg {
         if let Err(reason) = validate_channel_name(&channel) {
             return Msg::error(ErrorCode::InvalidName, reason, None);
         }
@@ -517,15 +526,72 @@ impl Session {
             conn: self.conn.clone(),
             queue: self.queue.clone(),
         };
-        let (seq, presence) = self.relay.channels.subscribe(&channel, subscriber);
+        let found = self
+            .relay
+            .channels
+            .subscribe(&channel, subscriber, recover.as_ref());
         if self.subscriptions.insert(channel.clone()) {
             self.conn
                 .update_detail(|d| d.channels.push(channel.clone()));
         }
         Msg::Subscribed {
             channel,
-            seq,
-            presence,
+            seq: found.seq,
+            presence: found.presence,
+            epoch: found.epoch,
+            recovered: found.recovered,
+        }
+    }
+
+    /// `history`: a page of what the channel keeps; a page stays within
+    /// one message's size (a client pages on with `since`).
+    fn history(
+        &mut self,
+        id: String,
+        channel: String,
+        since: Option<u64>,
+        limit: Option<u32>,
+    ) -> Msg {
+        if let Err(reason) = validate_channel_name(&channel) {
+            return Msg::error(ErrorCode::InvalidName, reason, Some(id));
+        }
+        let max_bytes = self.relay.config.limits.max_message_bytes / 2;
+        match self
+            .relay
+            .channels
+            .history(&channel, since, limit, max_bytes)
+        {
+            Ok((epoch, seq, page)) => Msg::HistoryPage {
+                id,
+                channel,
+                epoch,
+                seq,
+                complete: page.complete,
+                more: page.more,
+                messages: page.messages,
+            },
+            Err(refused) => Msg::error(refused.code, refused.reason, Some(id)),
+        }
+    }
+
+    /// `who`: the channel's subscribers, where the configuration shows them.
+    fn who(&mut self, id: String, channel: String) -> Msg {
+        if let Err(reason) = validate_channel_name(&channel) {
+            return Msg::error(ErrorCode::InvalidName, reason, Some(id));
+        }
+        let node = self.relay.node.clone();
+        match self
+            .relay
+            .channels
+            .members(&channel, |conn| node.scoped(conn.id))
+        {
+            Ok((count, members)) => Msg::Members {
+                id,
+                channel,
+                count,
+                members,
+            },
+            Err(refused) => Msg::error(refused.code, refused.reason, Some(id)),
         }
     }
 

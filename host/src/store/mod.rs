@@ -10,6 +10,7 @@
 //! [`tasks`], [`files`], [`offers`]).
 
 pub mod files;
+pub mod history;
 pub mod kv;
 pub mod offers;
 pub mod plugins;
@@ -106,6 +107,27 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX offers_by_target ON offers (target_kind, target, state);
     CREATE INDEX offers_by_file ON offers (file);
     CREATE INDEX offers_by_state ON offers (state, expires_at_ms);",
+    // 6: channel history (channels whose rule says `persist`): each
+    // channel's epoch and last seq, its kept messages, and whether the
+    // relay stopped cleanly (written last at shutdown) so a restart after
+    // a crash does not reuse seqs clients may already have seen.
+    "CREATE TABLE channel_meta (
+        channel TEXT PRIMARY KEY,
+        epoch TEXT NOT NULL,
+        last_seq INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL
+    );
+    CREATE TABLE channel_history (
+        channel TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (channel, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE relay_flags (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );",
 ];
 
 /// Queries waiting for the store's thread; callers wait for room beyond it.

@@ -9,6 +9,7 @@ mod backpressure;
 mod browser;
 mod e2e;
 mod files;
+mod history;
 mod hot_swap;
 mod leak;
 mod limits;

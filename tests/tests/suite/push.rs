@@ -298,6 +298,7 @@ async fn a_client_offers_its_file_to_a_channel_and_to_a_session() {
     guest
         .send(&Msg::Subscribe {
             channel: "news".into(),
+            recover: None,
         })
         .await
         .unwrap();

@@ -117,10 +117,18 @@ pub struct Stats {
     pub spaces: usize,
     pub spaces_connected: usize,
     pub channels: usize,
+    /// What channel histories hold, against `channels.history_memory_bytes`.
+    pub history: HistoryCounts,
     /// Resident memory of the relay process, where the OS reports it.
     pub memory_rss_bytes: Option<u64>,
     /// Tasks by state, runs and the history's writes.
     pub tasks: Option<crate::tasks::manager::TaskStats>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HistoryCounts {
+    pub bytes: usize,
+    pub budget_bytes: usize,
 }
 
 /// The outbound queues together, against their shared budget.
@@ -196,6 +204,13 @@ pub async fn stats(relay: &Relay) -> Stats {
             pending: relay.spaces.pending_count(),
             ok: totals.requests_ok.load(Ordering::Relaxed),
             failed: totals.requests_failed.load(Ordering::Relaxed),
+        },
+        history: {
+            let (bytes, budget_bytes) = relay.channels.history_bytes();
+            HistoryCounts {
+                bytes,
+                budget_bytes,
+            }
         },
         outbound: OutboundCounts {
             queued_bytes: relay.budget.used(),

@@ -585,7 +585,7 @@ async fn validate(tasks: &Tasks, query: &Query, req: hyper::Request<Incoming>) -
                 .and_then(|config| {
                     config.validate().map_err(|e| match e {
                         crate::config::ConfigError::Invalid { field, reason } => {
-                            (field.to_owned(), format!("{field}: {reason}"))
+                            (field.to_string(), format!("{field}: {reason}"))
                         }
                         other => ("config".to_owned(), other.to_string()),
                     })

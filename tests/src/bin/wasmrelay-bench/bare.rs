@@ -107,7 +107,7 @@ fn handle(state: &State, id: u64, outbox: &Outbox, frame: &Bytes) -> Option<Byte
             transfers: Vec::new(),
         },
         Msg::Ping { id } => Msg::Pong { id },
-        Msg::Subscribe { channel } => {
+        Msg::Subscribe { channel, .. } => {
             let mut channels = lock(&state.channels);
             let entry = channels.entry(channel.clone()).or_default();
             entry.subscribers.push((id, outbox.clone()));
@@ -115,6 +115,8 @@ fn handle(state: &State, id: u64, outbox: &Outbox, frame: &Bytes) -> Option<Byte
                 channel,
                 seq: entry.seq,
                 presence: entry.subscribers.len() as u64,
+                epoch: None,
+                recovered: None,
             }
         }
         Msg::Publish {
