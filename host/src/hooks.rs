@@ -139,8 +139,28 @@ pub enum Route {
     Reject { code: ErrorCode, reason: String },
 }
 
+/// How a channel keeps history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelHistory {
+    /// Messages kept.
+    pub size: usize,
+    pub ttl_ms: u64,
+    /// Also kept in the embedded store.
+    pub persist: bool,
+}
+
 pub trait Router: Send + Sync + 'static {
     fn route(&self, input: &RouteInput<'_>) -> Route;
+
+    /// Whether and how a new `channel` keeps history, given what the
+    /// configuration says. Called outside any channel lock.
+    fn channel_history(
+        &self,
+        _channel: &str,
+        configured: Option<ChannelHistory>,
+    ) -> Option<ChannelHistory> {
+        configured
+    }
 }
 
 /// What a filter made of a message.

@@ -438,4 +438,25 @@ mod tests {
             ["127.0.0.1", "localhost", "status.example.com"]
         );
     }
+
+    /// Nothing the relay's parts hold on to each other may keep it alive
+    /// once its owner lets go: a cycle keeps the store's thread, the
+    /// plugin engine's ticker and every file they hold open for good.
+    #[tokio::test]
+    async fn a_relay_is_freed_when_its_last_handle_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.server.data_dir = dir.path().to_owned();
+        config.admin.token = Some("test-token-for-the-drop-test".into());
+        let relay = Relay::new(config).unwrap();
+        let weak = Arc::downgrade(&relay);
+        let channels = Arc::downgrade(&relay.channels);
+        let plugins = Arc::downgrade(&relay.plugins);
+        let offers = Arc::downgrade(&relay.offers);
+        drop(relay);
+        assert!(weak.upgrade().is_none(), "something holds the relay");
+        assert!(channels.upgrade().is_none(), "something holds the channels");
+        assert!(plugins.upgrade().is_none(), "something holds the plugins");
+        assert!(offers.upgrade().is_none(), "something holds the offers");
+    }
 }

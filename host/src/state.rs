@@ -164,6 +164,9 @@ impl Relay {
             services,
             config.plugins.max_memory_bytes,
         ));
+        // The active router may decide which new channels keep history.
+        let router: Arc<dyn crate::hooks::Router> = plugins.clone();
+        channels.set_router(&router);
         Ok(Arc::new(Self {
             directory: spaces.clone(),
             node,

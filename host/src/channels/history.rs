@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use crate::hooks::ChannelHistory;
 use crate::protocol::{Data, Kept, Position};
 
 /// Bytes charged per kept message on top of its payload.
@@ -88,6 +89,28 @@ impl From<&crate::config::HistoryRule> for HistoryOptions {
     }
 }
 
+impl From<HistoryOptions> for ChannelHistory {
+    fn from(options: HistoryOptions) -> Self {
+        Self {
+            size: options.size,
+            ttl_ms: u64::try_from(options.ttl_ms).unwrap_or(0),
+            persist: options.persist,
+        }
+    }
+}
+
+impl From<ChannelHistory> for HistoryOptions {
+    /// Within the bounds a rule has (a plugin's answer is not validated
+    /// like a configuration).
+    fn from(decided: ChannelHistory) -> Self {
+        Self {
+            size: decided.size.clamp(1, 10_000),
+            ttl_ms: i64::try_from(decided.ttl_ms.max(1)).unwrap_or(i64::MAX),
+            persist: decided.persist,
+        }
+    }
+}
+
 /// A kept message. `at_ms` is wall clock, so it means the same after a restart.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -139,6 +162,8 @@ pub struct History {
     /// changed since.
     written_seq: u64,
     dirty: bool,
+    /// Its channel is in the set of those to write (see [`History::take_note`]).
+    noted: bool,
 }
 
 /// A fresh epoch: 16 random hex digits.
@@ -178,6 +203,7 @@ impl History {
             last_active_ms: now_ms,
             written_seq: 0,
             dirty: false,
+            noted: false,
         }
     }
 
@@ -288,7 +314,7 @@ impl History {
                 let start = usize::try_from(since.saturating_add(1).saturating_sub(first))
                     .unwrap_or(usize::MAX)
                     .min(self.entries.len());
-                (start, since + 1 >= first)
+                (start, since.saturating_add(1) >= first)
             }
             // Nothing kept: complete only when nothing was missed.
             (Some(since), None) => (0, since >= last_seq),
@@ -318,6 +344,7 @@ impl History {
 
     /// For a persisted history: what changed since the last call, if anything.
     pub fn unwritten(&mut self, last_seq: u64) -> Option<Unwritten> {
+        self.noted = false;
         if !self.options.persist || !self.dirty {
             return None;
         }
@@ -337,9 +364,13 @@ impl History {
         })
     }
 
-    /// Whether [`History::unwritten`] has something to write.
-    pub fn is_dirty(&self) -> bool {
-        self.options.persist && self.dirty
+    /// Whether a persisted history changed and its channel is not yet in
+    /// the set to write: true once per change, until [`History::unwritten`]
+    /// takes it. Ask after anything that may change it.
+    pub fn take_note(&mut self) -> bool {
+        let due = self.options.persist && self.dirty && !self.noted;
+        self.noted |= due;
+        due
     }
 
     /// Puts back what the store kept (oldest first, already written),

@@ -23,6 +23,7 @@ use crate::config::{ChannelsConfig, SlowConsumer};
 use crate::delivery::queue::{OutboundQueue, Overflow};
 use crate::delivery::table::ConnInfo;
 use crate::delivery::{Outbound, Pressure, deliver, deliver_pressing};
+use crate::hooks::Router;
 use crate::metrics::Metrics;
 use crate::protocol::{Data, ErrorCode, Member, Msg, Position};
 use crate::store::wall_ms;
@@ -111,6 +112,15 @@ pub struct Channels {
     /// those forgotten (their rows go). Bounded by the channels with history.
     unwritten: Mutex<PendingWrites>,
     changed: Notify,
+    /// The router hook, when one may decide channels' history (set once,
+    /// after the plugins that answer it exist). Weak: the plugins hold the
+    /// channels (presence, publish), and a cycle would keep the whole relay
+    /// alive after it stopped.
+    router: std::sync::OnceLock<std::sync::Weak<dyn Router>>,
+    /// Set at shutdown before the last write of persisted history: from
+    /// then on persisted channels number nothing, so no seq is handed out
+    /// that the store (marked clean) does not know.
+    sealed: std::sync::atomic::AtomicBool,
 }
 
 /// Persisted channels whose store rows are behind.
@@ -129,21 +139,43 @@ impl Channels {
             policies,
             unwritten: Mutex::new(PendingWrites::default()),
             changed: Notify::new(),
+            router: std::sync::OnceLock::new(),
+            sealed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// A new channel, with a history when a rule names it and the budget
-    /// has room for one more.
-    fn create(&self, name: &str, now_ms: i64) -> Arc<Channel> {
-        let history = self.history_options(name).map(|options| {
-            History::new(
-                name,
-                history::new_epoch(),
-                options,
-                self.budget.clone(),
-                now_ms,
-            )
-        });
+    /// Stops numbering on persisted channels (publishes there answer seq
+    /// 0 and reach nobody): the last step of a shutdown before the final
+    /// write of history.
+    pub fn seal(&self) {
+        self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_sealed(&self, state: &ChannelState) -> bool {
+        state.history.as_ref().is_some_and(History::persist)
+            && self.sealed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Lets `router` decide which new channels keep history (over the
+    /// configuration). Once; later calls are ignored.
+    pub fn set_router(&self, router: &Arc<dyn Router>) {
+        let _ = self.router.set(Arc::downgrade(router));
+    }
+
+    /// A new channel with the history `decided` (see [`Self::decide`]),
+    /// if the budget has room for one more.
+    fn create(&self, name: &str, decided: Option<HistoryOptions>, now_ms: i64) -> Arc<Channel> {
+        let history = decided
+            .filter(|_| {
+                let room = self.budget.has_room_for(CHANNEL_OVERHEAD + name.len());
+                if !room {
+                    tracing::warn!(channel = %name, used = self.budget.used(), "channels.history_memory_bytes reached: a new channel keeps no history");
+                }
+                room
+            })
+            .map(|options| {
+                History::new(name, history::new_epoch(), options, self.budget.clone(), now_ms)
+            });
         Arc::new(Channel {
             state: Mutex::new(ChannelState {
                 history,
@@ -152,14 +184,29 @@ impl Channels {
         })
     }
 
-    /// The history `name` keeps, if any (and if the budget takes one more).
-    fn history_options(&self, name: &str) -> Option<HistoryOptions> {
-        let rule = self.policies.history_for(name)?;
-        if !self.budget.has_room_for(CHANNEL_OVERHEAD + name.len()) {
-            tracing::warn!(channel = %name, used = self.budget.used(), "channels.history_memory_bytes reached: a new channel keeps no history");
-            return None;
+    /// The history the configuration gives `name`.
+    fn configured(&self, name: &str) -> Option<HistoryOptions> {
+        self.policies.history_for(name).map(HistoryOptions::from)
+    }
+
+    /// The history a new channel `name` keeps: the configuration's answer,
+    /// as the router plugin overrides it. Never call this under the map's
+    /// or a channel's lock: the plugin may call back into channels.
+    fn decide(&self, name: &str) -> Option<HistoryOptions> {
+        let configured = self.configured(name);
+        match self.router.get().and_then(std::sync::Weak::upgrade) {
+            Some(router) => router
+                .channel_history(name, configured.map(Into::into))
+                .map(Into::into),
+            None => configured,
         }
-        Some(HistoryOptions::from(rule))
+    }
+
+    /// [`Self::decide`] when `name` looks new (decided outside the map's
+    /// lock); `None` when it exists, and whoever creates it after all falls
+    /// back to the configuration.
+    fn decide_if_new(&self, name: &str) -> Option<Option<HistoryOptions>> {
+        (!self.map.contains_key(name)).then(|| self.decide(name))
     }
 
     /// Adds a subscriber. With `recover`, the messages it missed since then
@@ -172,12 +219,13 @@ impl Channels {
         recover: Option<&Position>,
     ) -> Subscription {
         let now = wall_ms();
+        let decided = self.decide_if_new(channel);
         // The map entry guard is held while the subscriber set is edited, which
         // keeps a concurrent last-unsubscribe from removing the channel under us.
-        let entry = self
-            .map
-            .entry(channel.to_owned())
-            .or_insert_with(|| self.create(channel, now));
+        let entry = self.map.entry(channel.to_owned()).or_insert_with(|| {
+            let options = decided.unwrap_or_else(|| self.configured(channel));
+            self.create(channel, options, now)
+        });
         let mut state = lock(&entry);
         let conn_id = subscriber.conn.id;
         let recovered =
@@ -213,6 +261,9 @@ impl Channels {
             return false;
         };
         history.expire(now);
+        if history.take_note() {
+            self.note_changed(channel);
+        }
         if state.subscribers.contains_key(&subscriber.conn.id) {
             // Already subscribed: it has been sent everything since.
             return *from.epoch == **history.epoch() && from.seq == last_seq;
@@ -220,30 +271,25 @@ impl Channels {
         let Some(missed) = history.missed_since(from, last_seq) else {
             return false;
         };
-        let missed: Vec<_> = missed.collect();
-        let bytes = missed.iter().map(|e| e.data.len()).sum();
-        if !subscriber.queue.has_room(missed.len(), bytes) {
-            tracing::debug!(
-                channel,
-                missed = missed.len(),
-                "gap larger than the subscriber's queue: not recovered"
-            );
-            return false;
-        }
-        for entry in missed {
-            deliver(
-                &subscriber.conn,
-                &subscriber.queue,
+        let missed: Vec<Outbound> = missed
+            .map(|entry| {
                 Outbound::new(Msg::Message {
                     channel: channel.to_owned(),
                     seq: entry.seq,
                     data: entry.data.clone(),
-                }),
-                Overflow::DropOldest,
-                &self.metrics,
+                })
+            })
+            .collect();
+        let count = missed.len();
+        let queued = subscriber.queue.push_all(missed, self.overflow(channel));
+        if !queued {
+            tracing::debug!(
+                channel,
+                missed = count,
+                "gap larger than the subscriber's queue has room for: not recovered"
             );
         }
-        true
+        queued
     }
 
     /// Removes a subscriber; returns whether it was subscribed.
@@ -275,21 +321,24 @@ impl Channels {
             let ch = match self.map.get(channel) {
                 Some(ch) => ch.clone(),
                 None => {
-                    if self.policies.history_for(channel).is_none() {
-                        return 0;
-                    }
                     // A channel with history is worth creating for a publish:
                     // whoever subscribes later recovers it.
+                    let Some(options) = self.decide(channel) else {
+                        return 0;
+                    };
                     let now = wall_ms();
                     self.map
                         .entry(channel.to_owned())
-                        .or_insert_with(|| self.create(channel, now))
+                        .or_insert_with(|| self.create(channel, Some(options), now))
                         .clone()
                 }
             };
             let mut state = lock(&ch);
             if state.gone {
                 continue;
+            }
+            if self.is_sealed(&state) {
+                return 0;
             }
             if state.is_unused() {
                 // Created without history (the budget was full): not kept.
@@ -318,9 +367,8 @@ impl Channels {
         let Some(history) = state.history.as_mut() else {
             return;
         };
-        let was_dirty = history.is_dirty();
         history.append(seq, data, wall_ms());
-        if !was_dirty && history.is_dirty() {
+        if history.take_note() {
             self.note_changed(channel);
         }
     }
@@ -329,6 +377,14 @@ impl Channels {
         let mut unwritten = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
         if unwritten.changed.insert(channel.to_owned()) && unwritten.changed.len() == 1 {
             self.changed.notify_one();
+        }
+    }
+
+    /// What a full subscriber queue does with `channel`'s messages.
+    fn overflow(&self, channel: &str) -> Overflow {
+        match self.policies.slow_consumer(channel) {
+            SlowConsumer::DropOldest => Overflow::DropOldest,
+            SlowConsumer::Disconnect => Overflow::Disconnect,
         }
     }
 
@@ -347,10 +403,7 @@ impl Channels {
             seq,
             data,
         });
-        let overflow = match self.policies.slow_consumer(channel) {
-            SlowConsumer::DropOldest => Overflow::DropOldest,
-            SlowConsumer::Disconnect => Overflow::Disconnect,
-        };
+        let overflow = self.overflow(channel);
         for sub in state.subscribers.values() {
             deliver_pressing(
                 &sub.conn,
@@ -380,7 +433,7 @@ impl Channels {
             return false;
         };
         let mut state = lock(&ch);
-        if state.is_unused() || state.gone || seq <= state.last_seq {
+        if state.is_unused() || state.gone || seq <= state.last_seq || self.is_sealed(&state) {
             return false;
         }
         state.last_seq = seq;
@@ -408,26 +461,39 @@ impl Channels {
         limit: Option<u32>,
         max_bytes: usize,
     ) -> Result<(String, u64, Page), Refused> {
-        if self.policies.history_for(channel).is_none() {
-            return Err(Refused {
-                code: ErrorCode::NotFound,
-                reason: format!("channel {channel} keeps no history (channels.history)"),
-            });
-        }
+        let no_history = || Refused {
+            code: ErrorCode::NotFound,
+            reason: format!("channel {channel} keeps no history (channels.history)"),
+        };
         let now = wall_ms();
-        let entry = self
-            .map
-            .entry(channel.to_owned())
-            .or_insert_with(|| self.create(channel, now));
+        let entry = match self.map.get(channel).map(|c| c.clone()) {
+            Some(existing) => existing,
+            None => {
+                let options = self.decide(channel).ok_or_else(no_history)?;
+                self.map
+                    .entry(channel.to_owned())
+                    .or_insert_with(|| self.create(channel, Some(options), now))
+                    .clone()
+            }
+        };
         let mut state = lock(&entry);
         let last_seq = state.last_seq;
         let Some(history) = state.history.as_mut() else {
-            return Err(Refused {
-                code: ErrorCode::Overloaded,
-                reason: "channels.history_memory_bytes reached; try again later".into(),
-            });
+            if state.is_unused() {
+                // Created without history (the budget was full): not kept.
+                drop(state);
+                self.forget_if(channel, |_| true);
+                return Err(Refused {
+                    code: ErrorCode::Overloaded,
+                    reason: "channels.history_memory_bytes reached; try again later".into(),
+                });
+            }
+            return Err(no_history());
         };
         history.expire(now);
+        if history.take_note() {
+            self.note_changed(channel);
+        }
         let limit = limit.map_or(MAX_PAGE, |l| (l as usize).clamp(1, MAX_PAGE));
         let page = history.page(since, limit, max_bytes, last_seq);
         Ok((history.epoch().to_string(), last_seq, page))
@@ -482,9 +548,8 @@ impl Channels {
             let Some(history) = state.history.as_mut() else {
                 continue;
             };
-            let was_dirty = history.is_dirty();
             history.expire(now);
-            if !was_dirty && history.is_dirty() {
+            if history.take_note() {
                 self.note_changed(entry.key());
             }
             if no_subscribers
@@ -554,14 +619,13 @@ impl Channels {
             let Some(history) = state.history.as_mut() else {
                 continue;
             };
-            let was_dirty = history.is_dirty();
             if history.pop_oldest().is_some() {
                 trimmed += 1;
             }
             if let Some(next) = history.oldest() {
                 oldest.push(Reverse((next, name.clone())));
             }
-            if !was_dirty && history.is_dirty() {
+            if history.take_note() {
                 self.note_changed(&name);
             }
         }

@@ -155,6 +155,12 @@ pub async fn persist(channels: Arc<Channels>, store: Store, stop: CancellationTo
                 _ = stop.cancelled() => {}
             }
         }
+        // Only a take after the stop was asked for may end the loop: one
+        // that began before it can miss the last publishes.
+        let last = stop.is_cancelled();
+        if last {
+            channels.seal();
+        }
         let writes = channels.take_writes();
         if !writes.is_empty() {
             let count = writes.len();
@@ -166,12 +172,85 @@ pub async fn persist(channels: Arc<Channels>, store: Store, stop: CancellationTo
                 tracing::warn!(error = %e, count, "channel history not persisted; a restart will give those channels new epochs");
             }
         }
-        if stopping || stop.is_cancelled() {
+        if last {
             // Only a stop with every write in may say so.
             if !failed && let Err(e) = store.call(crate::store::history::mark_clean).await {
                 tracing::warn!(error = %e, "channel history not marked clean; the next start discards it");
             }
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ChannelsConfig, HistoryRule};
+    use crate::delivery::Pressure;
+    use crate::metrics::Metrics;
+
+    fn persisted(ttl_ms: u64) -> Channels {
+        Channels::new(
+            Arc::new(Metrics::new()),
+            ChannelsConfig {
+                history: vec![HistoryRule {
+                    pattern: "chat/*".into(),
+                    size: 10,
+                    ttl_ms,
+                    persist: true,
+                }],
+                ..ChannelsConfig::default()
+            },
+        )
+    }
+
+    fn added(writes: &[HistoryWrite]) -> Vec<u64> {
+        writes
+            .iter()
+            .flat_map(|w| match w {
+                HistoryWrite::Changed { added, .. } => added.iter().map(|m| m.seq).collect(),
+                HistoryWrite::Forgotten { .. } => Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_change_is_written_even_after_a_read_expired_messages() {
+        let channels = persisted(1);
+        channels.publish("chat/a", Data::from("1"), &mut Pressure::default());
+        assert_eq!(added(&channels.take_writes()), [1]);
+        std::thread::sleep(Duration::from_millis(5));
+        // A read that expires what is kept changes the history too...
+        channels.history("chat/a", None, None, 1 << 20).unwrap();
+        let writes = channels.take_writes();
+        assert!(
+            matches!(
+                writes.as_slice(),
+                [HistoryWrite::Changed { first_kept: 2, .. }]
+            ),
+            "{writes:?}"
+        );
+        // ...and does not hide the next publish from the writer.
+        channels.publish("chat/a", Data::from("2"), &mut Pressure::default());
+        assert_eq!(added(&channels.take_writes()), [2]);
+    }
+
+    #[test]
+    fn a_sealed_relay_numbers_nothing_on_persisted_channels() {
+        let channels = persisted(60_000);
+        assert_eq!(
+            channels.publish("chat/a", Data::from("1"), &mut Pressure::default()),
+            1
+        );
+        channels.seal();
+        assert_eq!(
+            channels.publish("chat/a", Data::from("2"), &mut Pressure::default()),
+            0
+        );
+        assert_eq!(
+            channels.publish("room", Data::from("x"), &mut Pressure::default()),
+            0,
+            "nobody listens to room: unchanged"
+        );
     }
 }

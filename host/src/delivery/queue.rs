@@ -256,16 +256,28 @@ impl OutboundQueue {
         out.msg().data().map_or(0, |d| d.len()) + HEADER_ESTIMATE
     }
 
-    /// Whether `messages` more data messages with `payload_bytes` of
-    /// payload between them fit now without evicting anything: a channel
-    /// recovering a client's gap gives all of it or none.
-    pub fn has_room(&self, messages: usize, payload_bytes: usize) -> bool {
-        let bytes = payload_bytes + messages * HEADER_ESTIMATE;
-        let state = lock(&self.state);
-        state.closed.is_none()
-            && state.data_messages() + messages <= self.limits.messages
-            && self.bytes() + bytes <= self.limits.bytes
-            && self.budget.used() + bytes <= self.budget.limit
+    /// Queues every message of `batch` (data messages, in order), or none
+    /// when they do not all fit now without evicting anything: a channel
+    /// recovering a client's gap gives all of it or nothing. Checked and
+    /// queued under one lock, so nothing takes the room in between.
+    /// `overflow` is what later pushes may do to them (the channel's policy).
+    pub fn push_all(&self, batch: Vec<Outbound>, overflow: Overflow) -> bool {
+        let sizes: Vec<usize> = batch.iter().map(Self::size_of).collect();
+        let total: usize = sizes.iter().sum();
+        let mut state = lock(&self.state);
+        let fits = state.closed.is_none()
+            && state.data_messages() + batch.len() <= self.limits.messages
+            && self.bytes() + total <= self.limits.bytes
+            && self.budget.used() + total <= self.budget.limit;
+        if !fits {
+            return false;
+        }
+        let evictable = matches!(overflow, Overflow::DropOldest | Overflow::DropNewest);
+        for (out, size) in batch.into_iter().zip(sizes) {
+            let lane = Lane::of(out.msg());
+            self.admit(&mut state, lane, out, size, evictable);
+        }
+        true
     }
 
     /// Queues `out` for the consumer, or applies `overflow` when there is no room.

@@ -31,6 +31,12 @@ macro_rules! role_world {
     };
 }
 
+/// A router that also answers `channel-history`; tried first for the
+/// router role, with plain `router` as the fallback.
+pub mod router_channels {
+    role_world!("router-channels");
+}
+
 pub mod policy {
     role_world!("policy");
 }

@@ -13,10 +13,10 @@ use wasmtime::component::InstancePre;
 use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::bindings::types::{
-    Admission, Decision, FileInfo, Handshake, Outcome, Rejection, RequestInfo, RunContext,
-    TransferAction, Verdict,
+    Admission, ChannelHistory, Decision, FileInfo, Handshake, Outcome, Rejection, RequestInfo,
+    RunContext, TransferAction, Verdict,
 };
-use super::bindings::{filter, policy, policy_files, policy_spaces, router, task};
+use super::bindings::{filter, policy, policy_files, policy_spaces, router, router_channels, task};
 use super::host_api::{HostServices, HostState, PluginContext};
 use super::manifest::{Manifest, Role};
 use super::runtime::{EPOCH_TICK, LoadError, Runtime, describe_exports};
@@ -69,6 +69,7 @@ pub enum CallError {
 
 enum Pre {
     Router(router::RouterPre<HostState>),
+    RouterChannels(router_channels::RouterChannelsPre<HostState>),
     Policy(policy::PolicyPre<HostState>),
     PolicySpaces(policy_spaces::PolicySpacesPre<HostState>),
     PolicyFiles(policy_files::PolicyFilesPre<HostState>),
@@ -78,6 +79,7 @@ enum Pre {
 
 enum Bound {
     Router(router::Router),
+    RouterChannels(router_channels::RouterChannels),
     Policy(policy::Policy),
     PolicySpaces(policy_spaces::PolicySpaces),
     PolicyFiles(policy_files::PolicyFiles),
@@ -136,7 +138,14 @@ impl LoadedPlugin {
             ),
         };
         let pre = match manifest.role {
-            Role::Router => Pre::Router(router::RouterPre::new(instance_pre).map_err(wrong_world)?),
+            // A router that also exports `channel-history` decides history.
+            Role::Router => {
+                if let Ok(pre) = router_channels::RouterChannelsPre::new(instance_pre.clone()) {
+                    Pre::RouterChannels(pre)
+                } else {
+                    Pre::Router(router::RouterPre::new(instance_pre).map_err(wrong_world)?)
+                }
+            }
             // A policy that also exports `may-register` decides registrations;
             // one that does not is still a policy.
             Role::Policy => {
@@ -180,6 +189,7 @@ impl LoadedPlugin {
         warm.store.set_epoch_deadline(plugin.deadline_ticks);
         let checked = match &warm.bound {
             Bound::Router(b) => b.call_self_check(&mut warm.store),
+            Bound::RouterChannels(b) => b.call_self_check(&mut warm.store),
             Bound::Policy(b) => b.call_self_check(&mut warm.store),
             Bound::PolicySpaces(b) => b.call_self_check(&mut warm.store),
             Bound::PolicyFiles(b) => b.call_self_check(&mut warm.store),
@@ -222,6 +232,7 @@ impl LoadedPlugin {
         };
         let bound = match &self.pre {
             Pre::Router(pre) => pre.instantiate(&mut store).map(Bound::Router),
+            Pre::RouterChannels(pre) => pre.instantiate(&mut store).map(Bound::RouterChannels),
             Pre::Policy(pre) => pre.instantiate(&mut store).map(Bound::Policy),
             Pre::PolicySpaces(pre) => pre.instantiate(&mut store).map(Bound::PolicySpaces),
             Pre::PolicyFiles(pre) => pre.instantiate(&mut store).map(Bound::PolicyFiles),
@@ -232,6 +243,7 @@ impl LoadedPlugin {
         store.set_epoch_deadline(self.deadline_ticks);
         let init = match &bound {
             Bound::Router(b) => b.call_init(&mut store, &self.config_json),
+            Bound::RouterChannels(b) => b.call_init(&mut store, &self.config_json),
             Bound::Policy(b) => b.call_init(&mut store, &self.config_json),
             Bound::PolicySpaces(b) => b.call_init(&mut store, &self.config_json),
             Bound::PolicyFiles(b) => b.call_init(&mut store, &self.config_json),
@@ -248,6 +260,7 @@ impl LoadedPlugin {
     fn pre_engine(&self) -> &wasmtime::Engine {
         match &self.pre {
             Pre::Router(pre) => pre.engine(),
+            Pre::RouterChannels(pre) => pre.engine(),
             Pre::Policy(pre) => pre.engine(),
             Pre::PolicySpaces(pre) => pre.engine(),
             Pre::PolicyFiles(pre) => pre.engine(),
@@ -330,6 +343,7 @@ impl LoadedPlugin {
     pub fn route_publish(&self, channel: &str) -> Result<Decision, CallError> {
         self.call(|bound, store| match bound {
             Bound::Router(b) => b.call_route_publish(store, channel),
+            Bound::RouterChannels(b) => b.call_route_publish(store, channel),
             _ => unreachable_role(),
         })
     }
@@ -337,6 +351,24 @@ impl LoadedPlugin {
     pub fn route_request(&self, request: &RequestInfo) -> Result<Decision, CallError> {
         self.call(|bound, store| match bound {
             Bound::Router(b) => b.call_route_request(store, request),
+            Bound::RouterChannels(b) => b.call_route_request(store, request),
+            _ => unreachable_role(),
+        })
+    }
+
+    /// Whether this router decides channels' history (exports `channel-history`).
+    pub fn decides_history(&self) -> bool {
+        matches!(self.pre, Pre::RouterChannels(_))
+    }
+
+    /// `channel-history`; only for a router that [decides history](Self::decides_history).
+    pub fn channel_history(
+        &self,
+        channel: &str,
+        configured: Option<ChannelHistory>,
+    ) -> Result<Option<ChannelHistory>, CallError> {
+        self.call(|bound, store| match bound {
+            Bound::RouterChannels(b) => b.call_channel_history(store, channel, configured),
             _ => unreachable_role(),
         })
     }

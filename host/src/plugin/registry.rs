@@ -18,15 +18,16 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::bindings::types::{
-    Admission, Decision, Handshake as WitHandshake, RequestInfo, Verdict,
+    Admission, ChannelHistory as WitChannelHistory, Decision, Handshake as WitHandshake,
+    RequestInfo, Verdict,
 };
 use super::host_api::HostServices;
 use super::loaded::{CallError, LoadedPlugin, Percentiles, Source};
 use super::manifest::{Capability, Manifest, ManifestError, Role};
 use super::runtime::{LoadError, Runtime};
 use crate::hooks::{
-    Admission as AdmissionHook, Admit, FileAction, FileSubject, Filter, Filtered, Grant, Handshake,
-    MayRegister, Route, RouteInput, Router,
+    Admission as AdmissionHook, Admit, ChannelHistory, FileAction, FileSubject, Filter, Filtered,
+    Grant, Handshake, MayRegister, Route, RouteInput, Router,
 };
 use crate::protocol::{Data, ErrorCode};
 
@@ -397,6 +398,32 @@ impl Router for Registry {
                 code: ErrorCode::PluginFailed,
                 reason: failure(&plugin, e),
             },
+        }
+    }
+
+    fn channel_history(
+        &self,
+        channel: &str,
+        configured: Option<ChannelHistory>,
+    ) -> Option<ChannelHistory> {
+        let Some(plugin) = self.router.load_full().filter(|p| p.decides_history()) else {
+            return configured;
+        };
+        let asked = configured.map(|c| WitChannelHistory {
+            size: u32::try_from(c.size).unwrap_or(u32::MAX),
+            ttl_ms: c.ttl_ms,
+            persist: c.persist,
+        });
+        match plugin.channel_history(channel, asked) {
+            Ok(decided) => decided.map(|d| ChannelHistory {
+                size: d.size as usize,
+                ttl_ms: d.ttl_ms,
+                persist: d.persist,
+            }),
+            Err(e) => {
+                tracing::warn!(channel, error = %failure(&plugin, e), "channel-history failed; the configuration decides");
+                configured
+            }
         }
     }
 }

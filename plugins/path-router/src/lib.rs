@@ -1,5 +1,7 @@
 //! path-router: routes publishes and requests by prefix rules from its
-//! manifest's `[config]`. The first matching rule decides; no match passes.
+//! manifest's `[config]`, and decides which channels keep history. The
+//! first matching rule decides; no match passes (or, for history, leaves
+//! the relay's `channels.history` to decide).
 //!
 //! ```toml
 //! [[config.rules]]
@@ -10,19 +12,30 @@
 //! space = "tts"                # requests to this space...
 //! path_prefix = "/admin"       # ...whose path starts with this (optional)...
 //! reject = "not from here"     # ...are refused
+//!
+//! [[config.history]]
+//! channel_prefix = "news/"     # new channels starting with this...
+//! size = 20                    # ...keep their last 20 messages (0: none)
+//! ttl_ms = 3600000             # ...for an hour
+//! persist = false              # ...in memory only
 //! ```
 
 use std::sync::OnceLock;
 
 use serde::Deserialize;
-use wasmrelay_plugin_sdk::router::{self, Decision, RequestInfo};
-use wasmrelay_plugin_sdk::{Rejection, log, parse_config};
+use wasmrelay_plugin_sdk::router_channels::wasmrelay::plugin::types::Rejection;
+use wasmrelay_plugin_sdk::router_channels::{
+    self as router, ChannelHistory, Decision, RequestInfo,
+};
+use wasmrelay_plugin_sdk::{log, parse_config};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
     #[serde(default)]
     rules: Vec<Rule>,
+    #[serde(default)]
+    history: Vec<HistoryRule>,
     #[serde(rename = "_plugin", default)]
     _plugin: Option<serde::de::IgnoredAny>,
 }
@@ -37,7 +50,24 @@ struct Rule {
     reject: Option<String>,
 }
 
+/// How channels under a prefix keep history; `size = 0` keeps none.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryRule {
+    channel_prefix: String,
+    size: u32,
+    #[serde(default = "default_ttl_ms")]
+    ttl_ms: u64,
+    #[serde(default)]
+    persist: bool,
+}
+
+fn default_ttl_ms() -> u64 {
+    300_000
+}
+
 static RULES: OnceLock<Vec<Rule>> = OnceLock::new();
+static HISTORY: OnceLock<Vec<HistoryRule>> = OnceLock::new();
 
 fn rules() -> &'static [Rule] {
     RULES.get().map(Vec::as_slice).unwrap_or(&[])
@@ -82,11 +112,23 @@ impl router::Guest for PathRouter {
         for (index, rule) in config.rules.iter().enumerate() {
             validate(rule, index)?;
         }
+        for (index, rule) in config.history.iter().enumerate() {
+            if rule.size > 10_000 || rule.ttl_ms == 0 {
+                return Err(format!(
+                    "history[{index}]: size must be 0 to 10000 and ttl_ms greater than 0"
+                ));
+            }
+        }
         log::log(
             log::Level::Info,
-            &format!("path-router ready with {} rules", config.rules.len()),
+            &format!(
+                "path-router ready with {} rules and {} history rules",
+                config.rules.len(),
+                config.history.len()
+            ),
         );
         let _ = RULES.set(config.rules);
+        let _ = HISTORY.set(config.history);
         Ok(())
     }
 
@@ -118,6 +160,25 @@ impl router::Guest for PathRouter {
         }
         Decision::Pass
     }
+
+    fn channel_history(
+        channel: String,
+        configured: Option<ChannelHistory>,
+    ) -> Option<ChannelHistory> {
+        let rules = HISTORY.get().map(Vec::as_slice).unwrap_or(&[]);
+        match rules
+            .iter()
+            .find(|rule| channel.starts_with(rule.channel_prefix.as_str()))
+        {
+            Some(rule) if rule.size == 0 => None,
+            Some(rule) => Some(ChannelHistory {
+                size: rule.size,
+                ttl_ms: rule.ttl_ms,
+                persist: rule.persist,
+            }),
+            None => configured,
+        }
+    }
 }
 
-wasmrelay_plugin_sdk::router::export_router!(PathRouter);
+wasmrelay_plugin_sdk::router_channels::export_router_channels!(PathRouter);

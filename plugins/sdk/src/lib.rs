@@ -38,6 +38,20 @@ pub mod router {
     });
 }
 
+/// Bindings for the `router-channels` world: `route-publish`,
+/// `route-request`, and `channel-history`, which decides which new channels
+/// keep history (over the relay's `channels.history`).
+#[allow(clippy::too_many_arguments)] // generated code
+pub mod router_channels {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "router-channels",
+        pub_export_macro: true,
+        export_macro_name: "export_router_channels",
+        default_bindings_module: "wasmrelay_plugin_sdk::router_channels",
+    });
+}
+
 /// Bindings for the `policy` world: `admit`.
 #[allow(clippy::too_many_arguments)] // generated code
 pub mod policy {

@@ -361,3 +361,44 @@ async fn a_restart_with_persistence_keeps_the_epoch_and_a_crash_changes_it() {
     assert_ne!(after_crash.epoch, first.epoch);
     drop(relay);
 }
+
+/// The bundled router (path-router, in the demo configuration) overrides
+/// `channels.history`: `news/` keeps 20 messages though no rule names it,
+/// `chat/ephemeral/` keeps none though `chat/*` does.
+#[tokio::test]
+async fn the_router_plugin_decides_which_channels_keep_history() {
+    let relay = RelayProcess::start(RELAY, &[]).await;
+    let url = relay.client_url(Via::Ws);
+    let mut client = Client::connect(
+        &url,
+        wasmrelay_client::Options::named("history").token(Some("vip-demo-token")),
+    )
+    .await
+    .unwrap();
+    let chat = client.subscribe("chat/room").await.unwrap();
+    assert!(chat.epoch.is_some(), "the configuration keeps chat/*");
+    let ephemeral = client.subscribe("chat/ephemeral/room").await.unwrap();
+    assert_eq!(
+        ephemeral.epoch, None,
+        "the router keeps none under chat/ephemeral/"
+    );
+    let err = client
+        .history("chat/ephemeral/room", None, None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not_found"), "{err}");
+    publish_n(&mut client, "news/today", 1..=25).await;
+    let Msg::HistoryPage { seq, messages, .. } =
+        client.history("news/today", Some(0), None).await.unwrap()
+    else {
+        unreachable!()
+    };
+    assert_eq!(seq, 25);
+    assert_eq!(
+        messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (6..=25).collect::<Vec<_>>(),
+        "the router's size: 20"
+    );
+    client.close().await.unwrap();
+    drop(relay);
+}
