@@ -18,13 +18,15 @@
 //! per connection, accept rate), bulk (1 GiB over ws, wss, QUIC beside a TCP
 //! copy), plugins (no plugin, a no-op filter, policy + router; hot swap
 //! under load), tasks (firing lag, runs per second, store writes, memory
-//! per task), and files (uploads and downloads over HTTP, WebSocket and
-//! QUIC, resume cost, memory per transfer). Baselines: the bare relay, nginx in front of it (when
+//! per task), files (uploads and downloads over HTTP, WebSocket and
+//! QUIC, resume cost, memory per transfer), and channel history (its cost
+//! on the small-message load, time to recover 1,000 messages). Baselines: the bare relay, nginx in front of it (when
 //! installed), nats-server, a plain TCP copy, tokio timers, the store alone.
 #![allow(clippy::print_stdout)] // a benchmark prints its tables
 
 mod bare;
 mod files;
+mod history;
 mod load;
 mod nats;
 mod nginx;
@@ -167,7 +169,7 @@ impl Options {
                 // cargo bench and test harnesses pass this along.
                 "--bench" => {}
                 other => bail!(
-                    "unknown argument {other:?}; use --quick and --only small,requests,idle,bulk,plugins,tasks,files"
+                    "unknown argument {other:?}; use --quick and --only small,requests,idle,bulk,plugins,tasks,files,history"
                 ),
             }
         }
@@ -308,7 +310,10 @@ async fn governed_relay() -> anyhow::Result<RelayProcess> {
         // Bulk bodies of 1 MiB, 4 in flight, need more than the default 4 MiB
         // of queue towards the instance.
         relay_with(
-            "[limits]\nmax_connections = 200000\nmax_connections_per_ip = 200000\noutbound_queue_bytes = 16777216\n",
+            &format!(
+                "[limits]\nmax_connections = 200000\nmax_connections_per_ip = 200000\noutbound_queue_bytes = 16777216\n{}",
+                history::HISTORY_TOML
+            ),
         )
         .await;
     let policy = bundled::find("tiered-policy").context("bundled policy")?;
@@ -539,6 +544,10 @@ async fn drive(options: Options) -> anyhow::Result<()> {
     if options.wants("files") {
         files::files(&files::FileSettings::new(options.quick), &mut failures).await;
         timings.push(("files", started.elapsed()));
+    }
+    if options.wants("history") {
+        history::history(&settings, &relay, &mut failures).await;
+        timings.push(("history", started.elapsed()));
     }
     let mut previous = Duration::ZERO;
     let spent: Vec<String> = timings
