@@ -40,6 +40,8 @@ fn the_benchmark_suite_runs_every_scenario_in_quick_mode() {
         "## 4. Bulk",
         "## 5. Plugins",
         "## 7. Files",
+        "## 8. Channel history",
+        "reconnect + recover 1,000",
         "| lost | 0 |",
     ] {
         assert!(stdout.contains(heading), "missing {heading:?}:\n{stdout}");

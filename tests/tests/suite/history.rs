@@ -302,6 +302,17 @@ async fn history_pages_and_members_answer_and_refuse_with_documented_codes() {
 
 const RELAY: &str = env!("CARGO_BIN_EXE_test-wasmrelay");
 
+/// A client of a relay process with the demo policy, in its `vip` tier (the
+/// guest tier's rates would throttle these bursts).
+async fn vip(url: &str) -> Client {
+    Client::connect(
+        url,
+        wasmrelay_client::Options::named("history").token(Some("vip-demo-token")),
+    )
+    .await
+    .unwrap()
+}
+
 const PERSISTED: &str = "[channels]\nhistory = [{ pattern = \"chat/*\", size = 100, ttl_ms = 300000, persist = true }]\n";
 
 #[tokio::test]
@@ -309,23 +320,13 @@ async fn a_restart_with_persistence_keeps_the_epoch_and_a_crash_changes_it() {
     let relay =
         RelayProcess::start_configured(RELAY, wasmrelay_tests::free_port(), PERSISTED, &[]).await;
     let url = relay.client_url(Via::Ws);
-    let mut client = Client::connect(
-        &url,
-        wasmrelay_client::Options::named("history").token(Some("vip-demo-token")),
-    )
-    .await
-    .unwrap();
+    let mut client = vip(&url).await;
     let first = client.subscribe("chat/kept").await.unwrap();
     publish_n(&mut client, "chat/kept", 1..=10).await;
     client.close().await.unwrap();
 
     let relay = relay.restart_gracefully().await;
-    let mut client = Client::connect(
-        &url,
-        wasmrelay_client::Options::named("history").token(Some("vip-demo-token")),
-    )
-    .await
-    .unwrap();
+    let mut client = vip(&url).await;
     let answer = client
         .subscribe_from(
             "chat/kept",
@@ -351,12 +352,7 @@ async fn a_restart_with_persistence_keeps_the_epoch_and_a_crash_changes_it() {
 
     // A crash may lose the last writes: the epoch must change.
     let relay = relay.restart().await;
-    let mut client = Client::connect(
-        &url,
-        wasmrelay_client::Options::named("history").token(Some("vip-demo-token")),
-    )
-    .await
-    .unwrap();
+    let mut client = vip(&url).await;
     let after_crash = client.subscribe("chat/kept").await.unwrap();
     assert_ne!(after_crash.epoch, first.epoch);
     drop(relay);
@@ -369,12 +365,7 @@ async fn a_restart_with_persistence_keeps_the_epoch_and_a_crash_changes_it() {
 async fn the_router_plugin_decides_which_channels_keep_history() {
     let relay = RelayProcess::start(RELAY, &[]).await;
     let url = relay.client_url(Via::Ws);
-    let mut client = Client::connect(
-        &url,
-        wasmrelay_client::Options::named("history").token(Some("vip-demo-token")),
-    )
-    .await
-    .unwrap();
+    let mut client = vip(&url).await;
     let chat = client.subscribe("chat/room").await.unwrap();
     assert!(chat.epoch.is_some(), "the configuration keeps chat/*");
     let ephemeral = client.subscribe("chat/ephemeral/room").await.unwrap();
