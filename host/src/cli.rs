@@ -174,6 +174,13 @@ pub struct ServeArgs {
     /// Default request deadline [config: limits.request_timeout_ms].
     #[arg(long, env = "WASMRELAY_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
+    /// Join the relays sharing this NATS server [config: cluster.nats_url;
+    /// e.g. nats://127.0.0.1:4222].
+    #[arg(long, env = "WASMRELAY_CLUSTER")]
+    pub cluster: Option<String>,
+    /// This node's name in the cluster and in ids [config: server.node].
+    #[arg(long, env = "WASMRELAY_NODE")]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -210,6 +217,12 @@ impl ServeArgs {
         }
         if let Some(dir) = &self.data_dir {
             config.server.data_dir = dir.clone();
+        }
+        if let Some(url) = &self.cluster {
+            config.cluster.nats_url = url.clone();
+        }
+        if let Some(node) = &self.node {
+            config.server.node = node.clone();
         }
         if let Some(token) = &self.admin_token {
             config.admin.token = Some(token.clone());

@@ -23,6 +23,71 @@ pub struct Config {
     pub tasks: TasksConfig,
     pub files: FilesConfig,
     pub tls: TlsConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// Several relays as one system over NATS (JetStream). Off unless `nats_url`
+/// is set: a single node needs nothing external.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `nats://host:port` of the NATS server the nodes share; empty: no cluster.
+    pub nats_url: String,
+    /// The system's name: the prefix of its NATS subjects, streams and
+    /// buckets, so several systems can share one NATS server.
+    pub name: String,
+    /// How often a node renews its entry in the registry.
+    pub heartbeat_ms: u64,
+    /// A node whose entry was not renewed this long is gone.
+    pub node_ttl_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: String::new(),
+            name: "wasmrelay".into(),
+            heartbeat_ms: 1000,
+            node_ttl_ms: 3000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn enabled(&self) -> bool {
+        !self.nats_url.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, reason: &str| ConfigError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        };
+        if self.enabled() && !self.nats_url.starts_with("nats://") {
+            return Err(invalid("cluster.nats_url", "must start with nats://"));
+        }
+        if self.name.is_empty()
+            || self.name.len() > 32
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(invalid("cluster.name", "must be 1-32 of A-Z a-z 0-9 - _"));
+        }
+        if self.heartbeat_ms == 0 {
+            return Err(invalid("cluster.heartbeat_ms", "must be greater than 0"));
+        }
+        // NATS expires whole seconds at best; three beats fit in a TTL so one
+        // late renewal does not make a live node look gone.
+        if self.node_ttl_ms < 1000 || self.node_ttl_ms < 3 * self.heartbeat_ms {
+            return Err(invalid(
+                "cluster.node_ttl_ms",
+                "must be at least 1000 and at least 3 × cluster.heartbeat_ms",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -626,6 +691,7 @@ impl Config {
             return Err(invalid("server.node", reason));
         }
         self.channels.validate()?;
+        self.cluster.validate()?;
         let l = &self.limits;
         if l.max_message_bytes < 1024 {
             return Err(invalid("limits.max_message_bytes", "must be at least 1024"));

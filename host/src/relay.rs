@@ -116,6 +116,8 @@ pub enum RunError {
         name: String,
         source: crate::plugin::RegistryError,
     },
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("cannot create data directory {path}")]
     DataDir {
         path: std::path::PathBuf,
@@ -200,6 +202,35 @@ pub async fn run(
                 relay.draining().clone(),
             ))
         });
+    // In the registry before anyone can connect here.
+    let stop_heartbeat = CancellationToken::new();
+    let heartbeat = if relay.config.cluster.enabled() {
+        let cluster =
+            crate::cluster::Cluster::join(&relay.config.cluster, relay.node.as_str()).await?;
+        let _ = relay.cluster.set(cluster.clone());
+        let table = relay.table.clone();
+        let node = relay.node.as_str().to_owned();
+        let http = relay.config.server.listen.to_string();
+        let started_unix_ms = crate::store::wall_ms();
+        let describe = move || crate::cluster::nodes::NodeInfo {
+            node: node.clone(),
+            http: http.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_unix_ms,
+            connections: table.len() as u64,
+        };
+        // The first entry before anything else, so a node that says it
+        // started is in the registry.
+        cluster.nodes.renew(&describe()).await?;
+        Some(tokio::spawn(crate::cluster::nodes::heartbeat(
+            cluster,
+            describe,
+            Duration::from_millis(relay.config.cluster.heartbeat_ms),
+            stop_heartbeat.clone(),
+        )))
+    } else {
+        None
+    };
     // Before the listeners: a user who connects is told of offers made
     // while the relay was down.
     if let Err(e) = relay.offers.refresh().await {
@@ -306,6 +337,11 @@ pub async fn run(
     }
     if let Some(task_folder) = task_folder {
         task_folder.abort();
+    }
+    // Out of the registry once nothing is served here any more.
+    stop_heartbeat.cancel();
+    if let Some(heartbeat) = heartbeat {
+        let _ = heartbeat.await;
     }
     // Runs still going are stopped (`cancelled`) and the history written out.
     stop_tasks.cancel();

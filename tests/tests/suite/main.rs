@@ -7,6 +7,7 @@
 mod admin;
 mod backpressure;
 mod browser;
+mod cluster;
 mod e2e;
 mod files;
 mod history;

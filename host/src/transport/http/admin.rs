@@ -68,6 +68,14 @@ pub async fn route(relay: &Relay, method: &Method, segments: &[&str]) -> hyper::
     match (method, segments) {
         (&Method::GET, ["admin", "connections"]) => json(StatusCode::OK, &connections(relay)),
         (&Method::GET, ["admin", "stats"]) => json(StatusCode::OK, &stats(relay).await),
+        (&Method::GET, ["admin", "cluster"]) => match cluster(relay).await {
+            Ok(view) => json(StatusCode::OK, &view),
+            Err(e) => json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Overloaded,
+                &format!("the cluster registry did not answer: {e}"),
+            ),
+        },
         (&Method::GET, ["metrics"]) => text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -85,6 +93,47 @@ pub async fn route(relay: &Relay, method: &Method, segments: &[&str]) -> hyper::
             &format!("no admin endpoint {method} /{}", segments.join("/")),
         ),
     }
+}
+
+/// `GET /admin/cluster`: the nodes in the system now (this one alone when
+/// it is not in a cluster).
+#[derive(Debug, Serialize)]
+pub struct ClusterView {
+    pub enabled: bool,
+    /// The cluster's name (`cluster.name`), when in one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// This node.
+    pub node: String,
+    /// Whether the connection to NATS is up now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
+    pub nodes: Vec<crate::cluster::nodes::NodeInfo>,
+}
+
+pub async fn cluster(relay: &Relay) -> Result<ClusterView, crate::cluster::ClusterError> {
+    let Some(cluster) = relay.cluster.get() else {
+        return Ok(ClusterView {
+            enabled: false,
+            name: None,
+            node: relay.node.as_str().to_owned(),
+            connected: None,
+            nodes: vec![crate::cluster::nodes::NodeInfo {
+                node: relay.node.as_str().to_owned(),
+                http: relay.config.server.listen.to_string(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                started_unix_ms: crate::store::wall_ms() - relay.uptime().as_millis() as i64,
+                connections: relay.table.len() as u64,
+            }],
+        });
+    };
+    Ok(ClusterView {
+        enabled: true,
+        name: Some(cluster.name().to_owned()),
+        node: cluster.node().to_owned(),
+        connected: Some(cluster.connected()),
+        nodes: cluster.nodes.list().await?,
+    })
 }
 
 #[derive(Debug, Serialize)]
