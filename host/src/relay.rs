@@ -137,7 +137,21 @@ pub async fn run(
         path: config.server.data_dir.clone(),
         source,
     })?;
-    let relay = Relay::new(config)?;
+    let mut config = config;
+    // Joined before the relay is built: its channels go through the
+    // cluster's bus from the first publish. A cluster node needs a name
+    // the others can address, so a random one is fixed here.
+    let stop_cluster = CancellationToken::new();
+    let cluster = if config.cluster.enabled() {
+        if config.server.node.is_empty() {
+            config.server.node = crate::ids::NodeId::resolve("").as_str().to_owned();
+        }
+        let cluster = crate::cluster::Cluster::join(&config.cluster, &config.server.node).await?;
+        Some((cluster, stop_cluster.clone()))
+    } else {
+        None
+    };
+    let relay = Relay::build(config, cluster)?;
     // What plugins stored before the last stop, back before any of them runs.
     let rows = relay
         .store
@@ -204,10 +218,7 @@ pub async fn run(
         });
     // In the registry before anyone can connect here.
     let stop_heartbeat = CancellationToken::new();
-    let heartbeat = if relay.config.cluster.enabled() {
-        let cluster =
-            crate::cluster::Cluster::join(&relay.config.cluster, relay.node.as_str()).await?;
-        let _ = relay.cluster.set(cluster.clone());
+    let heartbeat = if let Some(cluster) = relay.cluster.clone() {
         let table = relay.table.clone();
         let node = relay.node.as_str().to_owned();
         let http = relay.config.server.listen.to_string();
@@ -222,6 +233,14 @@ pub async fn run(
         // The first entry before anything else, so a node that says it
         // started is in the registry.
         cluster.nodes.renew(&describe()).await?;
+        if let Some(bus) = &relay.cluster_bus {
+            tokio::spawn(crate::cluster::bus::follow_members(
+                cluster.clone(),
+                bus.clone(),
+                Duration::from_millis(relay.config.cluster.heartbeat_ms),
+                stop_cluster.clone(),
+            ));
+        }
         Some(tokio::spawn(crate::cluster::nodes::heartbeat(
             cluster,
             describe,
@@ -343,6 +362,7 @@ pub async fn run(
     if let Some(heartbeat) = heartbeat {
         let _ = heartbeat.await;
     }
+    stop_cluster.cancel();
     // Runs still going are stopped (`cancelled`) and the history written out.
     stop_tasks.cancel();
     let _ = task_manager.await;

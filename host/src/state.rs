@@ -82,8 +82,10 @@ pub struct Relay {
     /// (runs need them) and before any listener accepts.
     pub(crate) tasks: OnceLock<Tasks>,
     /// This node's membership, when `cluster.nats_url` is set (joined in
-    /// `relay::run`, before the listeners).
-    pub(crate) cluster: OnceLock<Arc<crate::cluster::Cluster>>,
+    /// `relay::run` before the relay is built).
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The cluster's channel bus (also `bus`), for the membership it follows.
+    pub(crate) cluster_bus: Option<Arc<crate::cluster::bus::ClusterBus>>,
     /// Files in the task folder refused, as the task API lists them.
     pub(crate) task_file_refusals: Refusals,
     /// Cancelled when shutdown starts: stop accepting, send goaway, refuse new work.
@@ -96,7 +98,20 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// A relay on its own (no cluster).
     pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
+        Self::build(config, None)
+    }
+
+    /// A relay, joined to `cluster` when given: channels then go through
+    /// the cluster's bus, whose tasks run until the token is cancelled.
+    pub fn build(
+        config: Config,
+        cluster: Option<(
+            Arc<crate::cluster::Cluster>,
+            tokio_util::sync::CancellationToken,
+        )>,
+    ) -> Result<Arc<Self>, StartError> {
         let admin = crate::admin::credential::resolve(&config)?;
         let metrics = Arc::new(Metrics::new());
         let channels = Arc::new(Channels::new(metrics.clone(), config.channels.clone()));
@@ -107,7 +122,13 @@ impl Relay {
             node.clone(),
             metrics.clone(),
         ));
-        let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(channels.clone()));
+        let cluster_bus = cluster.as_ref().map(|(cluster, stop)| {
+            crate::cluster::bus::ClusterBus::start(cluster, channels.clone(), stop.clone())
+        });
+        let bus: Arc<dyn Bus> = match &cluster_bus {
+            Some(bus) => bus.clone(),
+            None => Arc::new(LocalBus::new(channels.clone())),
+        };
         let cache_dir = config
             .plugins
             .compile_cache
@@ -187,7 +208,8 @@ impl Relay {
             files,
             offers,
             tasks: OnceLock::new(),
-            cluster: OnceLock::new(),
+            cluster: cluster.map(|(cluster, _)| cluster),
+            cluster_bus,
             task_file_refusals: Refusals::default(),
             config: Arc::new(config),
             draining: CancellationToken::new(),

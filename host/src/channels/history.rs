@@ -282,6 +282,14 @@ impl History {
         while self.pop_oldest().is_some() {}
     }
 
+    /// Drops everything kept and names a new sequence: the channel's
+    /// numbering started over (in a cluster, another node numbers it now).
+    pub fn restart(&mut self) {
+        self.clear();
+        self.epoch = new_epoch();
+        self.dirty = true;
+    }
+
     /// What a client that saw everything up to `from` missed, when all of
     /// it is still kept (`None`: the epoch differs, or part of the gap is
     /// gone). Call [`History::expire`] first.

@@ -59,6 +59,8 @@ struct ChannelState {
     /// Taken out of the map: a publish that found it just before must
     /// look again, or its message would be kept where nobody looks.
     gone: bool,
+    /// In a cluster: whose numbering the last message came under.
+    origin: Option<Arc<str>>,
 }
 
 impl ChannelState {
@@ -429,11 +431,39 @@ impl Channels {
         data: Data,
         pressure: &mut Pressure,
     ) -> bool {
+        self.deliver_from(channel, None, seq, data, pressure)
+    }
+
+    /// [`Self::deliver_numbered`] for a message numbered by `origin` (a
+    /// cluster node's numbering of the channel, under its own epoch). A
+    /// message from another origin than the last restarts the channel's
+    /// sequence here: its numbers start where that origin's are, and its
+    /// history (numbered by the old one) is dropped under a new epoch.
+    pub fn deliver_from(
+        &self,
+        channel: &str,
+        origin: Option<&str>,
+        seq: u64,
+        data: Data,
+        pressure: &mut Pressure,
+    ) -> bool {
         let Some(ch) = self.map.get(channel).map(|c| c.clone()) else {
             return false;
         };
         let mut state = lock(&ch);
-        if state.is_unused() || state.gone || seq <= state.last_seq || self.is_sealed(&state) {
+        if state.is_unused() || state.gone || self.is_sealed(&state) {
+            return false;
+        }
+        if let Some(origin) = origin
+            && state.origin.as_deref() != Some(origin)
+        {
+            state.origin = Some(origin.into());
+            state.last_seq = seq.saturating_sub(1);
+            if let Some(history) = state.history.as_mut() {
+                history.restart();
+            }
+        }
+        if seq <= state.last_seq {
             return false;
         }
         state.last_seq = seq;

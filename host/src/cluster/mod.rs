@@ -9,6 +9,7 @@
 //! ids that carry their node) are where the cluster's channels, spaces and
 //! quotas plug in; ARCHITECTURE.md keeps the map.
 
+pub mod bus;
 pub mod nodes;
 
 use std::sync::Arc;

@@ -109,3 +109,104 @@ async fn a_single_node_shows_itself_and_a_wrong_broker_is_refused_at_start() {
         "{stderr}"
     );
 }
+
+/// Waits until every node picks channel owners from all of `expected`.
+async fn wait_settled(nodes: &[&RelayProcess], expected: &[&str]) {
+    for node in nodes {
+        wait_json(
+            "the node to see every other",
+            &node.url("/admin/cluster"),
+            Duration::from_secs(10),
+            |v| {
+                let from: Vec<&str> = v["owners_from"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                from == expected
+            },
+        )
+        .await;
+    }
+}
+
+async fn client(relay: &RelayProcess) -> wasmrelay_client::Client {
+    wasmrelay_client::Client::connect(
+        &relay.ws_url(),
+        wasmrelay_client::Options::named("cluster-test").token(Some("service-demo-token")),
+    )
+    .await
+    .unwrap()
+}
+
+/// Channel messages until `count` have arrived: (seq, data).
+async fn messages(client: &mut wasmrelay_client::Client, count: usize) -> Vec<(u64, String)> {
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        let msg = tokio::time::timeout(Duration::from_secs(10), client.recv())
+            .await
+            .unwrap_or_else(|_| panic!("a message within 10 s; had {seen:?}"))
+            .unwrap()
+            .expect("open");
+        if let wasmrelay_client::Msg::Message { seq, data, .. } = msg {
+            seen.push((seq, String::from_utf8_lossy(data.as_bytes()).into_owned()));
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn publishes_on_two_nodes_reach_a_third_in_one_order_with_consecutive_seqs() {
+    if !require_program("nats-server", NatsBroker::INSTALL) {
+        return;
+    }
+    let broker = NatsBroker::start().await;
+    let a = node(&broker, "a").await;
+    let b = node(&broker, "b").await;
+    let c = node(&broker, "c").await;
+    wait_settled(&[&a, &b, &c], &["a", "b", "c"]).await;
+
+    let mut on_c = client(&c).await;
+    let mut on_a = client(&a).await;
+    on_c.subscribe("room/x").await.unwrap();
+    on_a.subscribe("room/x").await.unwrap();
+    let from_a = client(&a).await;
+    let from_b = client(&b).await;
+    const EACH: usize = 50;
+    let publish = |mut publisher: wasmrelay_client::Client, tag: &'static str| async move {
+        let mut seqs = Vec::new();
+        for i in 0..EACH {
+            seqs.push(
+                publisher
+                    .publish("room/x", format!("{tag}{i}"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        seqs
+    };
+    let (seqs_a, seqs_b) = tokio::join!(publish(from_a, "a"), publish(from_b, "b"));
+    let got_c = messages(&mut on_c, 2 * EACH).await;
+    let got_a = messages(&mut on_a, 2 * EACH).await;
+
+    let first = got_c[0].0;
+    let expected: Vec<u64> = (first..first + 2 * EACH as u64).collect();
+    assert_eq!(
+        got_c.iter().map(|m| m.0).collect::<Vec<_>>(),
+        expected,
+        "consecutive seqs on c"
+    );
+    assert_eq!(got_a, got_c, "a saw the same messages in the same order");
+    // Every publisher's ack names the seq its message got.
+    let mut acked: Vec<u64> = seqs_a.iter().chain(&seqs_b).copied().collect();
+    acked.sort_unstable();
+    assert_eq!(acked, expected);
+    // Each publisher's own messages keep their order.
+    for tag in ["a", "b"] {
+        let order: Vec<usize> = got_c
+            .iter()
+            .filter_map(|(_, d)| d.strip_prefix(tag).and_then(|n| n.parse().ok()))
+            .collect();
+        assert_eq!(order, (0..EACH).collect::<Vec<_>>(), "{tag}'s order");
+    }
+    drop((a, b, c));
+}

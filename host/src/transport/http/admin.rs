@@ -109,10 +109,14 @@ pub struct ClusterView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connected: Option<bool>,
     pub nodes: Vec<crate::cluster::nodes::NodeInfo>,
+    /// The nodes this one picks channel owners from (its last read of the
+    /// registry).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub owners_from: Vec<String>,
 }
 
 pub async fn cluster(relay: &Relay) -> Result<ClusterView, crate::cluster::ClusterError> {
-    let Some(cluster) = relay.cluster.get() else {
+    let Some(cluster) = relay.cluster.as_ref() else {
         return Ok(ClusterView {
             enabled: false,
             name: None,
@@ -125,6 +129,7 @@ pub async fn cluster(relay: &Relay) -> Result<ClusterView, crate::cluster::Clust
                 started_unix_ms: crate::store::wall_ms() - relay.uptime().as_millis() as i64,
                 connections: relay.table.len() as u64,
             }],
+            owners_from: Vec::new(),
         });
     };
     Ok(ClusterView {
@@ -133,6 +138,11 @@ pub async fn cluster(relay: &Relay) -> Result<ClusterView, crate::cluster::Clust
         node: cluster.node().to_owned(),
         connected: Some(cluster.connected()),
         nodes: cluster.nodes.list().await?,
+        owners_from: relay
+            .cluster_bus
+            .as_ref()
+            .map(|bus| bus.members())
+            .unwrap_or_default(),
     })
 }
 
