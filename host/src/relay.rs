@@ -234,6 +234,10 @@ pub async fn run(
         // started is in the registry.
         cluster.nodes.renew(&describe()).await?;
         if let Some(bus) = &relay.cluster_bus {
+            // Owners as the others see them before any client publishes here.
+            if let Ok(nodes) = cluster.nodes.list().await {
+                bus.set_members(nodes.into_iter().map(|n| n.node).collect());
+            }
             tokio::spawn(crate::cluster::bus::follow_members(
                 cluster.clone(),
                 bus.clone(),

@@ -21,6 +21,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_nats::HeaderMap;
@@ -82,10 +83,18 @@ pub struct ClusterBus {
     generation: AtomicU64,
     epoch: ArcSwap<String>,
     outbox: mpsc::Sender<Outgoing>,
-    /// Forwarded publishes waiting for their owner's answer, by id.
-    waiting: DashMap<u64, oneshot::Sender<Result<u64, BusError>>>,
+    /// Forwarded publishes waiting for their owner's answer, by id, with
+    /// when they give up ([`FORWARD_TIMEOUT`]).
+    waiting: DashMap<u64, (oneshot::Sender<Result<u64, BusError>>, Instant)>,
     next_id: AtomicU64,
+    /// Random per start: an owner that restarts under the same name must
+    /// not reuse an epoch the other nodes hold a higher seq under.
+    nonce: String,
 }
+
+/// A forwarded publish whose owner has not answered this long fails
+/// (`overloaded`): the owner is gone, or its answer was lost.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl ClusterBus {
     /// The bus, and the tasks that move its messages (run them until `stop`).
@@ -96,11 +105,13 @@ impl ClusterBus {
     ) -> Arc<Self> {
         let (outbox, queued) = mpsc::channel(OUTBOX);
         let node = cluster.node().to_owned();
+        let nonce = crate::channels::history::new_epoch()[..8].to_owned();
         let bus = Arc::new(Self {
             channels,
             prefix: cluster.name().to_owned(),
             members: ArcSwap::from_pointee(vec![node.clone()]),
-            epoch: ArcSwap::from_pointee(format!("{node}.0")),
+            epoch: ArcSwap::from_pointee(format!("{node}.{nonce}.0")),
+            nonce,
             node,
             counts: DashMap::new(),
             generation: AtomicU64::new(0),
@@ -126,6 +137,26 @@ impl ClusterBus {
         }
     }
 
+    /// Fails forwarded publishes whose owner did not answer in time.
+    pub fn expire_forwards(&self) {
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|entry| entry.value().1 <= now || entry.value().0.is_closed())
+            .map(|entry| *entry.key())
+            .collect();
+        for id in late {
+            self.fail_forward(id, "the channel's owner node did not answer in time");
+        }
+    }
+
+    fn fail_forward(&self, id: u64, why: &str) {
+        if let Some((_, (waiter, _))) = self.waiting.remove(&id) {
+            let _ = waiter.send(Err(BusError::Unavailable(why.to_owned())));
+        }
+    }
+
     /// The nodes channel owners are picked from now.
     pub fn members(&self) -> Vec<String> {
         (**self.members.load()).clone()
@@ -148,11 +179,21 @@ impl ClusterBus {
     /// Numbers a message of `channel` here, delivers it to this node's
     /// subscribers and queues it for the others.
     fn number(&self, channel: &str, data: Data, pressure: &mut Pressure) -> Result<u64, BusError> {
+        // Room first: a message numbered and delivered here must reach the
+        // others too, or their seqs would show a gap the publisher never saw.
+        let permit = self.outbox.try_reserve().map_err(|_| {
+            tracing::warn!(channel, "cluster outbox full: publish refused");
+            BusError::Unavailable("the cluster's outbox is full".into())
+        })?;
         if self.counts.len() >= MAX_COUNTED && !self.counts.contains_key(channel) {
-            self.counts.clear();
+            // The new epoch before the counts start over, so no count from 1
+            // goes out under the old one.
             let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-            self.epoch
-                .store(Arc::new(format!("{}.{generation}", self.node)));
+            self.epoch.store(Arc::new(format!(
+                "{}.{}.{generation}",
+                self.node, self.nonce
+            )));
+            self.counts.clear();
             tracing::warn!(
                 generation,
                 "channel counts started over (too many channels numbered here)"
@@ -167,20 +208,13 @@ impl ClusterBus {
         let epoch = self.epoch.load_full();
         self.channels
             .deliver_from(channel, Some(epoch.as_str()), seq, data.clone(), pressure);
-        let queued = self.outbox.try_send(Outgoing::Numbered {
+        permit.send(Outgoing::Numbered {
             channel: channel.to_owned(),
             seq,
             epoch,
             data,
         });
         drop(count);
-        queued.map_err(|_| {
-            tracing::warn!(
-                channel,
-                "cluster outbox full: a message numbered here missed the other nodes"
-            );
-            BusError::Unavailable("the cluster's outbox is full".into())
-        })?;
         Ok(seq)
     }
 }
@@ -199,21 +233,21 @@ impl Bus for ClusterBus {
             };
         }
         let (tx, rx) = oneshot::channel();
+        let Ok(permit) = self.outbox.try_reserve() else {
+            let _ = tx.send(Err(BusError::Unavailable(
+                "the cluster's outbox is full".into(),
+            )));
+            return Ack::Pending(rx);
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.waiting.insert(id, tx);
-        let forwarded = self.outbox.try_send(Outgoing::Forward {
+        self.waiting
+            .insert(id, (tx, Instant::now() + FORWARD_TIMEOUT));
+        permit.send(Outgoing::Forward {
             owner,
             channel: channel.to_owned(),
             data,
             id,
         });
-        if forwarded.is_err()
-            && let Some((_, tx)) = self.waiting.remove(&id)
-        {
-            let _ = tx.send(Err(BusError::Unavailable(
-                "the cluster's outbox is full".into(),
-            )));
-        }
         Ack::Pending(rx)
     }
 }
@@ -244,14 +278,14 @@ async fn send(
     stop: CancellationToken,
 ) {
     let broadcast = bus.subject("channels");
-    let answers = bus.subject(&format!("answer.{}", bus.node));
     loop {
         let outgoing = tokio::select! {
+            biased;
             next = queued.recv() => match next {
                 Some(outgoing) => outgoing,
-                None => return,
+                None => break,
             },
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
         };
         let sent = match outgoing {
             Outgoing::Numbered {
@@ -278,14 +312,20 @@ async fn send(
                 let mut headers = HeaderMap::new();
                 headers.insert(CHANNEL, channel.as_str());
                 headers.insert(ID, id.to_string().as_str());
-                client
+                // The id in the reply subject too: a "no responders" status
+                // from the server (the owner is gone) names no header.
+                let sent = client
                     .publish_with_reply_and_headers(
                         bus.subject(&format!("number.{owner}")),
-                        answers.clone(),
+                        bus.subject(&format!("answer.{}.{id}", bus.node)),
                         headers,
                         data.0,
                     )
-                    .await
+                    .await;
+                if sent.is_err() {
+                    bus.fail_forward(id, "the publish could not be sent to the channel's owner");
+                }
+                sent
             }
             Outgoing::Answer { reply, id, result } => {
                 let mut headers = HeaderMap::new();
@@ -306,6 +346,10 @@ async fn send(
             tracing::warn!(error = %e, "a cluster message was not sent");
         }
     }
+    // What was numbered before the stop still reaches the other nodes.
+    if let Err(e) = client.flush().await {
+        tracing::debug!(error = %e, "NATS not flushed at stop");
+    }
 }
 
 fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
@@ -323,7 +367,7 @@ async fn receive(bus: Arc<ClusterBus>, client: async_nats::Client, stop: Cancell
     let (numbered, to_number, answers) = match tokio::try_join!(
         subscribe(bus.subject("channels")),
         subscribe(bus.subject(&format!("number.{}", bus.node))),
-        subscribe(bus.subject(&format!("answer.{}", bus.node))),
+        subscribe(bus.subject(&format!("answer.{}.*", bus.node))),
     ) {
         Ok(subscriptions) => subscriptions,
         Err(e) => {
@@ -372,20 +416,25 @@ async fn receive(bus: Arc<ClusterBus>, client: async_nats::Client, stop: Cancell
                 ) else {
                     continue;
                 };
+                // Never held back by this node's subscribers: the answer
+                // unblocks a publisher on another node.
                 let result = bus
-                    .number(&channel, Data(message.payload), &mut pressure)
+                    .number(&channel, Data(message.payload), &mut Pressure::default())
                     .map_err(|e| e.to_string());
-                let _ = bus.outbox.try_send(Outgoing::Answer { reply, id, result });
-                if !pressure.is_empty() {
-                    pressure.relieved().await;
+                if bus.outbox.try_send(Outgoing::Answer { reply, id, result }).is_err() {
+                    tracing::warn!("cluster outbox full: an answer to another node was dropped (it times out there)");
                 }
             }
             Some(message) = answers.next() => {
                 let headers = message.headers.as_ref();
-                let Some(id) = header(headers, ID).and_then(|s| s.parse::<u64>().ok()) else {
+                let Some(id) = message.subject.rsplit('.').next().and_then(|s| s.parse::<u64>().ok()) else {
                     continue;
                 };
-                let Some((_, waiter)) = bus.waiting.remove(&id) else {
+                if message.status.is_some() {
+                    bus.fail_forward(id, "the channel's owner node is not there");
+                    continue;
+                }
+                let Some((_, (waiter, _))) = bus.waiting.remove(&id) else {
                     continue;
                 };
                 let body = String::from_utf8_lossy(&message.payload).into_owned();
@@ -415,6 +464,7 @@ pub async fn follow_members(
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
+        bus.expire_forwards();
         match cluster.nodes.list().await {
             Ok(nodes) => bus.set_members(nodes.into_iter().map(|n| n.node).collect()),
             Err(e) => tracing::debug!(error = %e, "registry not read; owners unchanged"),

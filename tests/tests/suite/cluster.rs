@@ -210,3 +210,52 @@ async fn publishes_on_two_nodes_reach_a_third_in_one_order_with_consecutive_seqs
     }
     drop((a, b, c));
 }
+
+/// A channel's owner dies: publishes forwarded to it fail fast instead of
+/// hanging, and once the registry drops it another node numbers its
+/// channels, so publishing there works again.
+#[tokio::test]
+async fn when_an_owner_dies_its_channels_fail_fast_then_move_to_a_live_node() {
+    if !require_program("nats-server", NatsBroker::INSTALL) {
+        return;
+    }
+    let broker = NatsBroker::start().await;
+    let a = node(&broker, "a").await;
+    let mut b = node(&broker, "b").await;
+    wait_settled(&[&a, &b], &["a", "b"]).await;
+    let channels: Vec<String> = (0..10).map(|i| format!("t/{i}")).collect();
+    let mut subscriber = client(&a).await;
+    for channel in &channels {
+        subscriber.subscribe(channel).await.unwrap();
+    }
+    let mut publisher = client(&a).await;
+    for channel in &channels {
+        publisher.publish(channel, "before").await.unwrap();
+    }
+    messages(&mut subscriber, channels.len()).await;
+
+    b.process.kill();
+    // Some of the ten are b's: each publish answers within the forward
+    // timeout, acked or refused, never hanging.
+    for channel in &channels {
+        let started = Instant::now();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(8), publisher.publish(channel, "during"))
+                .await
+                .expect("a publish to a dead owner's channel answers");
+        if let Err(e) = answer {
+            assert!(e.to_string().contains("overloaded"), "{e}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(7));
+    }
+    wait_settled(&[&a], &["a"]).await;
+    for channel in &channels {
+        publisher.publish(channel, "after").await.unwrap();
+    }
+    // "during" messages that were acked arrive first; then every "after".
+    let mut after = 0;
+    while after < channels.len() {
+        let (_, data) = messages(&mut subscriber, 1).await.remove(0);
+        after += usize::from(data == "after");
+    }
+}
