@@ -378,41 +378,61 @@ async fn concurrent_writers_on_one_upload_never_mix_their_bytes() {
 async fn a_writer_holding_an_upload_refuses_a_second_until_it_is_done() {
     let relay = demo_relay(|_| {}).await;
     let data = content(200_000, seed());
-    let url = create(&relay, VIP, data.len(), "held.bin").await;
-    let path = url.trim_start_matches(&relay.url("")).to_owned();
-    // The first writer sends its headers and half its body, then waits.
-    let mut first = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
-    let head = format!(
-        "PATCH {path} HTTP/1.1\r\nHost: relay\r\nTus-Resumable: 1.0.0\r\n\
-         Authorization: Bearer {VIP}\r\nUpload-Offset: 0\r\n\
-         Content-Type: application/offset+octet-stream\r\nContent-Length: {}\r\n\r\n",
-        data.len()
-    );
-    first.write_all(head.as_bytes()).await.unwrap();
-    first.write_all(&data[..100_000]).await.unwrap();
-    // A second writer at the same offset, with a checksum that cannot match
-    // (so that, should it get in first, it changes nothing), is refused.
-    let wrong = format!("sha256 {}", b64(&sha2::Sha256::digest(b"no")));
-    let refused = wasmrelay_tests::wait_for(
-        "the second writer refused as busy",
-        Duration::from_secs(10),
-        || {
-            let (url, wrong) = (url.clone(), wrong.clone());
-            let chunk = data[..10].to_vec();
-            async move {
-                let response = tus(Method::PATCH, &url, Some(VIP))
-                    .header("Upload-Offset", "0")
-                    .header("Content-Type", "application/offset+octet-stream")
-                    .header("Upload-Checksum", wrong)
-                    .body(chunk)
-                    .send()
-                    .await
-                    .unwrap();
-                (response.status() == StatusCode::LOCKED).then_some(response)
+    // Which of two writers gets the upload first is a race; this test needs
+    // the first (half-sent) one to win. When the second got in before it
+    // (a loaded machine), the first is the one refused, and the test starts
+    // over with a fresh upload.
+    let mut attempts = 0;
+    let (url, mut first, refused) = loop {
+        attempts += 1;
+        assert!(
+            attempts <= 5,
+            "the half-sent writer never got the upload first"
+        );
+        let url = create(&relay, VIP, data.len(), "held.bin").await;
+        let path = url.trim_start_matches(&relay.url("")).to_owned();
+        // The first writer sends its headers and half its body, then waits.
+        let mut first = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+        let head = format!(
+            "PATCH {path} HTTP/1.1\r\nHost: relay\r\nTus-Resumable: 1.0.0\r\n\
+             Authorization: Bearer {VIP}\r\nUpload-Offset: 0\r\n\
+             Content-Type: application/offset+octet-stream\r\nContent-Length: {}\r\n\r\n",
+            data.len()
+        );
+        first.write_all(head.as_bytes()).await.unwrap();
+        first.write_all(&data[..100_000]).await.unwrap();
+        // A second writer at the same offset, with a checksum that cannot
+        // match (so that, should it get in first, it changes nothing).
+        let wrong = format!("sha256 {}", b64(&sha2::Sha256::digest(b"no")));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let refused = loop {
+            let response = tus(Method::PATCH, &url, Some(VIP))
+                .header("Upload-Offset", "0")
+                .header("Content-Type", "application/offset+octet-stream")
+                .header("Upload-Checksum", wrong.clone())
+                .body(data[..10].to_vec())
+                .send()
+                .await
+                .unwrap();
+            if response.status() == StatusCode::LOCKED {
+                break Some(response);
             }
-        },
-    )
-    .await;
+            // The half-sent writer was answered: it lost the race.
+            let mut peek = [0u8; 1];
+            if first.try_read(&mut peek).is_ok_and(|n| n > 0) {
+                break None;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the second writer was never refused as busy (last: {})",
+                response.status()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if let Some(refused) = refused {
+            break (url, first, refused);
+        }
+    };
     assert_eq!(error_code(refused).await, "file_busy");
     // Deleting it meanwhile is refused too.
     let response = tus(Method::DELETE, &url, Some(VIP)).send().await.unwrap();
