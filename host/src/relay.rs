@@ -219,20 +219,12 @@ pub async fn run(
     // In the registry before anyone can connect here.
     let stop_heartbeat = CancellationToken::new();
     let heartbeat = if let Some(cluster) = relay.cluster.clone() {
-        let table = relay.table.clone();
-        let node = relay.node.as_str().to_owned();
-        let http = relay.config.server.listen.to_string();
-        let started_unix_ms = crate::store::wall_ms();
-        let describe = move || crate::cluster::nodes::NodeInfo {
-            node: node.clone(),
-            http: http.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            started_unix_ms,
-            connections: table.len() as u64,
-        };
+        // Weak: the heartbeat must not keep a stopped relay alive.
+        let me = Arc::downgrade(&relay);
+        let describe = move || me.upgrade().map(|relay| relay.node_info());
         // The first entry before anything else, so a node that says it
         // started is in the registry.
-        cluster.nodes.renew(&describe()).await?;
+        cluster.nodes.renew(&relay.node_info()).await?;
         if let Some(bus) = &relay.cluster_bus {
             // Owners as the others see them before any client publishes here.
             if let Ok(nodes) = cluster.nodes.list().await {

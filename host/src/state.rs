@@ -86,6 +86,8 @@ pub struct Relay {
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The cluster's channel bus (also `bus`), for the membership it follows.
     pub(crate) cluster_bus: Option<Arc<crate::cluster::bus::ClusterBus>>,
+    /// Wall-clock start, for what this node says of itself.
+    started_unix_ms: i64,
     /// Files in the task folder refused, as the task API lists them.
     pub(crate) task_file_refusals: Refusals,
     /// Cancelled when shutdown starts: stop accepting, send goaway, refuse new work.
@@ -210,6 +212,7 @@ impl Relay {
             tasks: OnceLock::new(),
             cluster: cluster.map(|(cluster, _)| cluster),
             cluster_bus,
+            started_unix_ms: crate::store::wall_ms(),
             task_file_refusals: Refusals::default(),
             config: Arc::new(config),
             draining: CancellationToken::new(),
@@ -296,6 +299,18 @@ impl Relay {
 
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// What this node says of itself in the cluster's registry (and in
+    /// `/admin/cluster` when it is alone).
+    pub(crate) fn node_info(&self) -> crate::cluster::nodes::NodeInfo {
+        crate::cluster::nodes::NodeInfo {
+            node: self.node.as_str().to_owned(),
+            http: self.config.server.listen.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_unix_ms: self.started_unix_ms,
+            connections: self.table.len() as u64,
+        }
     }
 }
 

@@ -136,10 +136,10 @@ async fn create(
 }
 
 /// Renews this node's entry every `every` until `stop`, then removes it.
-/// `describe` says what to write each time.
+/// `describe` says what to write each time (`None`: the relay is gone).
 pub async fn heartbeat(
     cluster: std::sync::Arc<super::Cluster>,
-    describe: impl Fn() -> NodeInfo + Send + 'static,
+    describe: impl Fn() -> Option<NodeInfo> + Send + 'static,
     every: Duration,
     stop: CancellationToken,
 ) {
@@ -151,7 +151,8 @@ pub async fn heartbeat(
             _ = tick.tick() => {}
             _ = stop.cancelled() => break,
         }
-        match cluster.nodes.renew(&describe()).await {
+        let Some(info) = describe() else { break };
+        match cluster.nodes.renew(&info).await {
             Ok(()) if failing => {
                 failing = false;
                 tracing::info!("registry entry renewed again");

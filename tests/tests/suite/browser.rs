@@ -141,17 +141,27 @@ async fn open_in_chromium(url: &str, profile: &std::path::Path) -> (ChildProcess
     (child, Page { ws, next_id: 0 })
 }
 
-#[tokio::test]
-async fn browser_page_shows_spaces_and_relays_a_request() {
+/// A relay and its page open in headless Chromium (with the browser's
+/// profile directory, kept alive with it); `None` when Chromium is missing
+/// outside CI.
+async fn relay_page_in_chromium() -> Option<(TestRelay, tempfile::TempDir, ChildProcess, Page)> {
     if !require_program(
         "chromium",
         "install Debian's chromium package (apt-get install chromium)",
     ) {
-        return;
+        return None;
     }
     let relay = TestRelay::start().await;
     let profile = tempfile::tempdir().unwrap();
-    let (_chromium, mut page) = open_in_chromium(&relay.url("/"), profile.path()).await;
+    let (chromium, page) = open_in_chromium(&relay.url("/"), profile.path()).await;
+    Some((relay, profile, chromium, page))
+}
+
+#[tokio::test]
+async fn browser_page_shows_spaces_and_relays_a_request() {
+    let Some((relay, _profile, _chromium, mut page)) = relay_page_in_chromium().await else {
+        return;
+    };
 
     let status = r#"document.querySelector('[data-space="demo"] .status')?.textContent ?? null"#;
     page.wait_text("demo shown as not connected", status, "Not connected")
@@ -230,15 +240,9 @@ async fn browser_page_shows_spaces_and_relays_a_request() {
 /// (recovered from the channel's history), in order and once each.
 #[tokio::test]
 async fn browser_chat_recovers_what_it_missed_while_disconnected() {
-    if !require_program(
-        "chromium",
-        "install Debian's chromium package (apt-get install chromium)",
-    ) {
+    let Some((relay, _profile, _chromium, mut page)) = relay_page_in_chromium().await else {
         return;
-    }
-    let relay = TestRelay::start().await;
-    let profile = tempfile::tempdir().unwrap();
-    let (_chromium, mut page) = open_in_chromium(&relay.url("/"), profile.path()).await;
+    };
     let mut publisher = wasmrelay_client::Client::connect(
         &relay.ws_url(),
         wasmrelay_client::Options::named("browser-test"),

@@ -122,13 +122,7 @@ pub async fn cluster(relay: &Relay) -> Result<ClusterView, crate::cluster::Clust
             name: None,
             node: relay.node.as_str().to_owned(),
             connected: None,
-            nodes: vec![crate::cluster::nodes::NodeInfo {
-                node: relay.node.as_str().to_owned(),
-                http: relay.config.server.listen.to_string(),
-                version: env!("CARGO_PKG_VERSION").to_owned(),
-                started_unix_ms: crate::store::wall_ms() - relay.uptime().as_millis() as i64,
-                connections: relay.table.len() as u64,
-            }],
+            nodes: vec![relay.node_info()],
             owners_from: Vec::new(),
         });
     };
