@@ -233,6 +233,14 @@ impl Bus for ClusterBus {
             };
         }
         let (tx, rx) = oneshot::channel();
+        // At most an outbox's worth waiting for answers (each gives up
+        // after FORWARD_TIMEOUT), so a silent owner cannot grow the map.
+        if self.waiting.len() >= OUTBOX {
+            let _ = tx.send(Err(BusError::Unavailable(
+                "too many publishes wait for their channels' owners".into(),
+            )));
+            return Ack::Pending(rx);
+        }
         let Ok(permit) = self.outbox.try_reserve() else {
             let _ = tx.send(Err(BusError::Unavailable(
                 "the cluster's outbox is full".into(),
