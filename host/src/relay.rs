@@ -225,18 +225,21 @@ pub async fn run(
         // The first entry before anything else, so a node that says it
         // started is in the registry.
         cluster.nodes.renew(&relay.node_info()).await?;
-        if let Some(bus) = &relay.cluster_bus {
-            // Owners as the others see them before any client publishes here.
-            if let Ok(nodes) = cluster.nodes.list().await {
-                bus.set_members(nodes.into_iter().map(|n| n.node).collect());
-            }
-            tokio::spawn(crate::cluster::bus::follow_members(
-                cluster.clone(),
-                bus.clone(),
-                Duration::from_millis(relay.config.cluster.heartbeat_ms),
-                stop_cluster.clone(),
-            ));
-        }
+        // Owners and other nodes' spaces as the others see them before any
+        // client publishes or calls here.
+        cluster
+            .refresh(
+                relay.cluster_bus.as_deref(),
+                relay.cluster_spaces.as_deref(),
+            )
+            .await;
+        tokio::spawn(crate::cluster::follow(
+            cluster.clone(),
+            relay.cluster_bus.clone(),
+            relay.cluster_spaces.clone(),
+            Duration::from_millis(relay.config.cluster.heartbeat_ms),
+            stop_cluster.clone(),
+        ));
         Some(tokio::spawn(crate::cluster::nodes::heartbeat(
             cluster,
             describe,

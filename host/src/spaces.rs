@@ -51,7 +51,7 @@ pub struct SpaceError {
 }
 
 impl SpaceError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -70,6 +70,47 @@ pub struct Instance {
     conn: Arc<ConnInfo>,
     queue: Arc<OutboundQueue>,
     in_flight: AtomicUsize,
+    /// Set when this stands for another node's instances of the space
+    /// (a cluster proxy): requests given it travel to that node.
+    node: Option<String>,
+    /// How many instances it stands for (1 for a local one): it takes up
+    /// to that many times `max_in_flight_per_instance`.
+    slots: AtomicUsize,
+    /// Requests the instances it stands for are already working on for
+    /// other nodes (as their node last said).
+    background: AtomicUsize,
+}
+
+impl Instance {
+    /// The other node this proxy stands for; `None` for a local instance.
+    pub fn node(&self) -> Option<&str> {
+        self.node.as_deref()
+    }
+
+    /// How busy it is, per instance it stands for (in thousandths), for
+    /// picking the least loaded; a local instance wins a tie.
+    fn load(&self) -> (usize, bool) {
+        let busy = self.in_flight.load(Ordering::Relaxed) + self.background.load(Ordering::Relaxed);
+        (
+            busy * 1000 / self.slots.load(Ordering::Relaxed).max(1),
+            self.node.is_some(),
+        )
+    }
+
+    fn limit(&self, max_in_flight: usize) -> usize {
+        max_in_flight * self.slots.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Requests it is working on for callers of this node.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// For a proxy: how many instances it stands for and how busy they are.
+    pub fn set_remote_load(&self, instances: usize, in_flight: usize) {
+        self.slots.store(instances.max(1), Ordering::Relaxed);
+        self.background.store(in_flight, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -104,22 +145,25 @@ impl Space {
     /// `max_in_flight`. The slot is claimed with a compare-and-swap, so
     /// dispatchers racing for the last slot never push an instance past the
     /// limit; the loser looks again, and waits in line when all are full.
-    fn claim_slot(&self, max_in_flight: usize) -> Option<Arc<Instance>> {
+    /// `local_only`: another node's proxies are not candidates (a request
+    /// that came from another node is served here or not at all).
+    fn claim_slot(&self, max_in_flight: usize, local_only: bool) -> Option<Arc<Instance>> {
         // Bounded: under heavy contention the request waits in line instead,
         // and the next freed slot dispatches it.
         for _ in 0..8 {
-            let instance = self.least_loaded()?;
+            let instance = self.least_loaded(local_only)?;
+            let limit = instance.limit(max_in_flight);
             let claimed = instance
                 .in_flight
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < max_in_flight).then_some(n + 1)
+                    (n < limit).then_some(n + 1)
                 })
                 .is_ok();
             if claimed {
                 return Some(instance);
             }
-            if instance.in_flight.load(Ordering::Acquire) >= max_in_flight
-                && self.all_full(max_in_flight)
+            if instance.in_flight.load(Ordering::Acquire) >= limit
+                && self.all_full(max_in_flight, local_only)
             {
                 return None;
             }
@@ -127,15 +171,16 @@ impl Space {
         None
     }
 
-    fn all_full(&self, max_in_flight: usize) -> bool {
+    fn all_full(&self, max_in_flight: usize, local_only: bool) -> bool {
         self.instances
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .all(|i| i.in_flight.load(Ordering::Acquire) >= max_in_flight)
+            .filter(|i| !local_only || i.node.is_none())
+            .all(|i| i.in_flight.load(Ordering::Acquire) >= i.limit(max_in_flight))
     }
 
-    fn least_loaded(&self) -> Option<Arc<Instance>> {
+    fn least_loaded(&self, local_only: bool) -> Option<Arc<Instance>> {
         let instances = self.instances.read().unwrap_or_else(|e| e.into_inner());
         let n = instances.len();
         if n == 0 {
@@ -144,8 +189,18 @@ impl Space {
         let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
         (0..n)
             .map(|i| &instances[(start + i) % n])
-            .min_by_key(|inst| inst.in_flight.load(Ordering::Relaxed))
+            .filter(|inst| !local_only || inst.node.is_none())
+            .min_by_key(|inst| inst.load())
             .cloned()
+    }
+
+    fn local_count(&self) -> usize {
+        self.instances
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|i| i.node.is_none())
+            .count()
     }
 }
 
@@ -202,7 +257,36 @@ pub struct SpaceInfo {
     /// Requests waiting for an instance with a free slot.
     pub waiting: usize,
     pub declared: bool,
+    /// In a cluster: the nodes whose instances serve it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeLoad>,
 }
+
+/// One node's share of a space, in a cluster.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct NodeLoad {
+    pub node: String,
+    pub instances: usize,
+    pub in_flight: usize,
+}
+
+/// A space as this node serves it, for the cluster's registry: counts of
+/// this node's own instances only.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct LocalSpace {
+    pub name: String,
+    pub instances: usize,
+    pub in_flight: usize,
+    /// The user its instances registered as (a space not shared has one).
+    #[serde(default)]
+    pub principal: String,
+    /// Its instances' ids (the first [`LISTED_IDS`]).
+    #[serde(default)]
+    pub ids: Vec<String>,
+}
+
+/// Instance ids a node lists per space in the registry.
+pub const LISTED_IDS: usize = 32;
 
 /// Which spaces exist and how they are served, as `GET /spaces` shows them:
 /// on one node, [`Spaces`] itself; a cluster backend merges every node's view
@@ -232,6 +316,9 @@ pub struct Spaces {
     by_caller: DashMap<(u64, String), u64>,
     next_request: AtomicU64,
     next_instance: AtomicU64,
+    /// Callers that stand for another node's connections (cluster
+    /// proxies): their node already held each connection to its limit.
+    node_callers: DashMap<u64, ()>,
     allow_undeclared: bool,
     shared: Vec<String>,
     max_spaces: usize,
@@ -264,6 +351,7 @@ impl Spaces {
             by_caller: DashMap::new(),
             next_request: AtomicU64::new(0),
             next_instance: AtomicU64::new(0),
+            node_callers: DashMap::new(),
             allow_undeclared: spaces.allow_undeclared,
             shared: spaces.shared.clone(),
             max_spaces: spaces.max_spaces,
@@ -313,6 +401,9 @@ impl Spaces {
             conn: conn.clone(),
             queue,
             in_flight: AtomicUsize::new(0),
+            node: None,
+            slots: AtomicUsize::new(1),
+            background: AtomicUsize::new(0),
         });
         let shared = crate::config::matches_any(&self.shared, space);
         // Joined under the map entry, so an eviction cannot remove the space
@@ -337,6 +428,95 @@ impl Spaces {
         drop(entry);
         tracing::info!(space, instance = %instance.id, conn = conn.id, "instance registered");
         Ok(instance)
+    }
+
+    /// Adds a proxy for node `node`'s instances of `space` (a cluster
+    /// member's, as the registry lists them): requests given it are queued
+    /// on `queue`, which the cluster carries to that node, and the answers
+    /// come back as if `conn` sent them. Never refused: the other node
+    /// already admitted its instances.
+    pub fn register_remote(
+        &self,
+        space: &str,
+        node: &str,
+        principal: &str,
+        conn: &Arc<ConnInfo>,
+        queue: Arc<OutboundQueue>,
+    ) -> Arc<Instance> {
+        let instance = Arc::new(Instance {
+            id: format!("{space}@{node}"),
+            space: space.to_owned(),
+            principal: principal.to_owned(),
+            conn: conn.clone(),
+            queue,
+            in_flight: AtomicUsize::new(0),
+            node: Some(node.to_owned()),
+            slots: AtomicUsize::new(1),
+            background: AtomicUsize::new(0),
+        });
+        let entry = self
+            .spaces
+            .entry(space.to_owned())
+            .or_insert_with(|| Arc::new(Space::new(false)));
+        entry
+            .instances
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(instance.clone());
+        let space = entry.clone();
+        drop(entry);
+        // Requests waiting here for a free slot may take the new one.
+        self.start_waiting(&space);
+        tracing::debug!(space = %instance.space, node, "another node's instances reachable");
+        instance
+    }
+
+    /// Marks `conn` as standing for another node's callers: not held to
+    /// `limits.max_requests_per_connection` (their node held each of its
+    /// own connections to it).
+    pub fn add_node_caller(&self, conn: &ConnInfo) {
+        self.node_callers.insert(conn.id, ());
+    }
+
+    /// Forgets a node's callers: their requests are cancelled.
+    pub fn remove_node_caller(&self, conn: &ConnInfo) {
+        self.caller_gone(conn.id);
+        self.node_callers.remove(&conn.id);
+    }
+
+    /// The caller `conn` withdrew its request `caller_id` (a `cancel` that
+    /// came from another node): it ends here, and the instance is told.
+    pub fn cancel_for_caller(&self, conn: &ConnInfo, caller_id: &str) {
+        let Some(id) = self.relay_id_of(conn, caller_id) else {
+            return;
+        };
+        self.abandon(id);
+        self.caller_stream_gone(id);
+        self.unclaim(conn, caller_id);
+    }
+
+    /// The relay's id for caller `conn`'s request `caller_id`, while pending.
+    pub fn relay_id_of(&self, conn: &ConnInfo, caller_id: &str) -> Option<u64> {
+        self.by_caller
+            .get(&(conn.id, caller_id.to_owned()))
+            .map(|id| *id)
+    }
+
+    /// The instance (here, a proxy of another node's) failed the request
+    /// it was given: the caller gets the error, as if from this node.
+    pub fn fail_from(
+        &self,
+        from: &ConnInfo,
+        id: &str,
+        error: SpaceError,
+    ) -> Result<(), SpaceError> {
+        if let Ok(key) = self.own_pending(from, id)
+            && let Some((_, pending)) = self.pending.remove(&key)
+        {
+            self.finish(pending, Err(error));
+            return Ok(());
+        }
+        self.fail_stream_from(from, id, error)
     }
 
     /// Removes an instance; its pending requests fail with `instance_lost` now.
@@ -379,6 +559,22 @@ impl Spaces {
     /// Sends a request to the least loaded instance of `req.space`; the outcome
     /// reaches `caller` later. Returns the relay's id for the request.
     pub fn dispatch(&self, req: Request, caller: Caller) -> Result<u64, SpaceError> {
+        self.dispatch_to(req, caller, false)
+    }
+
+    /// Dispatches a request another node forwarded here: only this node's
+    /// own instances serve it (it is never passed on again), and it does
+    /// not wait in line here; its node keeps its place in line there.
+    pub fn dispatch_local(&self, req: Request, caller: Caller) -> Result<u64, SpaceError> {
+        self.dispatch_to(req, caller, true)
+    }
+
+    fn dispatch_to(
+        &self,
+        req: Request,
+        caller: Caller,
+        local_only: bool,
+    ) -> Result<u64, SpaceError> {
         if self.pending.len() >= self.max_pending {
             return Err(SpaceError::new(
                 ErrorCode::Overloaded,
@@ -395,7 +591,12 @@ impl Spaces {
                     format!("no space named {:?}", req.space),
                 )
             })?;
-        if space.instance_count() == 0 {
+        let serving = if local_only {
+            space.local_count()
+        } else {
+            space.instance_count()
+        };
+        if serving == 0 {
             return Err(SpaceError::new(
                 ErrorCode::NoInstance,
                 format!("space {:?} has no instance connected", req.space),
@@ -427,7 +628,21 @@ impl Spaces {
             timeout_ms: Some(timeout.as_millis() as u64),
             ..req
         });
-        let Some(instance) = space.claim_slot(self.max_in_flight) else {
+        let Some(instance) = space.claim_slot(self.max_in_flight, local_only) else {
+            if local_only {
+                if let Caller::Conn {
+                    conn,
+                    id: caller_id,
+                    ..
+                } = &caller
+                {
+                    self.unclaim(conn, caller_id);
+                }
+                return Err(SpaceError::new(
+                    ErrorCode::Overloaded,
+                    "every instance of the space on this node is busy",
+                ));
+            }
             return self.wait_for_slot(&space, id, forwarded, caller, now, timeout);
         };
         // Pending before sending, so that even an instantaneous response finds it.
@@ -535,7 +750,9 @@ impl Spaces {
                 "request id must not be empty",
             ));
         }
-        if conn.requests_in_flight.load(Ordering::Relaxed) >= self.max_per_caller {
+        if conn.requests_in_flight.load(Ordering::Relaxed) >= self.max_per_caller
+            && !self.node_callers.contains_key(&conn.id)
+        {
             return Err(SpaceError::new(
                 ErrorCode::Overloaded,
                 format!(
@@ -746,7 +963,7 @@ impl Spaces {
         loop {
             let instance = match claimed.take() {
                 Some(instance) => instance,
-                None => match space.claim_slot(self.max_in_flight) {
+                None => match space.claim_slot(self.max_in_flight, false) {
                     Some(instance) => instance,
                     None => return,
                 },
@@ -872,16 +1089,16 @@ impl Spaces {
         list
     }
 
+    /// This node's view of a space: its own instances (another node's are
+    /// the cluster directory's to add).
     fn describe(&self, name: &str, space: &Space) -> SpaceInfo {
         let instances = space.instances.read().unwrap_or_else(|e| e.into_inner());
+        let local = || instances.iter().filter(|i| i.node.is_none());
         SpaceInfo {
             name: name.to_owned(),
-            connected: !instances.is_empty(),
-            instances: instances.len(),
-            in_flight: instances
-                .iter()
-                .map(|i| i.in_flight.load(Ordering::Relaxed))
-                .sum(),
+            connected: local().next().is_some(),
+            instances: local().count(),
+            in_flight: local().map(|i| i.in_flight.load(Ordering::Relaxed)).sum(),
             waiting: space
                 .waiting
                 .lock()
@@ -890,7 +1107,38 @@ impl Spaces {
                 .filter(|id| self.pending.get(id).is_some_and(|p| p.waiting.is_some()))
                 .count(),
             declared: space.declared,
+            nodes: Vec::new(),
         }
+    }
+
+    /// The spaces this node's own instances serve, for the registry.
+    pub fn local_summary(&self) -> Vec<LocalSpace> {
+        let mut list: Vec<LocalSpace> = self
+            .spaces
+            .iter()
+            .filter_map(|entry| {
+                let instances = entry.instances.read().unwrap_or_else(|e| e.into_inner());
+                let local: Vec<&Arc<Instance>> =
+                    instances.iter().filter(|i| i.node.is_none()).collect();
+                let first = local.first()?;
+                Some(LocalSpace {
+                    name: entry.key().clone(),
+                    instances: local.len(),
+                    in_flight: local
+                        .iter()
+                        .map(|i| i.in_flight.load(Ordering::Relaxed))
+                        .sum(),
+                    principal: first.principal.clone(),
+                    ids: local
+                        .iter()
+                        .take(LISTED_IDS)
+                        .map(|i| i.id.clone())
+                        .collect(),
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
     }
 
     /// In-flight counts per instance id, for tests and the admin view.
@@ -903,6 +1151,7 @@ impl Spaces {
                     .read()
                     .unwrap_or_else(|e| e.into_inner())
                     .iter()
+                    .filter(|i| i.node.is_none())
                     .map(|i| (i.id.clone(), i.in_flight.load(Ordering::Relaxed)))
                     .collect::<Vec<_>>()
             })
@@ -1157,6 +1406,56 @@ mod tests {
         assert!(told.iter().any(|m| matches!(m,
             Msg::Error { code: ErrorCode::Overloaded, id: Some(id), .. } if id == "third")));
         assert_eq!(world.spaces.info("demo").unwrap().waiting, 0);
+    }
+
+    #[test]
+    fn another_nodes_instances_share_the_load_and_forwarded_requests_stay_local() {
+        let world = World::new(|_, _| {});
+        let (local, _) = world.instance("demo", "svc");
+        // Another node's three instances, idle: they take the first calls
+        // after a tie goes to the local one.
+        let remote = world.peer();
+        let proxy =
+            world
+                .spaces
+                .register_remote("demo", "b", "svc", remote.conn(), remote.queue.clone());
+        proxy.set_remote_load(3, 0);
+        let caller = world.peer();
+        for id in ["1", "2", "3", "4"] {
+            world.call(&caller, "demo", id);
+        }
+        // Loads per instance: local 1 (a tie at 0 went local), then the
+        // proxy takes three (0, 1/3, 2/3 < 1), and the fourth ties at 1.
+        assert_eq!(proxy.in_flight(), 3);
+        assert_eq!(local.queued().len(), 1);
+        assert_eq!(remote.queued().len(), 3);
+        // Busy there for others: the local instance is preferred.
+        proxy.set_remote_load(3, 30);
+        world.call(&caller, "demo", "5");
+        assert_eq!(local.queued().len(), 1);
+        // A request another node forwarded is never passed on again.
+        let other_node = world.peer();
+        world.spaces.add_node_caller(other_node.conn());
+        let _ = local.queued();
+        for id in ["f1", "f2"] {
+            world
+                .spaces
+                .dispatch_local(request("demo", id), other_node.caller(id))
+                .unwrap();
+        }
+        assert_eq!(local.queued().len(), 2);
+        assert!(remote.queued().is_empty());
+        // The proxy's node gone: what it held fails at once.
+        world.spaces.unregister(&proxy);
+        let lost = caller
+            .queued()
+            .iter()
+            .filter(|m| error_code(m) == ErrorCode::InstanceLost)
+            .count();
+        assert_eq!(lost, 3);
+        // Not listed as this node's own.
+        assert_eq!(world.spaces.info("demo").unwrap().instances, 1);
+        assert_eq!(world.spaces.local_summary()[0].instances, 1);
     }
 
     #[test]

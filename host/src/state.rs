@@ -86,6 +86,8 @@ pub struct Relay {
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The cluster's channel bus (also `bus`), for the membership it follows.
     pub(crate) cluster_bus: Option<Arc<crate::cluster::bus::ClusterBus>>,
+    /// Other nodes' instances and callers, following the registry.
+    pub(crate) cluster_spaces: Option<Arc<crate::cluster::spaces::ClusterSpaces>>,
     /// Wall-clock start, for what this node says of itself.
     started_unix_ms: i64,
     /// Files in the task folder refused, as the task API lists them.
@@ -124,9 +126,28 @@ impl Relay {
             node.clone(),
             metrics.clone(),
         ));
+        let table = Arc::new(ConnTable::default());
+        let budget = Budget::new(config.limits.outbound_budget_bytes);
         let cluster_bus = cluster.as_ref().map(|(cluster, stop)| {
             crate::cluster::bus::ClusterBus::start(cluster, channels.clone(), stop.clone())
         });
+        let cluster_spaces = cluster.as_ref().map(|(cluster, stop)| {
+            crate::cluster::spaces::ClusterSpaces::start(
+                cluster,
+                spaces.clone(),
+                table.clone(),
+                budget.clone(),
+                metrics.clone(),
+                stop.clone(),
+            )
+        });
+        let directory: Arc<dyn Directory> = match &cluster {
+            Some((cluster, _)) => Arc::new(crate::cluster::spaces::ClusterDirectory {
+                spaces: spaces.clone(),
+                cluster: cluster.clone(),
+            }),
+            None => spaces.clone(),
+        };
         let bus: Arc<dyn Bus> = match &cluster_bus {
             Some(bus) => bus.clone(),
             None => Arc::new(LocalBus::new(channels.clone())),
@@ -154,7 +175,6 @@ impl Relay {
         )
         .map_err(StartError::Files)?;
         let files = Arc::new(files);
-        let table = Arc::new(ConnTable::default());
         let offers = Arc::new(Offers::new(
             store.clone(),
             files.clone(),
@@ -194,7 +214,7 @@ impl Relay {
         let router: Arc<dyn crate::hooks::Router> = plugins.clone();
         channels.set_router(&router);
         Ok(Arc::new(Self {
-            directory: spaces.clone(),
+            directory,
             node,
             bus,
             channels,
@@ -203,7 +223,7 @@ impl Relay {
             metrics,
             plugins,
             quotas: Arc::new(Quotas::new(&config.limits)),
-            budget: Budget::new(config.limits.outbound_budget_bytes),
+            budget,
             admin,
             store,
             kv,
@@ -212,6 +232,7 @@ impl Relay {
             tasks: OnceLock::new(),
             cluster: cluster.map(|(cluster, _)| cluster),
             cluster_bus,
+            cluster_spaces,
             started_unix_ms: crate::store::wall_ms(),
             task_file_refusals: Refusals::default(),
             config: Arc::new(config),
@@ -310,6 +331,7 @@ impl Relay {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             started_unix_ms: self.started_unix_ms,
             connections: self.table.len() as u64,
+            spaces: self.spaces.local_summary(),
         }
     }
 }

@@ -458,28 +458,6 @@ async fn receive(bus: Arc<ClusterBus>, client: async_nats::Client, stop: Cancell
     }
 }
 
-/// Keeps the bus's view of the nodes current from the registry, every `every`.
-pub async fn follow_members(
-    cluster: Arc<super::Cluster>,
-    bus: Arc<ClusterBus>,
-    every: std::time::Duration,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
-        bus.expire_forwards();
-        match cluster.nodes.list().await {
-            Ok(nodes) => bus.set_members(nodes.into_iter().map(|n| n.node).collect()),
-            Err(e) => tracing::debug!(error = %e, "registry not read; owners unchanged"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,10 @@
 //! Several relays as one system over NATS JetStream (`cluster.*`, off by
 //! default: one node needs nothing external). This module owns the
-//! connection to NATS and what the nodes share through it; today that is
-//! the node registry ([`nodes`]): which relays are in the system now, each
-//! renewing its entry, a silent one expiring on the server's clock.
+//! connection to NATS and what the nodes share through it: the node
+//! registry ([`nodes`]: which relays are in the system now, each renewing
+//! its entry, a silent one expiring on the server's clock), channels
+//! across nodes ([`bus`]) and spaces across nodes ([`spaces`]), both
+//! following the registry ([`follow`]).
 //!
 //! The seams the rest of the relay already has (`bus::Bus`,
 //! `channels::PresenceView`, `spaces::Directory`, `quota::users::UserLedger`,
@@ -11,11 +13,14 @@
 
 pub mod bus;
 pub mod nodes;
+pub mod spaces;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_nats::jetstream;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterConfig;
 
@@ -26,6 +31,8 @@ pub struct Cluster {
     node: String,
     pub(crate) nodes: nodes::Registry,
     client: async_nats::Client,
+    /// The registry as last read ([`follow`]).
+    view: ArcSwap<Vec<nodes::NodeInfo>>,
 }
 
 /// Why a node could not join.
@@ -85,6 +92,7 @@ impl Cluster {
             node: node.to_owned(),
             nodes,
             client,
+            view: ArcSwap::from_pointee(Vec::new()),
         }))
     }
 
@@ -96,8 +104,59 @@ impl Cluster {
         &self.node
     }
 
+    /// The live nodes as the registry listed them last (every heartbeat).
+    pub fn view(&self) -> Arc<Vec<nodes::NodeInfo>> {
+        self.view.load_full()
+    }
+
+    /// Reads the registry once and hands it to what follows it.
+    pub async fn refresh(
+        &self,
+        bus: Option<&bus::ClusterBus>,
+        spaces: Option<&spaces::ClusterSpaces>,
+    ) {
+        if let Some(bus) = bus {
+            bus.expire_forwards();
+        }
+        let nodes = match self.nodes.list().await {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                // Owners and proxies stay as they were until it reads again.
+                tracing::debug!(error = %e, "registry not read");
+                return;
+            }
+        };
+        if let Some(bus) = bus {
+            bus.set_members(nodes.iter().map(|n| n.node.clone()).collect());
+        }
+        if let Some(spaces) = spaces {
+            spaces.sync(&nodes);
+        }
+        self.view.store(Arc::new(nodes));
+    }
+
     /// Whether the connection to NATS is up now.
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+/// Keeps what follows the registry current: every `every` until `stop`,
+/// the channels' owners and the other nodes' spaces.
+pub async fn follow(
+    cluster: Arc<Cluster>,
+    bus: Option<Arc<bus::ClusterBus>>,
+    spaces: Option<Arc<spaces::ClusterSpaces>>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        cluster.refresh(bus.as_deref(), spaces.as_deref()).await;
     }
 }

@@ -254,8 +254,26 @@ pub struct ConnTable {
 impl ConnTable {
     /// Adds a row; it lives exactly as long as the returned guard.
     pub fn open(self: &Arc<Self>, peer: SocketAddr, local: SocketAddr) -> ConnGuard {
+        let info = self.new_info(peer, local);
+        self.rows.insert(info.id, info.clone());
+        ConnGuard {
+            table: self.clone(),
+            info,
+            _held: None,
+        }
+    }
+
+    /// A row that is not listed: for what stands in for connections
+    /// elsewhere (another cluster node's callers or instances). Its id
+    /// comes from the same sequence, so it is never a listed row's.
+    pub fn detached(&self) -> Arc<ConnInfo> {
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        self.new_info(unspecified, unspecified)
+    }
+
+    fn new_info(&self, peer: SocketAddr, local: SocketAddr) -> Arc<ConnInfo> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let info = Arc::new(ConnInfo {
+        Arc::new(ConnInfo {
             id,
             peer,
             local,
@@ -274,13 +292,7 @@ impl ConnTable {
             requests_in_flight: AtomicUsize::new(0),
             queue: OnceLock::new(),
             detail: Mutex::new(Detail::default()),
-        });
-        self.rows.insert(id, info.clone());
-        ConnGuard {
-            table: self.clone(),
-            info,
-            _held: None,
-        }
+        })
     }
 
     pub fn len(&self) -> usize {

@@ -227,6 +227,33 @@ impl Spaces {
         }
     }
 
+    /// The caller of stream `key` withdrew (a `cancel` from its node).
+    pub(super) fn caller_stream_gone(&self, key: u64) {
+        if self.streams.contains_key(&key) {
+            self.end_stream(key, Ended::CallerGone);
+        }
+    }
+
+    /// The instance `from` (a proxy of another node's) reports stream `id`
+    /// failed there.
+    pub(super) fn fail_stream_from(
+        &self,
+        from: &ConnInfo,
+        id: &str,
+        error: SpaceError,
+    ) -> Result<(), SpaceError> {
+        let key = self.node.parse_scoped(id).ok_or_else(|| not_pending(id))?;
+        let ours = self
+            .streams
+            .get(&key)
+            .is_some_and(|s| s.instance.conn.id == from.id);
+        if !ours {
+            return Err(not_pending(id));
+        }
+        self.end_stream(key, Ended::Failed(error));
+        Ok(())
+    }
+
     /// Fails streams that sent nothing for the request timeout.
     pub(super) fn expire_streams(&self, now: Instant) -> usize {
         let idle = self.default_timeout;

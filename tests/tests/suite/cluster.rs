@@ -259,3 +259,138 @@ async fn when_an_owner_dies_its_channels_fail_fast_then_move_to_a_live_node() {
         after += usize::from(data == "after");
     }
 }
+
+/// Serves `space` from `relay` until the returned handle is aborted:
+/// answers the body upper-cased with the node's name, after a progress
+/// report; a body of "hang" is never answered.
+async fn service(relay: &RelayProcess, space: &'static str) -> tokio::task::JoinHandle<()> {
+    let connection = client(relay).await;
+    tokio::spawn(async move {
+        let _ = wasmrelay_client::serve::serve(
+            connection,
+            space,
+            |request, responder| async move {
+                let body = String::from_utf8_lossy(request.data.as_bytes()).into_owned();
+                if body == "hang" {
+                    std::future::pending::<()>().await;
+                }
+                responder.progress(Some(50.0), "working").await;
+                let answer = if body.len() > 1024 {
+                    format!("{} bytes", body.len())
+                } else {
+                    body.to_uppercase()
+                };
+                responder.respond(200, vec![], answer).await;
+            },
+            std::future::pending(),
+        )
+        .await;
+    })
+}
+
+async fn post(url: String, body: impl Into<reqwest::Body>) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .post(url)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// How many instances `relay` sees serving `space`, cluster-wide.
+async fn wait_instances(relay: &RelayProcess, space: &str, count: u64) -> Value {
+    wait_json(
+        "the space's instances across the cluster",
+        &relay.url(&format!("/spaces/{space}")),
+        Duration::from_secs(10),
+        |v| v["instances"] == count,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_request_to_one_node_reaches_an_instance_on_another_and_a_killed_node_fails_its_requests_fast()
+ {
+    if !require_program("nats-server", NatsBroker::INSTALL) {
+        return;
+    }
+    let broker = NatsBroker::start().await;
+    let a = node(&broker, "a").await;
+    let mut b = node(&broker, "b").await;
+    let c = node(&broker, "c").await;
+    let _served = service(&b, "demo").await;
+    // Every node lists it, with the node that serves it.
+    for relay in [&a, &b, &c] {
+        let info = wait_instances(relay, "demo", 1).await;
+        assert_eq!(info["nodes"][0]["node"], "b", "{info}");
+        assert_eq!(info["connected"], true);
+    }
+
+    // HTTP into a, served on b, back to a.
+    assert_eq!(
+        post(a.url("/spaces/demo/"), "hello").await,
+        (200, "HELLO".to_owned())
+    );
+    // A body large enough to be streamed goes through piece by piece.
+    let large = "x".repeat(300 * 1024);
+    assert_eq!(
+        post(c.url("/spaces/demo/"), large).await,
+        (200, format!("{} bytes", 300 * 1024))
+    );
+    // Over the protocol from c: progress and the response come back.
+    let mut caller = client(&c).await;
+    let mut progress = Vec::new();
+    let response = caller
+        .request(
+            wasmrelay_client::protocol::Request {
+                id: "from-c".into(),
+                space: "demo".into(),
+                method: "POST".into(),
+                path: "/".into(),
+                query: String::new(),
+                headers: vec![],
+                timeout_ms: None,
+                stream: false,
+                data: "over the protocol".into(),
+            },
+            |percent, _| progress.push(percent),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.data.as_bytes(), b"OVER THE PROTOCOL");
+    assert_eq!(progress, [Some(50.0)]);
+
+    // Requests held on b when b is killed fail fast on a, not at their
+    // 30 s deadline: b drops out of the registry within its TTL (2 s).
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(post(a.url("/spaces/demo/"), "hang")))
+        .collect();
+    wait_json(
+        "both requests in flight on b",
+        &a.url("/spaces/demo"),
+        Duration::from_secs(10),
+        |v| v["in_flight"] == 2,
+    )
+    .await;
+    b.process.kill();
+    let killed = Instant::now();
+    for request in held {
+        let (status, body) = request.await.unwrap();
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("instance_lost"), "{body}");
+    }
+    let failed_after = killed.elapsed();
+    assert!(
+        failed_after < Duration::from_secs(6),
+        "held requests failed only after {failed_after:?}"
+    );
+    // Its instances are gone from every node's view.
+    for relay in [&a, &c] {
+        let info = wait_instances(relay, "demo", 0).await;
+        assert_eq!(info["connected"], false, "{info}");
+    }
+    let (status, body) = post(a.url("/spaces/demo/"), "anyone?").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no_instance"), "{body}");
+}
