@@ -191,6 +191,11 @@ pub async fn run(
     // After the plugins, which runs call; before the listeners, which the
     // task API answers on.
     let stop_tasks = CancellationToken::new();
+    // In a cluster every node knows the tasks and one fires each slot.
+    let peers = match &relay.cluster {
+        Some(cluster) => Some(crate::tasks::shared::ClusterPeers::open(cluster).await?),
+        None => None,
+    };
     let (tasks, task_manager) = Tasks::start(
         relay.store.clone(),
         Arc::new(PluginExecutor {
@@ -198,11 +203,21 @@ pub async fn run(
         }),
         &relay.config.tasks,
         Clock::system(),
+        peers
+            .clone()
+            .map(|peers| peers as Arc<dyn crate::tasks::shared::Peers>),
         stop_tasks.clone(),
     )
     .await
     .map_err(|e| RunError::Start(e.into()))?;
     let _ = relay.tasks.set(tasks.clone());
+    if let Some(peers) = peers {
+        tokio::spawn(crate::tasks::shared::follow(
+            peers,
+            tasks.clone(),
+            stop_tasks.clone(),
+        ));
+    }
     let task_folder = relay
         .config
         .tasks

@@ -31,6 +31,7 @@ pub struct Cluster {
     node: String,
     pub(crate) nodes: nodes::Registry,
     client: async_nats::Client,
+    jetstream: jetstream::Context,
     /// The registry as last read ([`follow`]).
     view: ArcSwap<Vec<nodes::NodeInfo>>,
 }
@@ -81,7 +82,7 @@ impl Cluster {
             })?;
         let jetstream = jetstream::new(client.clone());
         let nodes = nodes::Registry::open(
-            jetstream,
+            jetstream.clone(),
             &format!("{}_nodes", config.name),
             Duration::from_millis(config.node_ttl_ms),
         )
@@ -92,6 +93,7 @@ impl Cluster {
             node: node.to_owned(),
             nodes,
             client,
+            jetstream,
             view: ArcSwap::from_pointee(Vec::new()),
         }))
     }
@@ -102,6 +104,26 @@ impl Cluster {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// A key-value bucket the nodes share, `<name>_<what>`, created by the
+    /// first node that asks with `config` (its bucket name is set here).
+    pub async fn bucket(
+        &self,
+        what: &str,
+        config: jetstream::kv::Config,
+    ) -> Result<jetstream::kv::Store, ClusterError> {
+        let bucket = format!("{}_{what}", self.name);
+        self.jetstream
+            .create_key_value(jetstream::kv::Config {
+                bucket: bucket.clone(),
+                ..config
+            })
+            .await
+            .map_err(|e| ClusterError::Bucket {
+                bucket,
+                source: e.into(),
+            })
     }
 
     /// The live nodes as the registry listed them last (every heartbeat).

@@ -22,6 +22,7 @@ use super::clock::Clock;
 use super::history::History;
 use super::run::{self, Executor, Job, Progress, Runner, Stop};
 use super::schedule::Schedule;
+use super::shared::{Peers, Shared};
 use super::spec::{Concurrency, Missed, SpecError, TaskSpec};
 use super::{Origin, RunState, TaskChange, TaskEvent, TaskState};
 use crate::config::TasksConfig;
@@ -156,11 +157,15 @@ enum Command {
         spec: TaskSpec,
         origin: Origin,
         how: Define,
+        /// Set for a definition another node shared: its anchor.
+        shared: Option<i64>,
         reply: oneshot::Sender<Result<TaskView, TaskError>>,
     },
     Delete {
         name: String,
         origin: Origin,
+        /// Deleted on another node (not to be shared again).
+        shared: bool,
         reply: oneshot::Sender<Result<(), TaskError>>,
     },
     Run {
@@ -208,6 +213,7 @@ impl Tasks {
         executor: Arc<dyn Executor>,
         config: &TasksConfig,
         clock: Clock,
+        peers: Option<Arc<dyn Peers>>,
         stop: CancellationToken,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
         let now = clock.now_ms();
@@ -250,6 +256,7 @@ impl Tasks {
             firings: TaskTracker::new(),
             ended_tx,
             next_firing: 0,
+            peers,
         };
         let slots: HashMap<i64, i64> = slots.into_iter().collect();
         for row in rows {
@@ -291,10 +298,23 @@ impl Tasks {
         origin: Origin,
         how: Define,
     ) -> Result<TaskView, TaskError> {
+        self.define_from(spec, origin, how, None).await
+    }
+
+    /// Defines a task; `shared` is the anchor of a definition another node
+    /// shared (none for this node's own, which it shares).
+    pub(super) async fn define_from(
+        &self,
+        spec: TaskSpec,
+        origin: Origin,
+        how: Define,
+        shared: Option<i64>,
+    ) -> Result<TaskView, TaskError> {
         self.ask(|reply| Command::Define {
             spec,
             origin,
             how,
+            shared,
             reply,
         })
         .await?
@@ -302,10 +322,20 @@ impl Tasks {
 
     /// Deletes a task, stopping its runs; its history goes with it.
     pub async fn delete(&self, name: &str, origin: Origin) -> Result<(), TaskError> {
+        self.delete_from(name, origin, false).await
+    }
+
+    /// Deletes a task another node deleted.
+    pub(super) async fn delete_shared(&self, name: &str) -> Result<(), TaskError> {
+        self.delete_from(name, Origin::Api, true).await
+    }
+
+    async fn delete_from(&self, name: &str, origin: Origin, shared: bool) -> Result<(), TaskError> {
         let name = name.to_owned();
         self.ask(|reply| Command::Delete {
             name,
             origin,
+            shared,
             reply,
         })
         .await?
@@ -567,6 +597,9 @@ struct Manager {
     firings: TaskTracker,
     ended_tx: mpsc::Sender<(i64, u64)>,
     next_firing: u64,
+    /// The other nodes, in a cluster: who fires a slot, and the tasks
+    /// defined here for them.
+    peers: Option<Arc<dyn Peers>>,
 }
 
 impl Manager {
@@ -647,7 +680,7 @@ impl Manager {
                             .await;
                     }
                     Missed::RunOnce => {
-                        self.start(&mut entry, missed, false, Vec::new());
+                        self.start(&mut entry, missed, false, true, Vec::new());
                     }
                 }
             }
@@ -726,15 +759,18 @@ impl Manager {
                 Concurrency::Replace => after = stop_all(entry, "replaced by a newer run"),
             }
         }
-        self.start(entry, due, true, after);
+        self.start(entry, due, true, true, after);
     }
 
-    /// Starts a firing of `entry`; the id of its first run.
+    /// Starts a firing of `entry`; the id of its first run. A firing of a
+    /// `slot` of the schedule runs only if this node claims it (in a
+    /// cluster, one node does).
     fn start(
         &mut self,
         entry: &mut Entry,
         scheduled_at_ms: i64,
         scheduled: bool,
+        slot: bool,
         after: Vec<CancellationToken>,
     ) -> i64 {
         let job = entry.job(scheduled_at_ms, scheduled);
@@ -754,8 +790,26 @@ impl Manager {
         let runner = self.runner.clone();
         let report = self.ended_tx.clone();
         let task_id = entry.id;
+        let peers = self.peers.clone().filter(|_| slot);
         self.firings.spawn(async move {
-            run::fire(runner, job, progress, first_run, after).await;
+            let ours = match peers {
+                None => true,
+                Some(peers) => match peers.claim(&job.task, job.scheduled_at_ms).await {
+                    // Another node fires it and records its run.
+                    Ok(claimed) => claimed,
+                    Err(e) => {
+                        let reason = format!(
+                            "not fired: the cluster could not say which node fires this slot ({e})"
+                        );
+                        tracing::warn!(task = %job.task, %reason);
+                        runner.skip(&job, reason).await;
+                        false
+                    }
+                },
+            };
+            if ours {
+                run::fire(runner, job, progress, first_run, after).await;
+            }
             ended.cancel();
             let _ = report.send((task_id, firing)).await;
         });
@@ -774,16 +828,18 @@ impl Manager {
                 spec,
                 origin,
                 how,
+                shared,
                 reply,
             } => {
-                let _ = reply.send(self.define(spec, origin, how).await);
+                let _ = reply.send(self.define(spec, origin, how, shared).await);
             }
             Command::Delete {
                 name,
                 origin,
+                shared,
                 reply,
             } => {
-                let _ = reply.send(self.delete(&name, origin).await);
+                let _ = reply.send(self.delete(&name, origin, shared).await);
             }
             Command::Run {
                 name,
@@ -827,8 +883,21 @@ impl Manager {
         spec: TaskSpec,
         origin: Origin,
         how: Define,
+        shared: Option<i64>,
     ) -> Result<TaskView, TaskError> {
         let schedule = spec.validate()?;
+        if let Some(anchor) = shared
+            && let Some(entry) = self
+                .by_name
+                .get(spec.name.as_str())
+                .map(|id| &self.tasks[id])
+        {
+            // This node's task file wins over the cluster's definition;
+            // one already as shared (this node's own, seen again) is kept.
+            if entry.origin == Origin::File || (*entry.spec == spec && entry.anchor_ms == anchor) {
+                return Ok(entry.view());
+            }
+        }
         self.runner
             .executor
             .check(&spec.plugin)
@@ -843,31 +912,56 @@ impl Manager {
             }
             (Some(_), Define::Create) => return Err(TaskError::Exists(spec.name)),
             (None, Define::Replace) => return Err(TaskError::NotFound(spec.name)),
-            (Some(entry), _) if *entry.spec == spec && entry.origin == origin => {
+            (Some(entry), _)
+                if *entry.spec == spec && entry.origin == origin && shared.is_none() =>
+            {
                 return Ok(entry.view());
             }
             _ => {}
         }
-        self.save(spec, schedule, origin).await
+        let now = self.runner.clock.now_ms();
+        let view = self
+            .save(spec, schedule, origin, shared.unwrap_or(now))
+            .await?;
+        if shared.is_none() && origin == Origin::Api {
+            self.share(&view.name);
+        }
+        Ok(view)
     }
 
-    /// Stores a checked definition and (re)schedules it from now; runs
-    /// going on keep the definition they started with.
+    /// Tells the other nodes (in a cluster) of task `name` as it is now
+    /// here, or that it is gone.
+    fn share(&self, name: &str) {
+        let Some(peers) = &self.peers else { return };
+        let definition = self.by_name.get(name).map(|id| {
+            let entry = &self.tasks[id];
+            Shared {
+                spec: (*entry.spec).clone(),
+                anchor_ms: entry.anchor_ms,
+            }
+        });
+        peers.share(name, definition);
+    }
+
+    /// Stores a checked definition and (re)schedules it from `anchor`
+    /// (now, unless another node defined it); runs going on keep the
+    /// definition they started with.
     async fn save(
         &mut self,
         spec: TaskSpec,
         schedule: Schedule,
         origin: Origin,
+        anchor: i64,
     ) -> Result<TaskView, TaskError> {
         let json = serde_json::to_string(&spec).expect("a task serializes");
         let now = self.runner.clock.now_ms();
         let name = spec.name.clone();
         let id = self
             .store
-            .call(move |conn| saved::put_task(conn, &name, &json, origin.as_str(), now))
+            .call(move |conn| saved::put_task(conn, &name, &json, origin.as_str(), anchor))
             .await?;
         let firings = self.remove(id).map(|old| old.firings).unwrap_or_default();
-        let mut entry = Entry::new(id, spec, schedule, origin, now);
+        let mut entry = Entry::new(id, spec, schedule, origin, anchor);
         entry.firings = firings;
         self.insert(entry, now);
         let entry = &self.tasks[&id];
@@ -878,10 +972,14 @@ impl Manager {
         Ok(entry.view())
     }
 
-    async fn delete(&mut self, key: &str, origin: Origin) -> Result<(), TaskError> {
+    async fn delete(&mut self, key: &str, origin: Origin, shared: bool) -> Result<(), TaskError> {
         let id = self.find(key)?;
         let entry = &self.tasks[&id];
         if entry.origin == Origin::File && origin == Origin::Api {
+            // Another node's delete leaves this node's task file alone.
+            if shared {
+                return Ok(());
+            }
             return Err(TaskError::FromFile(entry.name.to_string()));
         }
         let name = entry.name.to_string();
@@ -895,6 +993,9 @@ impl Manager {
             task: entry.name.clone(),
             change: TaskChange::Deleted,
         });
+        if !shared && origin == Origin::Api {
+            self.share(&entry.name);
+        }
         Ok(())
     }
 
@@ -917,7 +1018,7 @@ impl Manager {
             }
         };
         let now = self.runner.clock.now_ms();
-        let run = self.start(&mut entry, now, false, after);
+        let run = self.start(&mut entry, now, false, false, after);
         self.tasks.insert(id, entry);
         Ok(run)
     }
@@ -935,7 +1036,9 @@ impl Manager {
         let mut spec = (*entry.spec).clone();
         spec.enabled = enabled;
         let schedule = entry.schedule.clone();
-        let view = self.save(spec, schedule, Origin::Api).await?;
+        let now = self.runner.clock.now_ms();
+        let view = self.save(spec, schedule, Origin::Api, now).await?;
+        self.share(&view.name);
         self.runner.history.emit(TaskEvent::Task {
             task: view.name.as_str().into(),
             change: if enabled {
@@ -1081,6 +1184,15 @@ mod tests {
         dir: tempfile::TempDir,
         max_concurrent_runs: usize,
     ) -> Harness {
+        harness_peered(store, dir, max_concurrent_runs, None).await
+    }
+
+    async fn harness_peered(
+        store: Store,
+        dir: tempfile::TempDir,
+        max_concurrent_runs: usize,
+        peers: Option<Arc<dyn Peers>>,
+    ) -> Harness {
         let script = Arc::new(Script::default());
         let stop = CancellationToken::new();
         let config = TasksConfig {
@@ -1092,6 +1204,7 @@ mod tests {
             Arc::new(Scripted(script.clone())),
             &config,
             Clock::starting_at(T0),
+            peers,
             stop.clone(),
         )
         .await
@@ -1129,6 +1242,91 @@ mod tests {
 
     fn states(runs: &[RunView]) -> Vec<&str> {
         runs.iter().map(|run| run.state.as_str()).collect()
+    }
+
+    /// Other nodes as a test sees them: slot `k` (seconds after T0) is this
+    /// node's when `k` is odd, another's when even, and unknown at 4; what
+    /// this node shares is recorded.
+    #[derive(Default)]
+    struct Others {
+        shared: std::sync::Mutex<Vec<(String, Option<Shared>)>>,
+    }
+
+    impl Peers for Others {
+        fn claim(
+            &self,
+            _task: &str,
+            slot_ms: i64,
+        ) -> futures_util::future::BoxFuture<'static, Result<bool, String>> {
+            let k = (slot_ms - T0) / 1000;
+            Box::pin(async move {
+                match k {
+                    4 => Err("no broker".to_owned()),
+                    k => Ok(k % 2 == 1),
+                }
+            })
+        }
+
+        fn share(&self, task: &str, definition: Option<Shared>) {
+            self.shared
+                .lock()
+                .unwrap()
+                .push((task.to_owned(), definition));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_a_cluster_a_node_fires_only_the_slots_it_claims_and_shares_its_definitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("wasmrelay.db")).unwrap();
+        let others = Arc::new(Others::default());
+        let h = harness_peered(store, dir, 16, Some(others.clone())).await;
+        let view = h
+            .define(r#"{"name":"tick","plugin":"sleep:10","schedule":{"every_ms":1000}}"#)
+            .await;
+        sleep(Duration::from_millis(5_500)).await;
+        let runs = h.runs("tick").await;
+        let fired: Vec<(i64, &str)> = runs
+            .iter()
+            .map(|r| ((r.scheduled_at_ms - T0) / 1000, r.state.as_str()))
+            .collect();
+        // 2 was another node's; 4 could not be claimed: recorded, not run.
+        assert_eq!(
+            fired,
+            [
+                (1, "success"),
+                (3, "success"),
+                (4, "skipped"),
+                (5, "success")
+            ]
+        );
+        assert!(runs[2].outcome.as_deref().unwrap().contains("no broker"));
+        // Run by hand: no claim asked.
+        h.tasks.run_now("tick").await.unwrap();
+        // Shared: the definition with its anchor, then its deletion.
+        h.tasks.delete("tick", Origin::Api).await.unwrap();
+        {
+            let shared = others.shared.lock().unwrap();
+            assert_eq!(shared.len(), 2, "{shared:?}");
+            let first = shared[0].1.as_ref().unwrap();
+            assert_eq!(first.anchor_ms, T0);
+            assert_eq!(first.spec, view.definition);
+            assert_eq!(shared[1], ("tick".to_owned(), None));
+        }
+        // Another node's definition is taken with its anchor, not shared back.
+        let mut spec = view.definition.clone();
+        spec.name = "theirs".into();
+        h.tasks
+            .define_shared(Shared {
+                spec,
+                anchor_ms: T0 + 250,
+            })
+            .await
+            .unwrap();
+        let theirs = h.tasks.get("theirs").await.unwrap();
+        assert_eq!((theirs.next_run_at_ms.unwrap() - T0) % 1000, 250);
+        assert_eq!(others.shared.lock().unwrap().len(), 2);
+        h.shut().await;
     }
 
     #[tokio::test(start_paused = true)]

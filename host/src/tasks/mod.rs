@@ -13,6 +13,8 @@
 //!   the live [`TaskEvent`] feed; [`lag`]: how late firings start.
 //! - [`files`]: the watched folder of task definitions; [`clock`]: wall
 //!   time read off tokio's clock.
+//! - [`shared`]: in a cluster, the tasks every node knows and the claim
+//!   that makes each slot fire on one node.
 
 pub mod clock;
 pub mod files;
@@ -21,6 +23,7 @@ pub mod lag;
 pub mod manager;
 pub mod run;
 pub mod schedule;
+pub mod shared;
 pub mod spec;
 
 use std::sync::Arc;

@@ -394,3 +394,81 @@ async fn a_request_to_one_node_reaches_an_instance_on_another_and_a_killed_node_
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("no_instance"), "{body}");
 }
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Sleeps until the wall clock reads `at_ms`.
+async fn sleep_until_wall(at_ms: i64) {
+    let wait = at_ms - wall_ms();
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+    }
+}
+
+/// The slots (scheduled times) of `task`'s runs on `relay`.
+async fn fired_slots(relay: &RelayProcess, task: &str) -> Vec<i64> {
+    let runs = get_json(&relay.url(&format!("/admin/tasks/{task}/runs?limit=1000")))
+        .await
+        .unwrap();
+    runs["runs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("runs of {task}: {runs}"))
+        .iter()
+        .map(|run| run["scheduled_at_ms"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_task_due_every_second_fires_once_per_slot_across_the_nodes_even_when_one_is_killed() {
+    if !require_program("nats-server", NatsBroker::INSTALL) {
+        return;
+    }
+    let broker = NatsBroker::start().await;
+    let a = node(&broker, "a").await;
+    let mut b = node(&broker, "b").await;
+    let c = node(&broker, "c").await;
+
+    // Defined over a's API; every node takes it, with a's anchor.
+    let defined = wasmrelay_tests::admin_client()
+        .post(a.url("/admin/tasks"))
+        .json(&serde_json::json!({
+            "name": "tick",
+            "plugin": "heartbeat",
+            "schedule": {"every_ms": 1000},
+            "timeout_ms": 5000,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(defined.status(), 201);
+    let defined: Value = defined.json().await.unwrap();
+    let first = defined["next_run_at_ms"].as_i64().unwrap();
+    for relay in [&b, &c] {
+        let view = wait_json(
+            "the task on every node",
+            &relay.url("/admin/tasks/tick"),
+            Duration::from_secs(10),
+            |v| v["name"] == "tick",
+        )
+        .await;
+        assert_eq!(view["next_run_at_ms"], first, "slots line up: {view}");
+    }
+
+    // Ten slots; b is killed just after the fifth has fired.
+    let slot = |k: i64| first + k * 1000;
+    sleep_until_wall(slot(4) + 300).await;
+    let mut fired = fired_slots(&b, "tick").await;
+    b.process.kill();
+    sleep_until_wall(slot(9) + 1500).await;
+    fired.extend(fired_slots(&a, "tick").await);
+    fired.extend(fired_slots(&c, "tick").await);
+    fired.retain(|at| (slot(0)..=slot(9)).contains(at));
+    fired.sort();
+    let expected: Vec<i64> = (0..10).map(slot).collect();
+    assert_eq!(fired, expected, "each slot fired exactly once");
+}
