@@ -23,6 +23,7 @@ pub mod plugin;
 pub mod quota;
 pub mod rate;
 pub mod relay;
+pub mod rollout;
 pub mod secrets;
 pub mod session;
 pub mod shutdown;

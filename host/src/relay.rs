@@ -188,6 +188,18 @@ pub async fn run(
             })?;
     }
     restore_uploads(&relay).await?;
+    // In a cluster: the plugin versions every node runs, from the first
+    // (a node joining later loads the current set here).
+    if let Some(cluster) = &relay.cluster {
+        let rollout = crate::rollout::Rollout::open(cluster).await?;
+        let _ = relay.rollout.set(rollout.clone());
+        tokio::spawn(crate::rollout::follow(
+            rollout,
+            relay.plugins.clone(),
+            relay.store.clone(),
+            stop_cluster.clone(),
+        ));
+    }
     // After the plugins, which runs call; before the listeners, which the
     // task API answers on.
     let stop_tasks = CancellationToken::new();

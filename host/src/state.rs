@@ -86,6 +86,9 @@ pub struct Relay {
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The cluster's channel bus (also `bus`), for the membership it follows.
     pub(crate) cluster_bus: Option<Arc<crate::cluster::bus::ClusterBus>>,
+    /// Plugin versions shared with the other nodes, in a cluster (set by
+    /// `relay::run` before any listener accepts).
+    pub(crate) rollout: OnceLock<Arc<crate::rollout::Rollout>>,
     /// Other nodes' instances and callers, following the registry.
     pub(crate) cluster_spaces: Option<Arc<crate::cluster::spaces::ClusterSpaces>>,
     /// Wall-clock start, for what this node says of itself.
@@ -233,6 +236,7 @@ impl Relay {
             cluster: cluster.map(|(cluster, _)| cluster),
             cluster_bus,
             cluster_spaces,
+            rollout: OnceLock::new(),
             started_unix_ms: crate::store::wall_ms(),
             task_file_refusals: Refusals::default(),
             config: Arc::new(config),
@@ -332,6 +336,21 @@ impl Relay {
             started_unix_ms: self.started_unix_ms,
             connections: self.table.len() as u64,
             spaces: self.spaces.local_summary(),
+            plugins: self
+                .plugins
+                .list()
+                .into_iter()
+                .map(|p| crate::cluster::nodes::PluginVersion {
+                    name: p.name,
+                    version: p.version,
+                    digest: p.digest,
+                })
+                .collect(),
+            plugin_refusals: self
+                .rollout
+                .get()
+                .map(|rollout| rollout.refusals())
+                .unwrap_or_default(),
         }
     }
 }

@@ -126,6 +126,28 @@ impl Cluster {
             })
     }
 
+    /// An object store the nodes share, `<name>_<what>` (on disk), created
+    /// by the first node that asks.
+    pub async fn object_store(
+        &self,
+        what: &str,
+        description: &str,
+    ) -> Result<jetstream::object_store::ObjectStore, ClusterError> {
+        let bucket = format!("{}_{what}", self.name);
+        self.jetstream
+            .create_object_store(jetstream::object_store::Config {
+                bucket: bucket.clone(),
+                description: Some(description.to_owned()),
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClusterError::Bucket {
+                bucket,
+                source: e.into(),
+            })
+    }
+
     /// The live nodes as the registry listed them last (every heartbeat).
     pub fn view(&self) -> Arc<Vec<nodes::NodeInfo>> {
         self.view.load_full()

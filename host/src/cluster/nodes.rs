@@ -27,6 +27,22 @@ pub struct NodeInfo {
     /// The spaces its own instances serve, with their load.
     #[serde(default)]
     pub spaces: Vec<crate::spaces::LocalSpace>,
+    /// The plugin versions it runs.
+    #[serde(default)]
+    pub plugins: Vec<PluginVersion>,
+    /// Plugin versions from the cluster it refused (the one before keeps
+    /// serving there), with why, by name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub plugin_refusals: std::collections::BTreeMap<String, String>,
+}
+
+/// A plugin version as a node reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginVersion {
+    pub name: String,
+    pub version: String,
+    /// SHA-256 of the component.
+    pub digest: String,
 }
 
 pub struct Registry {

@@ -74,6 +74,21 @@ pub fn removed(conn: &mut Connection, name: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// The stored active version of `name`, if it was uploaded.
+pub fn active(conn: &mut Connection, name: &str) -> rusqlite::Result<Option<Version>> {
+    conn.query_row(
+        "SELECT wasm, manifest FROM plugins WHERE name = ?1",
+        params![name],
+        |row| {
+            Ok(Version {
+                wasm: row.get(0)?,
+                manifest: row.get(1)?,
+            })
+        },
+    )
+    .optional()
+}
+
 /// Every stored plugin, by name.
 pub fn all(conn: &mut Connection) -> rusqlite::Result<Vec<Saved>> {
     let mut statement = conn.prepare(

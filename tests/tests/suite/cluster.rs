@@ -472,3 +472,98 @@ async fn a_task_due_every_second_fires_once_per_slot_across_the_nodes_even_when_
     let expected: Vec<i64> = (0..10).map(slot).collect();
     assert_eq!(fired, expected, "each slot fired exactly once");
 }
+
+const SCRIPT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/task-script.wasm"));
+
+fn script_manifest(version: &str) -> String {
+    format!(
+        "name = \"script\"\nversion = \"{version}\"\nrole = \"task\"\ncapabilities = [\"log\", \"transfer\"]\n[limits]\nmemory_bytes = 4194304\ncall_timeout_ms = 50\n"
+    )
+}
+
+/// Waits until `relay`'s view of the cluster shows every one of `nodes`
+/// running `version` of plugin `name`.
+async fn wait_plugin_everywhere(relay: &RelayProcess, nodes: &[&str], name: &str, version: &str) {
+    wait_json(
+        &format!("{name} {version} on {nodes:?}"),
+        &relay.url("/admin/cluster"),
+        Duration::from_secs(15),
+        |view| {
+            let listed = names(view);
+            nodes.iter().all(|node| {
+                listed.iter().any(|n| n == node)
+                    && view["nodes"].as_array().unwrap().iter().any(|n| {
+                        n["node"] == *node
+                            && n["plugins"].as_array().is_some_and(|plugins| {
+                                plugins
+                                    .iter()
+                                    .any(|p| p["name"] == name && p["version"] == version)
+                            })
+                    })
+            })
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_plugin_swapped_through_one_node_runs_on_every_node_and_on_one_that_joins_later() {
+    if !require_program("nats-server", NatsBroker::INSTALL) {
+        return;
+    }
+    let broker = NatsBroker::start().await;
+    let a = node(&broker, "a").await;
+    let b = node(&broker, "b").await;
+    let c = node(&broker, "c").await;
+    let (status, report, _) =
+        wasmrelay_tests::put_plugin(&a.url(""), "script", SCRIPT, &script_manifest("1.0.0")).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["rollout"], "every node", "{report}");
+    wait_plugin_everywhere(&a, &["a", "b", "c"], "script", "1.0.0").await;
+
+    // A new version through b: every node checks and swaps to it.
+    let (status, report, _) =
+        wasmrelay_tests::put_plugin(&b.url(""), "script", SCRIPT, &script_manifest("1.1.0")).await;
+    assert_eq!(status, 200, "{report}");
+    wait_plugin_everywhere(&a, &["a", "b", "c"], "script", "1.1.0").await;
+    // Each node's own API agrees, and keeps the version before for a rollback.
+    let on_c = get_json(&c.url("/admin/plugins/script")).await.unwrap();
+    assert_eq!(on_c["version"], "1.1.0", "{on_c}");
+    assert_eq!(on_c["previous"]["version"], "1.0.0", "{on_c}");
+
+    // A node that joins later loads the current set.
+    let d = node(&broker, "d").await;
+    wait_plugin_everywhere(&a, &["a", "b", "c", "d"], "script", "1.1.0").await;
+
+    // Rolled back through c: back to 1.0.0 everywhere.
+    let rolled = wasmrelay_tests::admin_client()
+        .post(c.url("/admin/plugins/script/rollback"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rolled.status(), 200);
+    wait_plugin_everywhere(&d, &["a", "b", "c", "d"], "script", "1.0.0").await;
+
+    // Removed through d: gone everywhere.
+    let removed = wasmrelay_tests::admin_client()
+        .delete(d.url("/admin/plugins/script"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 200);
+    for relay in [&a, &b, &c] {
+        wait_for_status(&relay.url("/admin/plugins/script"), 404).await;
+    }
+}
+
+async fn wait_for_status(url: &str, status: u16) {
+    wasmrelay_tests::wait_for(
+        &format!("{url} to answer {status}"),
+        Duration::from_secs(15),
+        || async {
+            let got = wasmrelay_tests::admin_client().get(url).send().await.ok()?;
+            (got.status().as_u16() == status).then_some(())
+        },
+    )
+    .await;
+}

@@ -347,13 +347,14 @@ pub async fn plugins(
                 Ok(report) => {
                     let version = saved::Version {
                         wasm: wasm.to_vec(),
-                        manifest,
+                        manifest: manifest.clone(),
                     };
                     keep(relay, name, move |conn, name| {
                         saved::uploaded(conn, name, &version)
                     })
                     .await;
-                    json(StatusCode::OK, &report)
+                    let rollout = roll_out(relay, name, Some((wasm, manifest))).await;
+                    json(StatusCode::OK, &with_rollout(&report, rollout))
                 }
                 Err(e) => refused(e),
             }
@@ -361,14 +362,35 @@ pub async fn plugins(
         (&Method::POST, Some(name), Some("rollback")) => match relay.plugins.rollback(name) {
             Ok(report) => {
                 keep(relay, name, saved::rolled_back).await;
-                json(StatusCode::OK, &report)
+                let owned = name.to_owned();
+                let active = relay
+                    .store
+                    .call(move |conn| saved::active(conn, &owned))
+                    .await
+                    .ok()
+                    .flatten();
+                let rollout = match active {
+                    Some(version) => {
+                        let wasm = bytes::Bytes::from(version.wasm);
+                        roll_out(relay, name, Some((wasm, version.manifest))).await
+                    }
+                    // Back to a bundled or folder version: each node's own.
+                    None => relay.rollout.get().map(|_| {
+                        "not rolled out: this node went back to its bundled or folder version; roll back on each node".to_owned()
+                    }),
+                };
+                json(StatusCode::OK, &with_rollout(&report, rollout))
             }
             Err(e) => refused(e),
         },
         (&Method::DELETE, Some(name), None) => match relay.plugins.remove(name) {
             Ok(()) => {
                 keep(relay, name, saved::removed).await;
-                json(StatusCode::OK, &serde_json::json!({ "removed": name }))
+                let rollout = roll_out(relay, name, None).await;
+                json(
+                    StatusCode::OK,
+                    &with_rollout(&serde_json::json!({ "removed": name }), rollout),
+                )
             }
             Err(e) => refused(e),
         },
@@ -378,6 +400,37 @@ pub async fn plugins(
             "plugin endpoints: GET /admin/plugins, GET|PUT|DELETE /admin/plugins/{name}, POST /admin/plugins/{name}/rollback",
         ),
     }
+}
+
+/// In a cluster, makes this node's change to plugin `name` every node's:
+/// the version now active (`Some`), or its removal. What the operator is
+/// told of it (`None` outside a cluster).
+async fn roll_out(
+    relay: &Relay,
+    name: &str,
+    active: Option<(bytes::Bytes, String)>,
+) -> Option<String> {
+    let rollout = relay.rollout.get()?;
+    let shared = match active {
+        Some((wasm, manifest)) => rollout.publish(name, wasm, &manifest).await,
+        None => rollout.withdraw(name).await,
+    };
+    Some(match shared {
+        Ok(()) => "every node".to_owned(),
+        Err(e) => {
+            tracing::warn!(plugin = name, error = %e, "a plugin change did not reach the other nodes");
+            format!("this node only: the cluster's plugin store failed ({e})")
+        }
+    })
+}
+
+/// A reply with where the change went (`rollout`), in a cluster.
+fn with_rollout(reply: &impl serde::Serialize, rollout: Option<String>) -> serde_json::Value {
+    let mut value = serde_json::to_value(reply).unwrap_or_default();
+    if let (Some(rollout), Some(object)) = (rollout, value.as_object_mut()) {
+        object.insert("rollout".into(), rollout.into());
+    }
+    value
 }
 
 /// Records a change to uploaded plugin `name` in the store, so it holds
