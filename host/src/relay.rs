@@ -223,10 +223,17 @@ pub async fn run(
     .await
     .map_err(|e| RunError::Start(e.into()))?;
     let _ = relay.tasks.set(tasks.clone());
-    if let Some(peers) = peers {
+    if let (Some(peers), Some(cluster)) = (peers, &relay.cluster) {
         tokio::spawn(crate::tasks::shared::follow(
-            peers,
+            peers.clone(),
             tasks.clone(),
+            stop_tasks.clone(),
+        ));
+        tokio::spawn(crate::tasks::shared::take_over(
+            peers,
+            cluster.clone(),
+            tasks.clone(),
+            Duration::from_millis(relay.config.cluster.heartbeat_ms),
             stop_tasks.clone(),
         ));
     }

@@ -193,6 +193,23 @@ enum Command {
     Counts {
         reply: oneshot::Sender<TaskCounts>,
     },
+    TakeOver {
+        name: String,
+        slot_ms: i64,
+        from: String,
+        reply: oneshot::Sender<Result<(), TaskError>>,
+    },
+}
+
+/// Whether a firing needs the cluster's say-so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// Run by hand: this node's own.
+    Unclaimed,
+    /// A slot of the schedule: runs only if this node claims it.
+    Ask,
+    /// A slot this node already holds (taken over from a node gone).
+    Held,
 }
 
 /// The handle to the task manager; cheap to clone.
@@ -323,6 +340,24 @@ impl Tasks {
     /// Deletes a task, stopping its runs; its history goes with it.
     pub async fn delete(&self, name: &str, origin: Origin) -> Result<(), TaskError> {
         self.delete_from(name, origin, false).await
+    }
+
+    /// Runs `name`'s slot `slot_ms`, whose run node `from` lost when it
+    /// left the cluster: again if the task has retries, else recorded failed.
+    pub(super) async fn take_over(
+        &self,
+        name: &str,
+        slot_ms: i64,
+        from: &str,
+    ) -> Result<(), TaskError> {
+        let (name, from) = (name.to_owned(), from.to_owned());
+        self.ask(|reply| Command::TakeOver {
+            name,
+            slot_ms,
+            from,
+            reply,
+        })
+        .await?
     }
 
     /// Deletes a task another node deleted.
@@ -680,7 +715,7 @@ impl Manager {
                             .await;
                     }
                     Missed::RunOnce => {
-                        self.start(&mut entry, missed, false, true, Vec::new());
+                        self.start(&mut entry, missed, false, Claim::Ask, Vec::new());
                     }
                 }
             }
@@ -759,18 +794,17 @@ impl Manager {
                 Concurrency::Replace => after = stop_all(entry, "replaced by a newer run"),
             }
         }
-        self.start(entry, due, true, true, after);
+        self.start(entry, due, true, Claim::Ask, after);
     }
 
-    /// Starts a firing of `entry`; the id of its first run. A firing of a
-    /// `slot` of the schedule runs only if this node claims it (in a
-    /// cluster, one node does).
+    /// Starts a firing of `entry`; the id of its first run. In a cluster
+    /// a slot of the schedule runs only on the node that claims it.
     fn start(
         &mut self,
         entry: &mut Entry,
         scheduled_at_ms: i64,
         scheduled: bool,
-        slot: bool,
+        claim: Claim,
         after: Vec<CancellationToken>,
     ) -> i64 {
         let job = entry.job(scheduled_at_ms, scheduled);
@@ -790,25 +824,35 @@ impl Manager {
         let runner = self.runner.clone();
         let report = self.ended_tx.clone();
         let task_id = entry.id;
-        let peers = self.peers.clone().filter(|_| slot);
+        let peers = self.peers.clone().filter(|_| claim != Claim::Unclaimed);
         self.firings.spawn(async move {
-            let ours = match peers {
-                None => true,
-                Some(peers) => match peers.claim(&job.task, job.scheduled_at_ms).await {
+            let (task, slot) = (job.task.clone(), job.scheduled_at_ms);
+            let held = match (&peers, claim) {
+                (None, _) | (_, Claim::Unclaimed) => false,
+                (Some(_), Claim::Held) => true,
+                (Some(peers), Claim::Ask) => match peers.claim(&task, slot).await {
+                    Ok(true) => true,
                     // Another node fires it and records its run.
-                    Ok(claimed) => claimed,
+                    Ok(false) => {
+                        ended.cancel();
+                        let _ = report.send((task_id, firing)).await;
+                        return;
+                    }
                     Err(e) => {
                         let reason = format!(
                             "not fired: the cluster could not say which node fires this slot ({e})"
                         );
-                        tracing::warn!(task = %job.task, %reason);
+                        tracing::warn!(task = %task, %reason);
                         runner.skip(&job, reason).await;
-                        false
+                        ended.cancel();
+                        let _ = report.send((task_id, firing)).await;
+                        return;
                     }
                 },
             };
-            if ours {
-                run::fire(runner, job, progress, first_run, after).await;
+            run::fire(runner, job, progress, first_run, after).await;
+            if let (true, Some(peers)) = (held, &peers) {
+                peers.finished(&task, slot);
             }
             ended.cancel();
             let _ = report.send((task_id, firing)).await;
@@ -840,6 +884,14 @@ impl Manager {
                 reply,
             } => {
                 let _ = reply.send(self.delete(&name, origin, shared).await);
+            }
+            Command::TakeOver {
+                name,
+                slot_ms,
+                from,
+                reply,
+            } => {
+                let _ = reply.send(self.take_over(&name, slot_ms, &from).await);
             }
             Command::Run {
                 name,
@@ -999,6 +1051,25 @@ impl Manager {
         Ok(())
     }
 
+    async fn take_over(&mut self, key: &str, slot_ms: i64, from: &str) -> Result<(), TaskError> {
+        let id = self.find(key)?;
+        let mut entry = self.tasks.remove(&id).expect("found");
+        if entry.spec.retries == 0 {
+            let job = entry.job(slot_ms, false);
+            self.tasks.insert(id, entry);
+            let reason =
+                format!("node {from} left the cluster during this run; the task has no retries");
+            self.runner.lost(&job, reason).await;
+            if let Some(peers) = &self.peers {
+                peers.finished(key, slot_ms);
+            }
+        } else {
+            self.start(&mut entry, slot_ms, false, Claim::Held, Vec::new());
+            self.tasks.insert(id, entry);
+        }
+        Ok(())
+    }
+
     fn run_now(&mut self, key: &str, restart: bool) -> Result<i64, TaskError> {
         let id = self.find(key)?;
         let mut entry = self.tasks.remove(&id).expect("found");
@@ -1018,7 +1089,7 @@ impl Manager {
             }
         };
         let now = self.runner.clock.now_ms();
-        let run = self.start(&mut entry, now, false, false, after);
+        let run = self.start(&mut entry, now, false, Claim::Unclaimed, after);
         self.tasks.insert(id, entry);
         Ok(run)
     }
@@ -1250,6 +1321,7 @@ mod tests {
     #[derive(Default)]
     struct Others {
         shared: std::sync::Mutex<Vec<(String, Option<Shared>)>>,
+        finished: std::sync::Mutex<Vec<i64>>,
     }
 
     impl Peers for Others {
@@ -1272,6 +1344,10 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((task.to_owned(), definition));
+        }
+
+        fn finished(&self, _task: &str, slot_ms: i64) {
+            self.finished.lock().unwrap().push((slot_ms - T0) / 1000);
         }
     }
 
@@ -1301,6 +1377,22 @@ mod tests {
             ]
         );
         assert!(runs[2].outcome.as_deref().unwrap().contains("no broker"));
+        // Only the slots it ran are cleared as under way.
+        assert_eq!(*others.finished.lock().unwrap(), [1, 3, 5]);
+        // A slot taken over from a node gone runs again here (with retries),
+        // or is recorded failed (without).
+        h.tasks.take_over("tick", T0 + 2_000, "b").await.unwrap();
+        sleep(Duration::from_millis(100)).await;
+        let again = h.runs("tick").await;
+        let taken = again
+            .iter()
+            .find(|r| r.scheduled_at_ms == T0 + 2_000)
+            .unwrap();
+        assert_eq!(taken.state, "failed");
+        assert!(
+            taken.outcome.as_deref().unwrap().contains("node b left"),
+            "{taken:?}"
+        );
         // Run by hand: no claim asked.
         h.tasks.run_now("tick").await.unwrap();
         // Shared: the definition with its anchor, then its deletion.

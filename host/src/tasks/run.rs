@@ -137,21 +137,31 @@ impl Runner {
 
     /// Records a firing that did not run (`skipped`), with why.
     pub async fn skip(&self, job: &Job, reason: String) {
+        self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+        self.record(job, RunState::Skipped, reason).await;
+    }
+
+    /// Records a firing that ended without running here (`failed`): its
+    /// run was lost with another node.
+    pub async fn lost(&self, job: &Job, reason: String) {
+        self.record(job, RunState::Failed, reason).await;
+    }
+
+    async fn record(&self, job: &Job, state: RunState, reason: String) {
         let id = self.next_run_id();
         let now = self.clock.now_ms();
-        self.stats.skipped.fetch_add(1, Ordering::Relaxed);
         self.history
             .insert_later(NewRun {
                 id,
                 task_id: job.task_id,
                 attempt: 1,
-                state: RunState::Skipped,
+                state,
                 scheduled_at_ms: job.scheduled_at_ms,
                 at_ms: now,
                 outcome: Some(reason.clone()),
             })
             .await;
-        self.emit(job, id, 1, RunState::Skipped, now, Some(reason));
+        self.emit(job, id, 1, state, now, Some(reason));
     }
 
     fn emit(

@@ -13,6 +13,13 @@
 //!   node whose create succeeds runs the slot, with the task's retries; the
 //!   others record nothing. When NATS cannot be asked, the slot is recorded
 //!   `skipped` with the reason rather than risk running it twice.
+//! - Runs under way: while a claimed slot runs, `<task>.<slot>` in
+//!   `<name>_task_runs` names the node running it (removed when the run
+//!   ends). When a node drops out of the registry (killed: within
+//!   `cluster.node_ttl_ms`), the others look for its runs there; the one
+//!   that swaps the key to itself first takes the run over ([`take_over`]):
+//!   it runs the slot again if the task has retries, else records it
+//!   `failed` with the reason.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +48,9 @@ pub trait Peers: Send + Sync {
     /// A task defined or changed (`Some`), or deleted (`None`), over this
     /// node's API, for the other nodes.
     fn share(&self, task: &str, definition: Option<Shared>);
+
+    /// This node's run of `task`'s slot `slot_ms` has ended.
+    fn finished(&self, task: &str, slot_ms: i64);
 }
 
 /// A task as the nodes share it.
@@ -55,6 +65,8 @@ pub struct Shared {
 pub struct ClusterPeers {
     claims: kv::Store,
     definitions: kv::Store,
+    runs: kv::Store,
+    node: String,
 }
 
 impl ClusterPeers {
@@ -87,27 +99,54 @@ impl ClusterPeers {
                 },
             )
             .await?;
+        let runs = cluster
+            .bucket(
+                "task_runs",
+                kv::Config {
+                    description: "wasmrelay task runs under way: the node running each".into(),
+                    history: 1,
+                    storage: async_nats::jetstream::stream::StorageType::Memory,
+                    ..Default::default()
+                },
+            )
+            .await?;
         Ok(Arc::new(Self {
             claims,
             definitions,
+            runs,
+            node: cluster.node().to_owned(),
         }))
     }
 }
 
 impl Peers for ClusterPeers {
     fn claim(&self, task: &str, slot_ms: i64) -> BoxFuture<'static, Result<bool, String>> {
-        let claims = self.claims.clone();
+        let (claims, runs) = (self.claims.clone(), self.runs.clone());
+        let node = bytes::Bytes::from(self.node.clone());
         let key = format!("{task}.{slot_ms}");
         Box::pin(async move {
-            match claims
-                .create_with_ttl(&key, bytes::Bytes::new(), CLAIM_TTL)
-                .await
-            {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(e.to_string()),
+            match claims.create_with_ttl(&key, node.clone(), CLAIM_TTL).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(false),
+                Err(e) => return Err(e.to_string()),
             }
+            // Ours: under way here until it ends. Unrecorded, the run still
+            // goes ahead; only a takeover if this node died would be lost.
+            if let Err(e) = runs.put(&key, node).await {
+                tracing::warn!(key, error = %e, "a claimed run was not recorded as under way");
+            }
+            Ok(true)
         })
+    }
+
+    fn finished(&self, task: &str, slot_ms: i64) {
+        let runs = self.runs.clone();
+        let key = format!("{task}.{slot_ms}");
+        tokio::spawn(async move {
+            if let Err(e) = runs.purge(&key).await {
+                tracing::debug!(key, error = %e, "an ended run was not cleared");
+            }
+        });
     }
 
     fn share(&self, task: &str, definition: Option<Shared>) {
@@ -175,6 +214,86 @@ pub async fn follow(peers: Arc<ClusterPeers>, tasks: Tasks, stop: CancellationTo
         if let Err(e) = applied {
             tracing::warn!(task = %entry.key, error = %e, "a task another node defined was not taken");
         }
+    }
+}
+
+impl ClusterPeers {
+    /// The runs node `gone` had under way that this node now owns: each
+    /// key swapped from `gone` to this node (one node wins each).
+    async fn adopt(&self, gone: &str) -> Result<Vec<(String, i64)>, String> {
+        let keys: Vec<String> = self
+            .runs
+            .keys()
+            .await
+            .map_err(|e| e.to_string())?
+            .filter_map(|key| async move { key.ok() })
+            .collect()
+            .await;
+        let mut adopted = Vec::new();
+        for key in keys {
+            let Ok(Some(entry)) = self.runs.entry(&key).await else {
+                continue;
+            };
+            if entry.operation != kv::Operation::Put || entry.value != gone.as_bytes() {
+                continue;
+            }
+            let swapped = self
+                .runs
+                .update(&key, self.node.clone().into(), entry.revision)
+                .await;
+            if swapped.is_ok()
+                && let Some((task, slot)) = key.rsplit_once('.')
+                && let Ok(slot) = slot.parse::<i64>()
+            {
+                adopted.push((task.to_owned(), slot));
+            }
+        }
+        Ok(adopted)
+    }
+}
+
+/// Takes over the runs of nodes that drop out of the registry, checking
+/// every `every` until `stop`.
+pub async fn take_over(
+    peers: Arc<ClusterPeers>,
+    cluster: Arc<Cluster>,
+    tasks: Tasks,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let names = |cluster: &Cluster| -> Vec<String> {
+        cluster.view().iter().map(|n| n.node.clone()).collect()
+    };
+    let mut known = names(&cluster);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let live = names(&cluster);
+        if live.is_empty() {
+            // The registry was not read yet (or not at all): nobody left.
+            continue;
+        }
+        for gone in known.iter().filter(|n| !live.contains(n)) {
+            match peers.adopt(gone).await {
+                Ok(adopted) => {
+                    for (task, slot) in adopted {
+                        tracing::warn!(task, slot, node = %gone, "took over a run from a node that left the cluster");
+                        if let Err(e) = tasks.take_over(&task, slot, gone).await {
+                            tracing::warn!(task, error = %e, "a run taken over did not start");
+                            peers.finished(&task, slot);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(node = %gone, error = %e, "the runs of a node that left were not read")
+                }
+            }
+        }
+        known = live;
     }
 }
 

@@ -567,3 +567,107 @@ async fn wait_for_status(url: &str, status: u16) {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_run_whose_node_is_killed_is_taken_over_by_another_node() {
+    if !require_program("nats-server", NatsBroker::INSTALL) {
+        return;
+    }
+    let broker = NatsBroker::start().await;
+    let mut nodes = [
+        node(&broker, "a").await,
+        node(&broker, "b").await,
+        node(&broker, "c").await,
+    ];
+    let (status, report, _) = wasmrelay_tests::put_plugin(
+        &nodes[0].url(""),
+        "script",
+        SCRIPT,
+        &script_manifest("1.0.0"),
+    )
+    .await;
+    assert_eq!(status, 200, "{report}");
+    wait_plugin_everywhere(&nodes[0], &["a", "b", "c"], "script", "1.0.0").await;
+    // Each run spins until its 3 s timeout; one retry.
+    let defined = wasmrelay_tests::admin_client()
+        .post(nodes[0].url("/admin/tasks"))
+        .json(&serde_json::json!({
+            "name": "long",
+            "plugin": "script",
+            "schedule": {"every_ms": 4000},
+            "timeout_ms": 3000,
+            "retries": 1,
+            "retry_delay_ms": 100,
+            "config": {"mode": "loop"},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(defined.status(), 201);
+    let defined: Value = defined.json().await.unwrap();
+    let slot = defined["next_run_at_ms"].as_i64().unwrap();
+    for relay in &nodes[1..] {
+        wait_json(
+            "the task on every node",
+            &relay.url("/admin/tasks/long"),
+            Duration::from_secs(10),
+            |v| v["next_run_at_ms"] == slot,
+        )
+        .await;
+    }
+
+    // Whoever claimed the first slot is killed while it runs.
+    sleep_until_wall(slot + 500).await;
+    let mut holder = None;
+    for (i, relay) in nodes.iter().enumerate() {
+        let view = get_json(&relay.url("/admin/tasks/long")).await.unwrap();
+        if view["active"].as_array().is_some_and(|a| !a.is_empty()) {
+            assert!(holder.is_none(), "one node runs the slot");
+            holder = Some(i);
+        }
+    }
+    let holder = holder.expect("a node runs the first slot");
+    nodes[holder].process.kill();
+    let survivors: Vec<&RelayProcess> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != holder)
+        .map(|(_, relay)| relay)
+        .collect();
+    // No more slots: only the one taken over runs from here.
+    let disabled = wasmrelay_tests::admin_client()
+        .post(survivors[0].url("/admin/tasks/long/toggle"))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(disabled.status(), 200);
+
+    // One survivor runs the slot again once the holder drops out (2 s TTL).
+    let took_over = wasmrelay_tests::wait_for(
+        "a survivor to take the run over",
+        Duration::from_secs(15),
+        || {
+            let survivors = survivors.clone();
+            async move {
+                let mut found = Vec::new();
+                for relay in survivors {
+                    let runs = get_json(&relay.url("/admin/tasks/long/runs")).await.ok()?;
+                    let of_slot = runs["runs"]
+                        .as_array()?
+                        .iter()
+                        .filter(|r| r["scheduled_at_ms"] == slot)
+                        .count();
+                    found.push(of_slot);
+                }
+                (found.iter().sum::<usize>() > 0).then_some(found)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        took_over.iter().filter(|n| **n > 0).count(),
+        1,
+        "exactly one survivor took it over: {took_over:?}"
+    );
+}
