@@ -40,6 +40,10 @@ pub struct ClusterConfig {
     pub heartbeat_ms: u64,
     /// A node whose entry was not renewed this long is gone.
     pub node_ttl_ms: u64,
+    /// How long the cluster's stream keeps channel messages.
+    pub channel_retention_ms: u64,
+    /// How many bytes of channel messages the stream keeps (oldest go first).
+    pub channel_retention_bytes: u64,
 }
 
 impl Default for ClusterConfig {
@@ -49,6 +53,8 @@ impl Default for ClusterConfig {
             name: "wasmrelay".into(),
             heartbeat_ms: 1000,
             node_ttl_ms: 3000,
+            channel_retention_ms: 3_600_000,
+            channel_retention_bytes: 1 << 30,
         }
     }
 }
@@ -84,6 +90,18 @@ impl ClusterConfig {
             return Err(invalid(
                 "cluster.node_ttl_ms",
                 "must be at least 1000 and at least 3 × cluster.heartbeat_ms",
+            ));
+        }
+        if self.channel_retention_ms < 1000 {
+            return Err(invalid(
+                "cluster.channel_retention_ms",
+                "must be at least 1000",
+            ));
+        }
+        if self.channel_retention_bytes < 1 << 20 {
+            return Err(invalid(
+                "cluster.channel_retention_bytes",
+                "must be at least 1 MiB (1048576)",
             ));
         }
         Ok(())

@@ -172,25 +172,31 @@ pub async fn follow(
     store: Store,
     stop: CancellationToken,
 ) {
-    let mut changes = match rollout.objects.watch_with_history().await {
-        Ok(changes) => changes,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot follow the cluster's plugins; this node keeps its own");
-            return;
-        }
-    };
+    // A watch ends when NATS goes away for long; it is opened again (from
+    // the current set: applying a version already running does nothing).
     loop {
-        let info = tokio::select! {
-            _ = stop.cancelled() => return,
-            next = changes.next() => match next {
-                Some(Ok(info)) => info,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "a plugin change from the cluster was not read");
-                    continue;
-                }
-                None => return,
+        match rollout.objects.watch_with_history().await {
+            Ok(mut changes) => loop {
+                let info = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    next = changes.next() => match next {
+                        Some(Ok(info)) => info,
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "following the cluster's plugins again");
+                            break;
+                        }
+                        None => break,
+                    },
+                };
+                rollout.apply(&info, &plugins, &store).await;
             },
-        };
-        rollout.apply(&info, &plugins, &store).await;
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow the cluster's plugins now; trying again")
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
     }
 }

@@ -478,9 +478,30 @@ impl Spaces {
         self.node_callers.insert(conn.id, ());
     }
 
-    /// Forgets a node's callers: their requests are cancelled.
+    /// Forgets a node's callers: their requests end (the instances are
+    /// told to cancel) and fail with `instance_lost` on their queue, so a
+    /// node that only seemed gone is not left waiting for them.
     pub fn remove_node_caller(&self, conn: &ConnInfo) {
-        self.caller_gone(conn.id);
+        let error = SpaceError::new(
+            ErrorCode::InstanceLost,
+            "the request's node left the cluster as the instance's node saw it",
+        );
+        let ids: Vec<u64> = self
+            .by_caller
+            .iter()
+            .filter(|e| e.key().0 == conn.id)
+            .map(|e| *e.value())
+            .collect();
+        for id in ids {
+            if let Some((_, pending)) = self.pending.remove(&id) {
+                if let Some(instance) = &pending.instance {
+                    self.send_cancel(instance, id, "the caller's node left");
+                }
+                self.finish(pending, Err(error.clone()));
+            }
+        }
+        self.caller_streams_failed(conn.id, &error);
+        self.by_caller.retain(|key, _| key.0 != conn.id);
         self.node_callers.remove(&conn.id);
     }
 

@@ -7,10 +7,15 @@
 //! owner is numbered at once (its own subscribers get it under the
 //! channel's lock, as on one node); on any other node it is forwarded to
 //! the owner (`<name>.number.<owner>`), which numbers it and answers the
-//! seq ([`Ack::Pending`]). The owner broadcasts every numbered message on
-//! one subject (`<name>.channels`) from one connection, so every node
-//! receives a channel's messages in seq order and hands them to its
-//! subscribers with `Channels::deliver_from`.
+//! seq ([`Ack::Pending`]). The owner writes every numbered message to one
+//! JetStream stream (`<name>_channels`, a subject per channel under
+//! `<name>.ch.`) from one connection, in seq order, and acknowledges the
+//! publish only once the stream has it: what a publisher was told is
+//! numbered survives a NATS restart. Every node reads the stream with an
+//! ordered consumer (which resumes where it was after a reconnect) and
+//! hands each message to its subscribers with `Channels::deliver_from`;
+//! a write retried after a lost acknowledgement carries the same
+//! `Nats-Msg-Id`, so the stream keeps it once.
 //!
 //! When the nodes change, a channel may get another owner: its numbers
 //! then start where the new owner's count is, under the new owner's
@@ -48,6 +53,17 @@ const ORIGIN: &str = "Wr-Origin";
 const ID: &str = "Wr-Id";
 const ERROR: &str = "Wr-Error";
 
+/// Who hears a numbered message's seq once the stream has it.
+enum Then {
+    /// A publisher on this node.
+    Local(oneshot::Sender<Result<u64, BusError>>),
+    /// A publish another node forwarded: its answer subject and id.
+    Remote {
+        reply: async_nats::Subject,
+        id: String,
+    },
+}
+
 enum Outgoing {
     /// A message this node numbered, for every other node.
     Numbered {
@@ -55,6 +71,7 @@ enum Outgoing {
         seq: u64,
         epoch: Arc<String>,
         data: Data,
+        then: Then,
     },
     /// A publish for the channel's owner to number; `id` matches the answer.
     Forward {
@@ -120,8 +137,19 @@ impl ClusterBus {
             next_id: AtomicU64::new(1),
         });
         let client = cluster.client.clone();
-        tokio::spawn(send(bus.clone(), client.clone(), queued, stop.clone()));
-        tokio::spawn(receive(bus.clone(), client, stop));
+        tokio::spawn(send(
+            bus.clone(),
+            client.clone(),
+            cluster.jetstream.clone(),
+            queued,
+            stop.clone(),
+        ));
+        tokio::spawn(receive(
+            bus.clone(),
+            client,
+            cluster.channel_stream.clone(),
+            stop,
+        ));
         bus
     }
 
@@ -176,9 +204,24 @@ impl ClusterBus {
         format!("{}.{what}", self.prefix)
     }
 
+    /// Where `channel`'s numbered messages go in the stream: its name in
+    /// URL-safe base64, a valid subject token whatever the name holds.
+    fn channel_subject(&self, channel: &str) -> String {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(channel);
+        format!("{}.ch.{token}", self.prefix)
+    }
+
     /// Numbers a message of `channel` here, delivers it to this node's
-    /// subscribers and queues it for the others.
-    fn number(&self, channel: &str, data: Data, pressure: &mut Pressure) -> Result<u64, BusError> {
+    /// subscribers and queues it for the stream; `then` hears the seq once
+    /// the stream has it.
+    fn number(
+        &self,
+        channel: &str,
+        data: Data,
+        then: Then,
+        pressure: &mut Pressure,
+    ) -> Result<u64, BusError> {
         // Room first: a message numbered and delivered here must reach the
         // others too, or their seqs would show a gap the publisher never saw.
         let permit = self.outbox.try_reserve().map_err(|_| {
@@ -213,6 +256,7 @@ impl ClusterBus {
             seq,
             epoch,
             data,
+            then,
         });
         drop(count);
         Ok(seq)
@@ -222,17 +266,18 @@ impl ClusterBus {
 impl Bus for ClusterBus {
     fn publish(&self, channel: &str, data: Data, pressure: &mut Pressure) -> Ack {
         let owner = self.owner(channel);
+        let (tx, rx) = oneshot::channel();
         if owner == self.node {
-            return match self.number(channel, data, pressure) {
-                Ok(seq) => Ack::Numbered(seq),
+            // Delivered here at once; acknowledged once the stream has it.
+            let (answer, numbered) = oneshot::channel();
+            return match self.number(channel, data, Then::Local(answer), pressure) {
+                Ok(_) => Ack::Pending(numbered),
                 Err(e) => {
-                    let (tx, rx) = oneshot::channel();
                     let _ = tx.send(Err(e));
                     Ack::Pending(rx)
                 }
             };
         }
-        let (tx, rx) = oneshot::channel();
         // At most an outbox's worth waiting for answers (each gives up
         // after FORWARD_TIMEOUT), so a silent owner cannot grow the map.
         if self.waiting.len() >= OUTBOX {
@@ -277,86 +322,249 @@ fn score(channel: &str, node: &str) -> u64 {
     hash ^ (hash >> 33)
 }
 
-/// Writes the outbox to NATS in order, from one connection: a channel's
-/// numbered messages reach every node in seq order.
+/// Numbered messages written to the stream and not yet acknowledged by it,
+/// at most this many (the outbox waits behind them).
+const IN_FLIGHT: usize = 4_096;
+/// A numbered message the stream has not taken this long (NATS away) is
+/// given up: its publisher hears an error.
+const GIVE_UP: Duration = Duration::from_secs(30);
+/// Between attempts to write again what the stream did not acknowledge.
+const RETRY_AFTER: Duration = Duration::from_millis(250);
+
+type AckFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    async_nats::jetstream::publish::PublishAck,
+                    async_nats::jetstream::context::PublishError,
+                >,
+            > + Send,
+    >,
+>;
+
+/// A numbered message on its way into the stream.
+struct Unacked {
+    subject: async_nats::Subject,
+    headers: HeaderMap,
+    payload: bytes::Bytes,
+    seq: u64,
+    then: Then,
+    since: Instant,
+    /// `None`: to be written (again).
+    ack: Option<AckFuture>,
+}
+
+impl Unacked {
+    fn parts(&self) -> (async_nats::Subject, HeaderMap, bytes::Bytes) {
+        (
+            self.subject.clone(),
+            self.headers.clone(),
+            self.payload.clone(),
+        )
+    }
+}
+
+/// Writes the outbox to NATS in order, from one connection: numbered
+/// messages into the stream (each publisher answered once the stream has
+/// it; what it did not acknowledge is written again, in order), forwarded
+/// publishes and answers directly.
 async fn send(
     bus: Arc<ClusterBus>,
     client: async_nats::Client,
+    jetstream: async_nats::jetstream::Context,
     mut queued: mpsc::Receiver<Outgoing>,
     stop: CancellationToken,
 ) {
-    let broadcast = bus.subject("channels");
+    let mut unacked: std::collections::VecDeque<Unacked> = std::collections::VecDeque::new();
     loop {
-        let outgoing = tokio::select! {
-            biased;
-            next = queued.recv() => match next {
-                Some(outgoing) => outgoing,
-                None => break,
-            },
-            _ = stop.cancelled() => break,
-        };
-        let sent = match outgoing {
-            Outgoing::Numbered {
-                channel,
-                seq,
-                epoch,
-                data,
-            } => {
-                let mut headers = HeaderMap::new();
-                headers.insert(CHANNEL, channel.as_str());
-                headers.insert(SEQ, seq.to_string().as_str());
-                headers.insert(EPOCH, epoch.as_str());
-                headers.insert(ORIGIN, bus.node.as_str());
-                client
-                    .publish_with_headers(broadcast.clone(), headers, data.0)
-                    .await
+        // What the stream did not take is written again, oldest first; the
+        // server keeps one connection's messages in order, so what it lost
+        // is always a suffix of what was sent.
+        if unacked.front().is_some_and(|u| u.ack.is_none()) {
+            for message in unacked.iter_mut() {
+                message.ack = write(&jetstream, message.parts()).await;
             }
-            Outgoing::Forward {
-                owner,
-                channel,
-                data,
-                id,
-            } => {
-                let mut headers = HeaderMap::new();
-                headers.insert(CHANNEL, channel.as_str());
-                headers.insert(ID, id.to_string().as_str());
-                // The id in the reply subject too: a "no responders" status
-                // from the server (the owner is gone) names no header.
-                let sent = client
-                    .publish_with_reply_and_headers(
-                        bus.subject(&format!("number.{owner}")),
-                        bus.subject(&format!("answer.{}.{id}", bus.node)),
-                        headers,
-                        data.0,
-                    )
-                    .await;
-                if sent.is_err() {
-                    bus.fail_forward(id, "the publish could not be sent to the channel's owner");
+        }
+        enum Event {
+            Stop,
+            Acked(Result<(), String>),
+            Queued(Option<Outgoing>),
+        }
+        let room = unacked.len() < IN_FLIGHT;
+        let event = {
+            let front_acked = async {
+                match unacked.front_mut().and_then(|u| u.ack.as_mut()) {
+                    Some(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                    None => std::future::pending().await,
                 }
-                sent
+            };
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => Event::Stop,
+                acked = front_acked => Event::Acked(acked),
+                next = queued.recv(), if room => Event::Queued(next),
             }
-            Outgoing::Answer { reply, id, result } => {
-                let mut headers = HeaderMap::new();
-                headers.insert(ID, id.as_str());
-                let body = match result {
-                    Ok(seq) => seq.to_string(),
+        };
+        match event {
+            Event::Stop | Event::Queued(None) => break,
+            Event::Acked(acked) => {
+                let done = match acked {
+                    Ok(()) => true,
+                    Err(e)
+                        if unacked
+                            .front()
+                            .is_some_and(|u| u.since.elapsed() >= GIVE_UP) =>
+                    {
+                        tracing::warn!(error = %e, "a numbered message was not taken by the stream in time; its publisher is told");
+                        false
+                    }
                     Err(e) => {
-                        headers.insert(ERROR, "1");
-                        e
+                        tracing::debug!(error = %e, "the stream did not acknowledge; writing again");
+                        for message in unacked.iter_mut() {
+                            message.ack = None;
+                        }
+                        tokio::time::sleep(RETRY_AFTER).await;
+                        continue;
                     }
                 };
-                client
-                    .publish_with_headers(reply, headers, body.into())
-                    .await
+                let Some(message) = unacked.pop_front() else {
+                    continue;
+                };
+                let result = if done {
+                    Ok(message.seq)
+                } else {
+                    Err("the cluster's stream did not take the message".to_owned())
+                };
+                answer(&client, &bus, message.then, result).await;
             }
-        };
-        if let Err(e) = sent {
-            tracing::warn!(error = %e, "a cluster message was not sent");
+            Event::Queued(Some(outgoing)) => match outgoing {
+                Outgoing::Numbered {
+                    channel,
+                    seq,
+                    epoch,
+                    data,
+                    then,
+                } => {
+                    let mut headers = HeaderMap::new();
+                    headers.insert(CHANNEL, channel.as_str());
+                    headers.insert(SEQ, seq.to_string().as_str());
+                    headers.insert(EPOCH, epoch.as_str());
+                    headers.insert(ORIGIN, bus.node.as_str());
+                    // Kept once by the stream however often it is written.
+                    headers.insert(
+                        async_nats::header::NATS_MESSAGE_ID,
+                        format!("{epoch}/{seq}/{channel}").as_str(),
+                    );
+                    let mut message = Unacked {
+                        subject: bus.channel_subject(&channel).into(),
+                        headers,
+                        payload: data.0,
+                        seq,
+                        then,
+                        since: Instant::now(),
+                        ack: None,
+                    };
+                    // Behind older ones still to be written again, it waits.
+                    if unacked.front().is_none_or(|u| u.ack.is_some()) {
+                        message.ack = write(&jetstream, message.parts()).await;
+                    }
+                    unacked.push_back(message);
+                }
+                Outgoing::Forward {
+                    owner,
+                    channel,
+                    data,
+                    id,
+                } => {
+                    let mut headers = HeaderMap::new();
+                    headers.insert(CHANNEL, channel.as_str());
+                    headers.insert(ID, id.to_string().as_str());
+                    // The id in the reply subject too: a "no responders"
+                    // status from the server (the owner is gone) names no header.
+                    let sent = client
+                        .publish_with_reply_and_headers(
+                            bus.subject(&format!("number.{owner}")),
+                            bus.subject(&format!("answer.{}.{id}", bus.node)),
+                            headers,
+                            data.0,
+                        )
+                        .await;
+                    if let Err(e) = sent {
+                        tracing::warn!(error = %e, "a publish was not forwarded");
+                        bus.fail_forward(
+                            id,
+                            "the publish could not be sent to the channel's owner",
+                        );
+                    }
+                }
+                Outgoing::Answer { reply, id, result } => {
+                    answer(&client, &bus, Then::Remote { reply, id }, result).await;
+                }
+            },
         }
     }
-    // What was numbered before the stop still reaches the other nodes.
-    if let Err(e) = client.flush().await {
-        tracing::debug!(error = %e, "NATS not flushed at stop");
+    // What was numbered before the stop still reaches the stream (bounded:
+    // a stop does not wait for NATS to come back).
+    let drain = async {
+        while let Some(message) = unacked.pop_front() {
+            let acked = match message.ack {
+                Some(ack) => ack.await.is_ok(),
+                None => false,
+            };
+            if !acked {
+                tracing::debug!("a numbered message may not have reached the stream at stop");
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+}
+
+/// Writes one numbered message to the stream; `None` when it could not be
+/// handed to the client (written again later).
+async fn write(
+    jetstream: &async_nats::jetstream::Context,
+    (subject, headers, payload): (async_nats::Subject, HeaderMap, bytes::Bytes),
+) -> Option<AckFuture> {
+    match jetstream
+        .publish_with_headers(subject, headers, payload)
+        .await
+    {
+        Ok(ack) => Some(Box::pin(ack.into_future())),
+        Err(e) => {
+            tracing::debug!(error = %e, "a numbered message was not written to the stream");
+            None
+        }
+    }
+}
+
+/// Tells `then` a numbered message's outcome.
+async fn answer(
+    client: &async_nats::Client,
+    bus: &ClusterBus,
+    then: Then,
+    result: Result<u64, String>,
+) {
+    match then {
+        Then::Local(waiter) => {
+            let _ = waiter.send(result.map_err(BusError::Unavailable));
+        }
+        Then::Remote { reply, id } => {
+            let mut headers = HeaderMap::new();
+            headers.insert(ID, id.as_str());
+            let body = match result {
+                Ok(seq) => seq.to_string(),
+                Err(e) => {
+                    headers.insert(ERROR, "1");
+                    e
+                }
+            };
+            if let Err(e) = client
+                .publish_with_headers(reply, headers, body.into())
+                .await
+            {
+                tracing::warn!(error = %e, node = %bus.node, "an answer to another node was not sent");
+            }
+        }
     }
 }
 
@@ -367,16 +575,39 @@ fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
 /// Takes what other nodes send: numbered messages for this node's
 /// subscribers, publishes to number (this node owns their channel), and
 /// answers to publishes this node forwarded.
-async fn receive(bus: Arc<ClusterBus>, client: async_nats::Client, stop: CancellationToken) {
+async fn receive(
+    bus: Arc<ClusterBus>,
+    client: async_nats::Client,
+    stream: async_nats::jetstream::stream::Stream,
+    stop: CancellationToken,
+) {
     let subscribe = |subject: String| {
         let client = client.clone();
         async move { client.subscribe(subject).await }
     };
-    let (numbered, to_number, answers) = match tokio::try_join!(
-        subscribe(bus.subject("channels")),
-        subscribe(bus.subject(&format!("number.{}", bus.node))),
-        subscribe(bus.subject(&format!("answer.{}.*", bus.node))),
-    ) {
+    // From now on (what was numbered before this node started is history);
+    // after a reconnect it resumes after the last message it saw.
+    let numbered = async {
+        stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: bus.subject("ch.>"),
+                deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .messages()
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let subscribed = async {
+        tokio::try_join!(
+            subscribe(bus.subject(&format!("number.{}", bus.node))),
+            subscribe(bus.subject(&format!("answer.{}.*", bus.node))),
+        )
+        .map_err(|e| e.to_string())
+    };
+    let (numbered, (to_number, answers)) = match tokio::try_join!(numbered, subscribed) {
         Ok(subscriptions) => subscriptions,
         Err(e) => {
             tracing::error!(error = %e, "cannot subscribe to the cluster's subjects; channels stay on this node");
@@ -391,6 +622,13 @@ async fn receive(bus: Arc<ClusterBus>, client: async_nats::Client, stop: Cancell
         tokio::select! {
             _ = stop.cancelled() => return,
             Some(message) = numbered.next() => {
+                let message = match message {
+                    Ok(message) => message.message,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the channel stream's consumer faltered; it resumes by itself");
+                        continue;
+                    }
+                };
                 let headers = message.headers.as_ref();
                 if header(headers, ORIGIN) == Some(bus.node.as_str()) {
                     continue;
@@ -426,11 +664,13 @@ async fn receive(bus: Arc<ClusterBus>, client: async_nats::Client, stop: Cancell
                 };
                 // Never held back by this node's subscribers: the answer
                 // unblocks a publisher on another node.
-                let result = bus
-                    .number(&channel, Data(message.payload), &mut Pressure::default())
-                    .map_err(|e| e.to_string());
-                if bus.outbox.try_send(Outgoing::Answer { reply, id, result }).is_err() {
-                    tracing::warn!("cluster outbox full: an answer to another node was dropped (it times out there)");
+                // Answered once the stream has it (or at once if refused).
+                let then = Then::Remote { reply: reply.clone(), id: id.clone() };
+                if let Err(e) = bus.number(&channel, Data(message.payload), then, &mut Pressure::default()) {
+                    let result = Err(e.to_string());
+                    if bus.outbox.try_send(Outgoing::Answer { reply, id, result }).is_err() {
+                        tracing::warn!("cluster outbox full: an answer to another node was dropped (it times out there)");
+                    }
                 }
             }
             Some(message) = answers.next() => {

@@ -32,6 +32,10 @@ pub struct Cluster {
     pub(crate) nodes: nodes::Registry,
     client: async_nats::Client,
     jetstream: jetstream::Context,
+    /// Whether the connection to NATS is up, as its events say.
+    link: tokio::sync::watch::Receiver<bool>,
+    /// Every channel's numbered messages, in order ([`bus`]).
+    channel_stream: jetstream::stream::Stream,
     /// The registry as last read ([`follow`]).
     view: ArcSwap<Vec<nodes::NodeInfo>>,
 }
@@ -62,16 +66,24 @@ impl Cluster {
     pub async fn join(config: &ClusterConfig, node: &str) -> Result<Arc<Self>, ClusterError> {
         // The first connection must succeed (a relay told to join says so
         // at start); after that the client reconnects by itself.
+        let (link_tx, link) = tokio::sync::watch::channel(true);
         let client = async_nats::ConnectOptions::new()
             .name(format!("wasmrelay {node}"))
             .connection_timeout(Duration::from_secs(5))
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("lost the connection to NATS; reconnecting")
+            .event_callback(move |event| {
+                let link_tx = link_tx.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("lost the connection to NATS; reconnecting");
+                            link_tx.send_replace(false);
+                        }
+                        async_nats::Event::Connected => {
+                            tracing::info!("connected to NATS");
+                            link_tx.send_replace(true);
+                        }
+                        other => tracing::debug!(event = %other, "NATS event"),
                     }
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    other => tracing::debug!(event = %other, "NATS event"),
                 }
             })
             .connect(&config.nats_url)
@@ -87,6 +99,25 @@ impl Cluster {
             Duration::from_millis(config.node_ttl_ms),
         )
         .await?;
+        let stream_name = format!("{}_channels", config.name);
+        let channel_stream = jetstream
+            .get_or_create_stream(jetstream::stream::Config {
+                name: stream_name.clone(),
+                description: Some("wasmrelay channel messages, numbered by their owners".into()),
+                subjects: vec![format!("{}.ch.>", config.name)],
+                storage: jetstream::stream::StorageType::File,
+                max_age: Duration::from_millis(config.channel_retention_ms),
+                max_bytes: i64::try_from(config.channel_retention_bytes).unwrap_or(i64::MAX),
+                discard: jetstream::stream::DiscardPolicy::Old,
+                // Within it a message written again is kept once.
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClusterError::Bucket {
+                bucket: stream_name,
+                source: e.into(),
+            })?;
         tracing::info!(url = %config.nats_url, cluster = %config.name, node, "joined the cluster");
         Ok(Arc::new(Self {
             name: config.name.clone(),
@@ -94,6 +125,8 @@ impl Cluster {
             nodes,
             client,
             jetstream,
+            channel_stream,
+            link,
             view: ArcSwap::from_pointee(Vec::new()),
         }))
     }
@@ -177,6 +210,11 @@ impl Cluster {
             spaces.sync(&nodes);
         }
         self.view.store(Arc::new(nodes));
+    }
+
+    /// Follows the connection to NATS going down (false) and up (true).
+    pub fn link(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.link.clone()
     }
 
     /// Whether the connection to NATS is up now.

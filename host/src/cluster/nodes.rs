@@ -142,9 +142,9 @@ async fn create(
             description: "wasmrelay nodes: one entry per live relay".into(),
             history: 1,
             max_age: ttl,
-            // Membership is rebuilt by the heartbeats within a TTL: no
-            // need to write it to disk.
-            storage: jetstream::stream::StorageType::Memory,
+            // On disk, so a NATS restart does not empty it: every node
+            // would look gone until it renewed its entry.
+            storage: jetstream::stream::StorageType::File,
             ..Default::default()
         })
         .await

@@ -121,8 +121,31 @@ impl ClusterSpaces {
             remotes: Mutex::new(HashMap::new()),
             origins: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(receive(this.clone(), stop));
+        tokio::spawn(receive(this.clone(), stop.clone()));
+        tokio::spawn(fail_when_cut_off(this.clone(), cluster.link(), stop));
         this
+    }
+
+    /// The connection to NATS is lost: what was sent to other nodes or
+    /// came from them may be lost with it, so every request in flight
+    /// between nodes fails now (`instance_lost`) rather than at its
+    /// deadline. The registry brings the proxies back once NATS is.
+    fn cut_off(&self) {
+        let remotes = std::mem::take(&mut *self.remotes.lock().unwrap_or_else(|e| e.into_inner()));
+        for remote in remotes.values() {
+            for proxy in remote.proxies.values() {
+                self.spaces.unregister(proxy);
+            }
+        }
+        let origins = std::mem::take(&mut *self.origins.lock().unwrap_or_else(|e| e.into_inner()));
+        for link in origins.values() {
+            self.spaces.remove_node_caller(&link.conn);
+        }
+        if !remotes.is_empty() || !origins.is_empty() {
+            tracing::warn!(
+                "cut off from NATS: requests between nodes failed; other nodes' instances return with the registry"
+            );
+        }
     }
 
     fn subject(&self, node: &str, direction: &str) -> String {
@@ -202,6 +225,13 @@ impl ClusterSpaces {
             let keep = live(name) && !link.is_broken();
             if !keep {
                 self.spaces.remove_node_caller(&link.conn);
+                // Kept a moment, so the failures just queued reach the
+                // node if it only seemed gone.
+                let link = link.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    drop(link);
+                });
             }
             keep
         });
@@ -308,6 +338,27 @@ impl ClusterSpaces {
         // Late answers (the request timed out or its caller left) are normal.
         if let Err(e) = result {
             tracing::debug!(node = from, error = %e, "a cluster answer found no request");
+        }
+    }
+}
+
+/// Calls [`ClusterSpaces::cut_off`] each time the connection to NATS drops.
+async fn fail_when_cut_off(
+    this: Arc<ClusterSpaces>,
+    mut link: tokio::sync::watch::Receiver<bool>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = link.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if !*link.borrow_and_update() {
+                    this.cut_off();
+                }
+            }
         }
     }
 }

@@ -300,6 +300,19 @@ impl Spaces {
         }
     }
 
+    /// Fails the streams going to connection `conn_id` with `error`.
+    pub(super) fn caller_streams_failed(&self, conn_id: u64, error: &SpaceError) {
+        let failed: Vec<u64> = self
+            .streams
+            .iter()
+            .filter(|s| matches!(&s.to, StreamTo::Conn { conn, .. } if conn.id == conn_id))
+            .map(|s| *s.key())
+            .collect();
+        for key in failed {
+            self.end_stream(key, Ended::Failed(error.clone()));
+        }
+    }
+
     /// Ends the streams going to connection `conn_id`, which went away.
     pub(super) fn caller_streams_gone(&self, conn_id: u64) {
         let gone: Vec<u64> = self

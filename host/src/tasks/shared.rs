@@ -82,7 +82,8 @@ impl ClusterPeers {
                     max_age: CLAIM_TTL * 2,
                     // Per-key TTLs (nats-server 2.11 or later).
                     limit_markers: Some(Duration::from_secs(1)),
-                    storage: async_nats::jetstream::stream::StorageType::Memory,
+                    // On disk: a NATS restart must not forget who fires a slot.
+                    storage: async_nats::jetstream::stream::StorageType::File,
                     ..Default::default()
                 },
             )
@@ -105,7 +106,8 @@ impl ClusterPeers {
                 kv::Config {
                     description: "wasmrelay task runs under way: the node running each".into(),
                     history: 1,
-                    storage: async_nats::jetstream::stream::StorageType::Memory,
+                    // On disk: a NATS restart must not forget who fires a slot.
+                    storage: async_nats::jetstream::stream::StorageType::File,
                     ..Default::default()
                 },
             )
@@ -174,26 +176,39 @@ impl Peers for ClusterPeers {
 /// Applies the shared definitions to this node's tasks, from the latest
 /// value of each and then as they change, until `stop`.
 pub async fn follow(peers: Arc<ClusterPeers>, tasks: Tasks, stop: CancellationToken) {
-    let mut changes = match peers.definitions.watch_with_history(">").await {
-        Ok(changes) => changes,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot follow the cluster's tasks; this node keeps its own");
-            return;
+    // A watch ends when NATS goes away for long; it is opened again (from
+    // the latest values: a definition already taken changes nothing).
+    loop {
+        match peers.definitions.watch_with_history(">").await {
+            Ok(changes) => {
+                if apply_changes(changes, &tasks, &stop).await {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow the cluster's tasks now; trying again")
+            }
         }
-    };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Applies shared definitions as `changes` brings them; true once `stop`
+/// is cancelled, false when the watch ended.
+async fn apply_changes(mut changes: kv::Watch, tasks: &Tasks, stop: &CancellationToken) -> bool {
     loop {
         let entry = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return true,
             next = changes.next() => match next {
                 Some(Ok(entry)) => entry,
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "a shared task change was not read");
-                    continue;
+                    tracing::debug!(error = %e, "following the cluster's tasks again");
+                    return false;
                 }
-                None => {
-                    tracing::warn!("stopped following the cluster's tasks");
-                    return;
-                }
+                None => return false,
             },
         };
         let applied = match entry.operation {

@@ -671,3 +671,95 @@ async fn a_run_whose_node_is_killed_is_taken_over_by_another_node() {
         "exactly one survivor took it over: {took_over:?}"
     );
 }
+
+#[tokio::test]
+async fn nats_restarted_under_load_relays_reconnect_and_nothing_acknowledged_is_lost() {
+    if !require_program("nats-server", NatsBroker::INSTALL) {
+        return;
+    }
+    let mut broker = NatsBroker::start().await;
+    let a = node(&broker, "a").await;
+    let b = node(&broker, "b").await;
+    let c = node(&broker, "c").await;
+    wait_settled(&[&a, &b, &c], &["a", "b", "c"]).await;
+    let _served = service(&b, "demo").await;
+    wait_instances(&a, "demo", 1).await;
+    let mut on_c = client(&c).await;
+    on_c.subscribe("load/x").await.unwrap();
+
+    // Two publishers keep going through the restart; each keeps what was
+    // acknowledged (a refusal while NATS is away is expected, not a loss).
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publish = |mut publisher: wasmrelay_client::Client, tag: &'static str| {
+        let stop = stop.clone();
+        async move {
+            let (mut acked, mut refused) = (Vec::new(), 0);
+            let mut i = 0;
+            while !stop.is_cancelled() {
+                let data = format!("{tag}{i}");
+                match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    publisher.publish("load/x", data.clone()),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => acked.push(data),
+                    Ok(Err(_)) => refused += 1,
+                    Err(_) => panic!("a publish hung across the NATS restart"),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (acked, refused)
+        }
+    };
+    let from_a = tokio::spawn(publish(client(&a).await, "a"));
+    let from_b = tokio::spawn(publish(client(&b).await, "b"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    broker.restart().await;
+    // Requests across nodes work again once the relays are back.
+    wasmrelay_tests::wait_for(
+        "a request from a to b after the restart",
+        Duration::from_secs(20),
+        || async {
+            // Never left hanging: one in flight as NATS went fails at once.
+            let (status, body) = tokio::time::timeout(
+                Duration::from_secs(10),
+                post(a.url("/spaces/demo/"), "again"),
+            )
+            .await
+            .expect("a request across nodes answers, if only with an error");
+            (status == 200 && body == "AGAIN").then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    let (acked_a, _) = from_a.await.unwrap();
+    let (acked_b, _) = from_b.await.unwrap();
+    let acked: std::collections::HashSet<String> = acked_a.into_iter().chain(acked_b).collect();
+    assert!(
+        acked.len() > 100,
+        "publishing went on: {} acked",
+        acked.len()
+    );
+
+    let mut missing = acked.clone();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !missing.is_empty() && Instant::now() < deadline {
+        let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_secs(1), on_c.recv()).await
+        else {
+            continue;
+        };
+        if let wasmrelay_client::Msg::Message { data, .. } = msg {
+            missing.remove(String::from_utf8_lossy(data.as_bytes()).as_ref());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged messages never reached c: {:?}",
+        missing.len(),
+        acked.len(),
+        missing.iter().take(10).collect::<Vec<_>>()
+    );
+}
