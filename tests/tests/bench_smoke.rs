@@ -41,6 +41,8 @@ fn the_benchmark_suite_runs_every_scenario_in_quick_mode() {
         "## 5. Plugins",
         "## 7. Files",
         "## 8. Channel history",
+        "## 9. Cluster",
+        "| cluster, caller on a, instance on b |",
         "reconnect + recover 1,000",
         "| lost | 0 |",
     ] {

@@ -190,12 +190,9 @@ impl ClusterBus {
         (**self.members.load()).clone()
     }
 
-    /// The node that numbers `channel`: the highest rendezvous score.
+    /// The node that numbers `channel` now.
     fn owner(&self, channel: &str) -> String {
-        let members = self.members.load();
-        members
-            .iter()
-            .max_by_key(|node| score(channel, node))
+        owner_of(channel, &self.members.load())
             .cloned()
             .unwrap_or_else(|| self.node.clone())
     }
@@ -303,6 +300,12 @@ impl Bus for ClusterBus {
         });
         Ack::Pending(rx)
     }
+}
+
+/// The node of `nodes` that numbers `channel`: the highest rendezvous
+/// score, so every node that knows the same members picks the same one.
+pub fn owner_of<'a>(channel: &str, nodes: &'a [String]) -> Option<&'a String> {
+    nodes.iter().max_by_key(|node| score(channel, node))
 }
 
 /// A hash of `channel` and `node` (FNV-1a, then an avalanche step): stable

@@ -83,6 +83,10 @@ pub struct SmallJob {
     pub window: Option<u64>,
     /// Ask the relay for batched frames (`hello.batch`).
     pub batch: bool,
+    /// Fan-out: where the subscribers connect (another node of a cluster);
+    /// `None`: `target`, like the publisher.
+    #[serde(default)]
+    pub subscribe_at: Option<Target>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -139,9 +143,13 @@ impl Progress {
 
 pub async fn small(job: SmallJob) -> anyhow::Result<SmallResult> {
     let subscribers = job.topology.subscribers();
+    let subscribe_at = match job.topology {
+        Topology::FanOut(_) => job.subscribe_at.as_ref().unwrap_or(&job.target),
+        Topology::Room(_) => &job.target,
+    };
     let mut members = Vec::new();
     for _ in 0..subscribers {
-        let (mut tx, mut rx) = connect_with(&job.target, job.token.as_deref(), job.batch).await?;
+        let (mut tx, mut rx) = connect_with(subscribe_at, job.token.as_deref(), job.batch).await?;
         tx.subscribe(&job.channel).await?;
         tx.flush().await?;
         rx.subscribed().await?;
@@ -290,6 +298,11 @@ pub struct RequestsJob {
     pub instances: usize,
     pub requests: u64,
     pub concurrency: usize,
+    /// Where the instances register (another node of a cluster), and the
+    /// `GET /spaces/SPACE` URL of the callers' node that must list them
+    /// before requests start; `None`: `target`.
+    #[serde(default)]
+    pub instances_at: Option<(Target, String)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -302,8 +315,9 @@ pub struct RequestsResult {
 /// Service instances that answer every request with its own body.
 async fn echo_instances(job: &RequestsJob) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
+    let at = job.instances_at.as_ref().map_or(&job.target, |(at, _)| at);
     for _ in 0..job.instances {
-        let (mut tx, mut rx) = connect(&job.target, job.token.as_deref()).await?;
+        let (mut tx, mut rx) = connect(at, job.token.as_deref()).await?;
         tx.send_msg(&Msg::Register {
             space: job.space.clone(),
         })
@@ -339,6 +353,20 @@ async fn echo_instances(job: &RequestsJob) -> anyhow::Result<Vec<tokio::task::Jo
 
 pub async fn requests(job: RequestsJob) -> anyhow::Result<RequestsResult> {
     let instances = echo_instances(&job).await?;
+    if let Some((_, listed)) = &job.instances_at {
+        // The callers' node learns of them from the cluster's registry.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info: serde_json::Value = reqwest::get(listed).await?.json().await?;
+            if info["instances"].as_u64() >= Some(job.instances as u64) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the callers' node never listed the instances: {info}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let epoch = Instant::now();
     let (completed, seconds, samples) = match &job.caller {
         Caller::Protocol => protocol_requests(&job, epoch).await?,

@@ -19,12 +19,15 @@
 //! copy), plugins (no plugin, a no-op filter, policy + router; hot swap
 //! under load), tasks (firing lag, runs per second, store writes, memory
 //! per task), files (uploads and downloads over HTTP, WebSocket and
-//! QUIC, resume cost, memory per transfer), and channel history (its cost
-//! on the small-message load, time to recover 1,000 messages). Baselines: the bare relay, nginx in front of it (when
+//! QUIC, resume cost, memory per transfer), channel history (its cost
+//! on the small-message load, time to recover 1,000 messages), and a
+//! cluster of two relays over nats-server (fan-out and requests across
+//! nodes beside one relay, and the latency a hop adds). Baselines: the bare relay, nginx in front of it (when
 //! installed), nats-server, a plain TCP copy, tokio timers, the store alone.
 #![allow(clippy::print_stdout)] // a benchmark prints its tables
 
 mod bare;
+mod cluster;
 mod files;
 mod history;
 mod load;
@@ -169,7 +172,7 @@ impl Options {
                 // cargo bench and test harnesses pass this along.
                 "--bench" => {}
                 other => bail!(
-                    "unknown argument {other:?}; use --quick and --only small,requests,idle,bulk,plugins,tasks,files,history"
+                    "unknown argument {other:?}; use --quick and --only small,requests,idle,bulk,plugins,tasks,files,history,cluster"
                 ),
             }
         }
@@ -549,6 +552,10 @@ async fn drive(options: Options) -> anyhow::Result<()> {
         history::history(&settings, &relay, &mut failures).await;
         timings.push(("history", started.elapsed()));
     }
+    if options.wants("cluster") {
+        cluster::cluster(&settings, &mut failures).await;
+        timings.push(("cluster", started.elapsed()));
+    }
     let mut previous = Duration::ZERO;
     let spent: Vec<String> = timings
         .iter()
@@ -601,6 +608,7 @@ fn small_job(
         rate,
         window,
         batch: system.batch,
+        subscribe_at: None,
     })
 }
 
@@ -791,6 +799,7 @@ async fn requests(
                 instances,
                 requests: settings.requests,
                 concurrency: settings.concurrency,
+                instances_at: None,
             });
             match job::<RequestsResult>(&spec).await {
                 Ok(result) => {
