@@ -134,6 +134,11 @@ impl Relay {
         let cluster_bus = cluster.as_ref().map(|(cluster, stop)| {
             crate::cluster::bus::ClusterBus::start(cluster, channels.clone(), stop.clone())
         });
+        if let Some(bus) = &cluster_bus {
+            // Weak: the bus holds the channels; the channels must not hold it.
+            let numbering: Arc<dyn crate::channels::Numbering> = bus.clone();
+            channels.set_numbering(Arc::downgrade(&numbering));
+        }
         let cluster_spaces = cluster.as_ref().map(|(cluster, stop)| {
             crate::cluster::spaces::ClusterSpaces::start(
                 cluster,
@@ -335,6 +340,11 @@ impl Relay {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             started_unix_ms: self.started_unix_ms,
             connections: self.table.len() as u64,
+            epoch: self
+                .cluster_bus
+                .as_ref()
+                .map(|bus| bus.epoch())
+                .unwrap_or_default(),
             spaces: self.spaces.local_summary(),
             plugins: self
                 .plugins

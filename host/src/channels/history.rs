@@ -167,6 +167,21 @@ pub struct History {
 }
 
 /// A fresh epoch: 16 random hex digits.
+/// The epoch every node of a cluster gives a channel numbered under
+/// `origin` (the numbering node's own epoch): 16 hex digits of a hash of
+/// it (FNV-1a, then an avalanche step), the same on every node and build.
+pub fn epoch_of(origin: &str) -> Arc<str> {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in origin.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    format!("{hash:016x}").into()
+}
+
 pub fn new_epoch() -> Arc<str> {
     let mut bytes = [0u8; 8];
     if getrandom::fill(&mut bytes).is_err() {
@@ -283,10 +298,16 @@ impl History {
     }
 
     /// Drops everything kept and names a new sequence: the channel's
-    /// numbering started over (in a cluster, another node numbers it now).
+    /// numbering started over.
     pub fn restart(&mut self) {
+        self.restart_as(new_epoch());
+    }
+
+    /// [`Self::restart`] under a given epoch (in a cluster, the one every
+    /// node derives from the numbering node's: [`epoch_of`]).
+    pub fn restart_as(&mut self, epoch: Arc<str>) {
         self.clear();
-        self.epoch = new_epoch();
+        self.epoch = epoch;
         self.dirty = true;
     }
 

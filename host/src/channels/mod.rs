@@ -70,6 +70,13 @@ impl ChannelState {
     }
 }
 
+/// In a cluster, who numbers a channel now.
+pub trait Numbering: Send + Sync {
+    /// The numbering node's epoch for `channel` (what `deliver_from` gets
+    /// as its origin), when known here.
+    fn origin(&self, channel: &str) -> Option<String>;
+}
+
 /// What a subscribe found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Subscription {
@@ -119,6 +126,8 @@ pub struct Channels {
     /// channels (presence, publish), and a cycle would keep the whole relay
     /// alive after it stopped.
     router: std::sync::OnceLock<std::sync::Weak<dyn Router>>,
+    /// In a cluster: whose numbering a channel is under now.
+    numbering: std::sync::OnceLock<std::sync::Weak<dyn Numbering>>,
     /// Set at shutdown before the last write of persisted history: from
     /// then on persisted channels number nothing, so no seq is handed out
     /// that the store (marked clean) does not know.
@@ -142,6 +151,7 @@ impl Channels {
             unwritten: Mutex::new(PendingWrites::default()),
             changed: Notify::new(),
             router: std::sync::OnceLock::new(),
+            numbering: std::sync::OnceLock::new(),
             sealed: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -164,9 +174,23 @@ impl Channels {
         let _ = self.router.set(Arc::downgrade(router));
     }
 
+    /// In a cluster: who numbers channels, so a new channel's history
+    /// starts under the epoch every node gives it. Once.
+    pub fn set_numbering(&self, numbering: std::sync::Weak<dyn Numbering>) {
+        let _ = self.numbering.set(numbering);
+    }
+
     /// A new channel with the history `decided` (see [`Self::decide`]),
     /// if the budget has room for one more.
     fn create(&self, name: &str, decided: Option<HistoryOptions>, now_ms: i64) -> Arc<Channel> {
+        // In a cluster, under the numbering node's epoch from the start, so
+        // a subscriber's first position is good on every node.
+        let origin = decided.as_ref().and_then(|_| {
+            self.numbering
+                .get()
+                .and_then(std::sync::Weak::upgrade)
+                .and_then(|numbering| numbering.origin(name))
+        });
         let history = decided
             .filter(|_| {
                 let room = self.budget.has_room_for(CHANNEL_OVERHEAD + name.len());
@@ -176,10 +200,14 @@ impl Channels {
                 room
             })
             .map(|options| {
-                History::new(name, history::new_epoch(), options, self.budget.clone(), now_ms)
+                let epoch = origin
+                    .as_deref()
+                    .map_or_else(history::new_epoch, history::epoch_of);
+                History::new(name, epoch, options, self.budget.clone(), now_ms)
             });
         Arc::new(Channel {
             state: Mutex::new(ChannelState {
+                origin: origin.filter(|_| history.is_some()).map(Into::into),
                 history,
                 ..ChannelState::default()
             }),
@@ -438,7 +466,11 @@ impl Channels {
     /// cluster node's numbering of the channel, under its own epoch). A
     /// message from another origin than the last restarts the channel's
     /// sequence here: its numbers start where that origin's are, and its
-    /// history (numbered by the old one) is dropped under a new epoch.
+    /// history (numbered by the old one) is dropped. The history's epoch is
+    /// derived from the origin's, so every node of a cluster gives a
+    /// channel the same epoch and seqs, and a client can recover on any.
+    /// In a cluster, a channel the configuration gives history is kept on
+    /// every node, subscribed to here or not, for the same reason.
     pub fn deliver_from(
         &self,
         channel: &str,
@@ -447,8 +479,19 @@ impl Channels {
         data: Data,
         pressure: &mut Pressure,
     ) -> bool {
-        let Some(ch) = self.map.get(channel).map(|c| c.clone()) else {
-            return false;
+        // By the configuration alone: asking the router plugin for every
+        // message of a channel nobody here uses would cost a call each.
+        let decided = origin.and_then(|_| self.configured(channel));
+        let ch = match (self.map.get(channel).map(|c| c.clone()), decided) {
+            (Some(ch), _) => ch,
+            (None, Some(options)) => {
+                let now = wall_ms();
+                self.map
+                    .entry(channel.to_owned())
+                    .or_insert_with(|| self.create(channel, Some(options), now))
+                    .clone()
+            }
+            (None, None) => return false,
         };
         let mut state = lock(&ch);
         if state.is_unused() || state.gone || self.is_sealed(&state) {
@@ -458,9 +501,15 @@ impl Channels {
             && state.origin.as_deref() != Some(origin)
         {
             state.origin = Some(origin.into());
-            state.last_seq = seq.saturating_sub(1);
-            if let Some(history) = state.history.as_mut() {
-                history.restart();
+            let epoch = history::epoch_of(origin);
+            // A history restored from the store under this very numbering
+            // goes on (the seqs tell whether any were missed meanwhile).
+            let continues = state.history.as_ref().is_some_and(|h| *h.epoch() == epoch);
+            if !continues {
+                state.last_seq = seq.saturating_sub(1);
+                if let Some(history) = state.history.as_mut() {
+                    history.restart_as(epoch);
+                }
             }
         }
         if seq <= state.last_seq {
@@ -931,6 +980,74 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Whose numbering channels are under, as a cluster's bus would say.
+    struct NumberedBy(&'static str);
+
+    impl Numbering for NumberedBy {
+        fn origin(&self, _channel: &str) -> Option<String> {
+            Some(self.0.to_owned())
+        }
+    }
+
+    #[test]
+    fn in_a_cluster_every_node_keeps_a_channels_history_under_one_epoch() {
+        // Two nodes fed the same numbered messages: one with a subscriber
+        // from before the first message, one with nobody subscribed.
+        let numbering: Arc<dyn Numbering> = Arc::new(NumberedBy("a.1234.0"));
+        let (with_subscriber, unused) = (
+            World::new(history_config(100)),
+            World::new(history_config(100)),
+        );
+        for world in [&with_subscriber, &unused] {
+            world.channels.set_numbering(Arc::downgrade(&numbering));
+        }
+        let (early, subscribed) = with_subscriber.recovering("chat/x", 64, None);
+        let expected = history::epoch_of("a.1234.0");
+        assert_eq!(subscribed.epoch.as_deref(), Some(&*expected));
+        for world in [&with_subscriber, &unused] {
+            for seq in 7..=9 {
+                world.channels.deliver_from(
+                    "chat/x",
+                    Some("a.1234.0"),
+                    seq,
+                    Data::from(format!("{seq}")),
+                    &mut Pressure::default(),
+                );
+            }
+            // Not kept without history, where nobody subscribed.
+            assert!(!world.channels.deliver_from(
+                "plain",
+                Some("a.1234.0"),
+                1,
+                Data::from("x"),
+                &mut Pressure::default(),
+            ));
+        }
+        assert_eq!(seqs(&early.queued()), [7, 8, 9]);
+        // A client that saw up to 7 on the first node recovers on the second.
+        let from = Position {
+            epoch: expected.to_string(),
+            seq: 7,
+        };
+        let (late, found) = unused.recovering("chat/x", 64, Some(&from));
+        assert_eq!(found.recovered, Some(true));
+        assert_eq!(found.epoch.as_deref(), Some(&*expected));
+        assert_eq!(seqs(&late.queued()), [8, 9]);
+        // Another numbering node: a new sequence, under its own epoch.
+        unused.channels.deliver_from(
+            "chat/x",
+            Some("b.99.0"),
+            1,
+            Data::from("1"),
+            &mut Pressure::default(),
+        );
+        let (_, after) = unused.recovering("chat/x", 64, Some(&from));
+        assert_eq!(after.recovered, Some(false));
+        assert_eq!(after.epoch.as_deref(), Some(&*history::epoch_of("b.99.0")));
+        assert_ne!(history::epoch_of("a.1234.0"), history::epoch_of("b.99.0"));
+        assert_eq!(history::epoch_of("a.1234.0").len(), 16);
     }
 
     #[test]

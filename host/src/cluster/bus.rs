@@ -93,6 +93,8 @@ pub struct ClusterBus {
     node: String,
     prefix: String,
     members: ArcSwap<Vec<String>>,
+    /// Each live node's numbering epoch, as its registry entry says.
+    epochs: ArcSwap<std::collections::HashMap<String, String>>,
     /// The channels this node numbers: their last seq. A channel's entry
     /// stays locked from numbering until the message is queued for the
     /// other nodes.
@@ -127,6 +129,7 @@ impl ClusterBus {
             channels,
             prefix: cluster.name().to_owned(),
             members: ArcSwap::from_pointee(vec![node.clone()]),
+            epochs: ArcSwap::from_pointee(std::collections::HashMap::new()),
             epoch: ArcSwap::from_pointee(format!("{node}.{nonce}.0")),
             nonce,
             node,
@@ -153,8 +156,24 @@ impl ClusterBus {
         bus
     }
 
-    /// The live nodes (from the registry), which decide the owners.
-    pub fn set_members(&self, mut nodes: Vec<String>) {
+    /// The live nodes (from the registry), which decide the owners, and
+    /// the epoch each numbers under.
+    pub fn set_view(&self, view: &[super::nodes::NodeInfo]) {
+        let epochs: std::collections::HashMap<String, String> = view
+            .iter()
+            .filter(|n| !n.epoch.is_empty())
+            .map(|n| (n.node.clone(), n.epoch.clone()))
+            .collect();
+        self.epochs.store(Arc::new(epochs));
+        self.set_members(view.iter().map(|n| n.node.clone()).collect());
+    }
+
+    /// The epoch this node numbers its channels under now.
+    pub fn epoch(&self) -> String {
+        self.epoch.load().to_string()
+    }
+
+    fn set_members(&self, mut nodes: Vec<String>) {
         if !nodes.contains(&self.node) {
             nodes.push(self.node.clone());
         }
@@ -257,6 +276,16 @@ impl ClusterBus {
         });
         drop(count);
         Ok(seq)
+    }
+}
+
+impl crate::channels::Numbering for ClusterBus {
+    fn origin(&self, channel: &str) -> Option<String> {
+        let owner = self.owner(channel);
+        if owner == self.node {
+            return Some(self.epoch());
+        }
+        self.epochs.load().get(&owner).cloned()
     }
 }
 

@@ -204,7 +204,7 @@ impl Cluster {
             }
         };
         if let Some(bus) = bus {
-            bus.set_members(nodes.iter().map(|n| n.node.clone()).collect());
+            bus.set_view(&nodes);
         }
         if let Some(spaces) = spaces {
             spaces.sync(&nodes);

@@ -24,6 +24,9 @@ pub struct NodeInfo {
     pub started_unix_ms: i64,
     /// Its connections when it last renewed its entry.
     pub connections: u64,
+    /// The epoch it numbers its channels under (`cluster::bus`).
+    #[serde(default)]
+    pub epoch: String,
     /// The spaces its own instances serve, with their load.
     #[serde(default)]
     pub spaces: Vec<crate::spaces::LocalSpace>,

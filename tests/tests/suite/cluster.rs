@@ -763,3 +763,58 @@ async fn nats_restarted_under_load_relays_reconnect_and_nothing_acknowledged_is_
         missing.iter().take(10).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test]
+async fn a_client_that_drops_from_one_node_recovers_what_it_missed_on_another() {
+    if !require_program("nats-server", NatsBroker::INSTALL) {
+        return;
+    }
+    let broker = NatsBroker::start().await;
+    let a = node(&broker, "a").await;
+    let b = node(&broker, "b").await;
+    let c = node(&broker, "c").await;
+    wait_settled(&[&a, &b, &c], &["a", "b", "c"]).await;
+    const CHANNEL: &str = "chat/cluster";
+
+    // A subscriber on c sees the first five, then drops.
+    let mut on_c = client(&c).await;
+    let at_c = on_c.subscribe(CHANNEL).await.unwrap();
+    let mut publisher = client(&a).await;
+    for i in 0..5 {
+        publisher.publish(CHANNEL, format!("m{i}")).await.unwrap();
+    }
+    let seen = messages(&mut on_c, 5).await;
+    let position = on_c.position(CHANNEL).cloned().expect("a position");
+    drop(on_c);
+    // Twenty more, from two nodes, while it is away.
+    let mut other = client(&b).await;
+    for i in 5..15 {
+        publisher.publish(CHANNEL, format!("m{i}")).await.unwrap();
+    }
+    for i in 15..25 {
+        other.publish(CHANNEL, format!("m{i}")).await.unwrap();
+    }
+
+    // It comes back on a (whose clients never subscribed to the channel)
+    // and gets exactly the twenty it missed, in order, then live ones.
+    let mut on_a = client(&a).await;
+    let back = on_a.subscribe_from(CHANNEL, Some(position)).await.unwrap();
+    assert_eq!(back.recovered, Some(true), "{back:?}");
+    assert_eq!(
+        back.epoch, at_c.epoch,
+        "every node gives the channel one epoch"
+    );
+    let missed = messages(&mut on_a, 20).await;
+    let last_seen = seen.last().unwrap().0;
+    assert_eq!(
+        missed.iter().map(|m| m.0).collect::<Vec<_>>(),
+        (last_seen + 1..=last_seen + 20).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        missed.iter().map(|m| m.1.clone()).collect::<Vec<_>>(),
+        (5..25).map(|i| format!("m{i}")).collect::<Vec<_>>()
+    );
+    publisher.publish(CHANNEL, "live").await.unwrap();
+    let live = messages(&mut on_a, 1).await;
+    assert_eq!(live, [(last_seen + 21, "live".to_owned())]);
+}

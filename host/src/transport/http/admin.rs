@@ -108,6 +108,8 @@ pub struct ClusterView {
     /// Whether the connection to NATS is up now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connected: Option<bool>,
+    /// Every listed node's connections together.
+    pub connections_total: u64,
     pub nodes: Vec<crate::cluster::nodes::NodeInfo>,
     /// The nodes this one picks channel owners from (its last read of the
     /// registry).
@@ -117,21 +119,25 @@ pub struct ClusterView {
 
 pub async fn cluster(relay: &Relay) -> Result<ClusterView, crate::cluster::ClusterError> {
     let Some(cluster) = relay.cluster.as_ref() else {
+        let me = relay.node_info();
         return Ok(ClusterView {
             enabled: false,
             name: None,
             node: relay.node.as_str().to_owned(),
             connected: None,
-            nodes: vec![relay.node_info()],
+            connections_total: me.connections,
+            nodes: vec![me],
             owners_from: Vec::new(),
         });
     };
+    let nodes = cluster.nodes.list().await?;
     Ok(ClusterView {
         enabled: true,
         name: Some(cluster.name().to_owned()),
         node: cluster.node().to_owned(),
         connected: Some(cluster.connected()),
-        nodes: cluster.nodes.list().await?,
+        connections_total: nodes.iter().map(|n| n.connections).sum(),
+        nodes,
         owners_from: relay
             .cluster_bus
             .as_ref()
