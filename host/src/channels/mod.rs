@@ -494,7 +494,13 @@ impl Channels {
             (None, None) => return false,
         };
         let mut state = lock(&ch);
-        if state.is_unused() || state.gone || self.is_sealed(&state) {
+        if state.is_unused() {
+            // Made just now without history (the budget is full): not kept.
+            drop(state);
+            self.forget_if(channel, ChannelState::is_unused);
+            return false;
+        }
+        if state.gone || self.is_sealed(&state) {
             return false;
         }
         if let Some(origin) = origin

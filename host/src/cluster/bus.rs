@@ -52,6 +52,9 @@ const EPOCH: &str = "Wr-Epoch";
 const ORIGIN: &str = "Wr-Origin";
 const ID: &str = "Wr-Id";
 const ERROR: &str = "Wr-Error";
+/// Bytes kept for a numbered message's headers (channel names are at most
+/// 256 bytes, appearing twice, base64 in the subject once).
+const HEADER_ROOM: usize = 2048;
 
 /// Who hears a numbered message's seq once the stream has it.
 enum Then {
@@ -95,10 +98,11 @@ pub struct ClusterBus {
     members: ArcSwap<Vec<String>>,
     /// Each live node's numbering epoch, as its registry entry says.
     epochs: ArcSwap<std::collections::HashMap<String, String>>,
-    /// The channels this node numbers: their last seq. A channel's entry
-    /// stays locked from numbering until the message is queued for the
-    /// other nodes.
-    counts: DashMap<String, u64>,
+    /// The channels this node numbers: their last seq and the epoch they
+    /// are numbered under (the generation current when this node began
+    /// numbering them). A channel's entry stays locked from numbering
+    /// until the message is queued for the other nodes.
+    counts: DashMap<String, (u64, Arc<String>)>,
     generation: AtomicU64,
     epoch: ArcSwap<String>,
     outbox: mpsc::Sender<Outgoing>,
@@ -109,6 +113,9 @@ pub struct ClusterBus {
     /// Random per start: an owner that restarts under the same name must
     /// not reuse an epoch the other nodes hold a higher seq under.
     nonce: String,
+    /// The largest payload a numbered message may carry: NATS's
+    /// `max_payload` less room for the headers.
+    max_data: usize,
 }
 
 /// A forwarded publish whose owner has not answered this long fails
@@ -132,6 +139,7 @@ impl ClusterBus {
             epochs: ArcSwap::from_pointee(std::collections::HashMap::new()),
             epoch: ArcSwap::from_pointee(format!("{node}.{nonce}.0")),
             nonce,
+            max_data: (cluster.client.server_info().max_payload).saturating_sub(HEADER_ROOM),
             node,
             counts: DashMap::new(),
             generation: AtomicU64::new(0),
@@ -140,10 +148,12 @@ impl ClusterBus {
             next_id: AtomicU64::new(1),
         });
         let client = cluster.client.clone();
+        // A context of its own: the bus's acknowledgements in flight never
+        // take the permits the registry and task buckets need.
         tokio::spawn(send(
             bus.clone(),
             client.clone(),
-            cluster.jetstream.clone(),
+            async_nats::jetstream::new(client.clone()),
             queued,
             stop.clone(),
         ));
@@ -180,8 +190,26 @@ impl ClusterBus {
         nodes.sort();
         if **self.members.load() != nodes {
             tracing::info!(nodes = ?nodes, "cluster membership changed; channel owners follow");
+            // Channels this node numbers from now on start under a new
+            // generation: one it numbered before, lost and gains back must
+            // not go on under its old epoch past what another node
+            // numbered meanwhile. Counts of channels it no longer numbers
+            // are let go for the same reason.
+            self.next_generation();
+            self.counts
+                .retain(|channel, _| owner_of(channel, &nodes) == Some(&self.node));
             self.members.store(Arc::new(nodes));
         }
+    }
+
+    /// Moves to a new epoch for channels this node starts numbering.
+    fn next_generation(&self) -> u64 {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.epoch.store(Arc::new(format!(
+            "{}.{}.{generation}",
+            self.node, self.nonce
+        )));
+        generation
     }
 
     /// Fails forwarded publishes whose owner did not answer in time.
@@ -244,14 +272,16 @@ impl ClusterBus {
             tracing::warn!(channel, "cluster outbox full: publish refused");
             BusError::Unavailable("the cluster's outbox is full".into())
         })?;
-        if self.counts.len() >= MAX_COUNTED && !self.counts.contains_key(channel) {
-            // The new epoch before the counts start over, so no count from 1
-            // goes out under the old one.
-            let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-            self.epoch.store(Arc::new(format!(
-                "{}.{}.{generation}",
-                self.node, self.nonce
+        if data.len() > self.max_data {
+            return Err(BusError::Unavailable(format!(
+                "the message is larger than the cluster carries ({} bytes; NATS max_payload)",
+                self.max_data
             )));
+        }
+        if self.counts.len() >= MAX_COUNTED && !self.counts.contains_key(channel) {
+            // Each count keeps its own epoch: the ones started after this
+            // come under a new generation, so none repeats a seq.
+            let generation = self.next_generation();
             self.counts.clear();
             tracing::warn!(
                 generation,
@@ -261,10 +291,13 @@ impl ClusterBus {
         // Held to the end: the channel's next message is numbered only after
         // this one is delivered here and queued for the other nodes, so
         // everyone gets its messages in seq order.
-        let mut count = self.counts.entry(channel.to_owned()).or_insert(0);
-        *count += 1;
-        let seq = *count;
-        let epoch = self.epoch.load_full();
+        let mut count = self
+            .counts
+            .entry(channel.to_owned())
+            .or_insert_with(|| (0, self.epoch.load_full()));
+        count.0 += 1;
+        let seq = count.0;
+        let epoch = count.1.clone();
         self.channels
             .deliver_from(channel, Some(epoch.as_str()), seq, data.clone(), pressure);
         permit.send(Outgoing::Numbered {
@@ -283,7 +316,10 @@ impl crate::channels::Numbering for ClusterBus {
     fn origin(&self, channel: &str) -> Option<String> {
         let owner = self.owner(channel);
         if owner == self.node {
-            return Some(self.epoch());
+            return Some(match self.counts.get(channel) {
+                Some(count) => count.1.to_string(),
+                None => self.epoch(),
+            });
         }
         self.epochs.load().get(&owner).cloned()
     }
@@ -415,6 +451,10 @@ async fn send(
         if unacked.front().is_some_and(|u| u.ack.is_none()) {
             for message in unacked.iter_mut() {
                 message.ack = write(&jetstream, message.parts()).await;
+                if message.ack.is_none() {
+                    // Not handed over: the rest wait behind it, in order.
+                    break;
+                }
             }
         }
         enum Event {
@@ -425,8 +465,15 @@ async fn send(
         let room = unacked.len() < IN_FLIGHT;
         let event = {
             let front_acked = async {
-                match unacked.front_mut().and_then(|u| u.ack.as_mut()) {
-                    Some(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                match unacked.front_mut() {
+                    Some(Unacked { ack: Some(ack), .. }) => {
+                        ack.await.map(|_| ()).map_err(|e| e.to_string())
+                    }
+                    // Not handed to the client: tried again after a pause.
+                    Some(_) => {
+                        tokio::time::sleep(RETRY_AFTER).await;
+                        Err("not written to the stream".to_owned())
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -440,34 +487,37 @@ async fn send(
         match event {
             Event::Stop | Event::Queued(None) => break,
             Event::Acked(acked) => {
-                let done = match acked {
-                    Ok(()) => true,
-                    Err(e)
-                        if unacked
-                            .front()
-                            .is_some_and(|u| u.since.elapsed() >= GIVE_UP) =>
+                if let Err(e) = acked {
+                    // Every message past its time is given up at once; the
+                    // rest are written again, in order.
+                    let mut given_up = 0;
+                    while unacked
+                        .front()
+                        .is_some_and(|u| u.since.elapsed() >= GIVE_UP)
                     {
-                        tracing::warn!(error = %e, "a numbered message was not taken by the stream in time; its publisher is told");
-                        false
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "the stream did not acknowledge; writing again");
-                        for message in unacked.iter_mut() {
-                            message.ack = None;
+                        if let Some(message) = unacked.pop_front() {
+                            given_up += 1;
+                            let result =
+                                Err("the cluster's stream did not take the message in time"
+                                    .to_owned());
+                            answer(&client, &bus, message.then, result).await;
                         }
-                        tokio::time::sleep(RETRY_AFTER).await;
-                        continue;
                     }
-                };
+                    if given_up > 0 {
+                        tracing::warn!(error = %e, given_up, "numbered messages not taken by the stream in time; their publishers are told");
+                    } else {
+                        tracing::debug!(error = %e, "the stream did not acknowledge; writing again");
+                    }
+                    for message in unacked.iter_mut() {
+                        message.ack = None;
+                    }
+                    tokio::time::sleep(RETRY_AFTER).await;
+                    continue;
+                }
                 let Some(message) = unacked.pop_front() else {
                     continue;
                 };
-                let result = if done {
-                    Ok(message.seq)
-                } else {
-                    Err("the cluster's stream did not take the message".to_owned())
-                };
-                answer(&client, &bus, message.then, result).await;
+                answer(&client, &bus, message.then, Ok(message.seq)).await;
             }
             Event::Queued(Some(outgoing)) => match outgoing {
                 Outgoing::Numbered {
@@ -604,6 +654,55 @@ fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     headers?.get(name).map(|v| v.as_str())
 }
 
+/// Hands the channel stream's messages numbered elsewhere to this node's
+/// subscribers, in stream order, until `stop`.
+async fn deliver(
+    bus: Arc<ClusterBus>,
+    mut numbered: async_nats::jetstream::consumer::pull::Ordered,
+    stop: CancellationToken,
+) {
+    let mut pressure = Pressure::default();
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => return,
+            next = numbered.next() => match next {
+                Some(Ok(message)) => message.message,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "the channel stream's consumer faltered; it resumes by itself");
+                    continue;
+                }
+                None => {
+                    tracing::error!("the channel stream's consumer ended; channels from other nodes stop here");
+                    return;
+                }
+            },
+        };
+        let headers = message.headers.as_ref();
+        if header(headers, ORIGIN) == Some(bus.node.as_str()) {
+            continue;
+        }
+        let (Some(channel), Some(seq), Some(epoch)) = (
+            header(headers, CHANNEL),
+            header(headers, SEQ).and_then(|s| s.parse::<u64>().ok()),
+            header(headers, EPOCH),
+        ) else {
+            continue;
+        };
+        bus.channels.deliver_from(
+            channel,
+            Some(epoch),
+            seq,
+            Data(message.payload),
+            &mut pressure,
+        );
+        // Subscribers here falling behind slow this node's intake (the
+        // stream keeps what is not read yet).
+        if !pressure.is_empty() {
+            pressure.relieved().await;
+        }
+    }
+}
+
 /// Takes what other nodes send: numbered messages for this node's
 /// subscribers, publishes to number (this node owns their channel), and
 /// answers to publishes this node forwarded.
@@ -646,45 +745,15 @@ async fn receive(
             return;
         }
     };
-    let mut numbered = numbered;
+    // Read in a task of its own: subscribers here falling behind hold up
+    // this node's intake of channel messages, never the publishes other
+    // nodes forward here or the answers to this node's own.
+    tokio::spawn(deliver(bus.clone(), numbered, stop.clone()));
     let mut to_number = to_number;
     let mut answers = answers;
-    let mut pressure = Pressure::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            Some(message) = numbered.next() => {
-                let message = match message {
-                    Ok(message) => message.message,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "the channel stream's consumer faltered; it resumes by itself");
-                        continue;
-                    }
-                };
-                let headers = message.headers.as_ref();
-                if header(headers, ORIGIN) == Some(bus.node.as_str()) {
-                    continue;
-                }
-                let (Some(channel), Some(seq), Some(epoch)) = (
-                    header(headers, CHANNEL),
-                    header(headers, SEQ).and_then(|s| s.parse::<u64>().ok()),
-                    header(headers, EPOCH),
-                ) else {
-                    continue;
-                };
-                bus.channels.deliver_from(
-                    channel,
-                    Some(epoch),
-                    seq,
-                    Data(message.payload),
-                    &mut pressure,
-                );
-                // Subscribers here falling behind slow this node's intake
-                // (NATS buffers, then tells the slow consumer off).
-                if !pressure.is_empty() {
-                    pressure.relieved().await;
-                }
-            }
             Some(message) = to_number.next() => {
                 let headers = message.headers.as_ref();
                 let (Some(channel), Some(id), Some(reply)) = (
@@ -726,6 +795,7 @@ async fn receive(
                 };
                 let _ = waiter.send(result);
             }
+            else => return,
         }
     }
 }

@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use futures_util::StreamExt as _;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::nodes::NodeInfo;
@@ -57,6 +58,9 @@ const LINK_LIMITS: QueueLimits = QueueLimits {
 
 /// How long a forwarded request body piece waits for room at the instance.
 const BODY_WAIT: Duration = Duration::from_secs(30);
+/// Forwarded body pieces waiting for their instances (past it, the intake
+/// of calls from other nodes waits).
+const BODY_PIECES: usize = 1024;
 
 /// One direction of traffic to one other node: a queue this node's
 /// `Spaces` writes to as it would to a connection, and the task that
@@ -260,8 +264,14 @@ impl ClusterSpaces {
     }
 
     /// A request, cancel or body piece from `from`'s caller, for an
-    /// instance here.
-    async fn called(&self, from: &str, msg: Msg) {
+    /// instance here. Body pieces go on through `bodies`, so an instance
+    /// slow to take one holds up only the bodies behind it.
+    async fn called(
+        &self,
+        from: &str,
+        msg: Msg,
+        bodies: &mpsc::Sender<(Arc<OutboundQueue>, Outbound)>,
+    ) {
         let link = self.origin(from);
         match msg {
             Msg::Request(request) => self.serve(&link, request),
@@ -276,12 +286,8 @@ impl ClusterSpaces {
                     data,
                 });
                 // Served here only, so never waiting for a slot.
-                if let BodyTarget::Instance(queue) = self.spaces.body_target(key)
-                    && tokio::time::timeout(BODY_WAIT, queue.push_when_room(piece))
-                        .await
-                        .is_err()
-                {
-                    tracing::debug!(node = from, "a forwarded request body piece found no room");
+                if let BodyTarget::Instance(queue) = self.spaces.body_target(key) {
+                    let _ = bodies.send((queue, piece)).await;
                 }
             }
             other => tracing::debug!(node = from, kind = other.kind(), "unexpected cluster call"),
@@ -386,6 +392,19 @@ async fn carry(
     }
 }
 
+/// Puts forwarded request body pieces on their instances' queues, in the
+/// order they came, each waiting (up to [`BODY_WAIT`]) for room.
+async fn pass_bodies(mut arriving: mpsc::Receiver<(Arc<OutboundQueue>, Outbound)>) {
+    while let Some((queue, piece)) = arriving.recv().await {
+        if tokio::time::timeout(BODY_WAIT, queue.push_when_room(piece))
+            .await
+            .is_err()
+        {
+            tracing::debug!("a forwarded request body piece found no room at its instance");
+        }
+    }
+}
+
 /// Takes other nodes' calls to this node's instances, and the answers to
 /// this node's callers.
 async fn receive(this: Arc<ClusterSpaces>, stop: CancellationToken) {
@@ -401,6 +420,8 @@ async fn receive(this: Arc<ClusterSpaces>, stop: CancellationToken) {
         }
     };
     let mut pressure = Pressure::default();
+    let (bodies, arriving) = mpsc::channel(BODY_PIECES);
+    tokio::spawn(pass_bodies(arriving));
     let decode = |message: &async_nats::Message| {
         let from = message.headers.as_ref()?.get(FROM)?.as_str().to_owned();
         match decode_binary(&message.payload) {
@@ -416,7 +437,7 @@ async fn receive(this: Arc<ClusterSpaces>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             Some(message) = calls.next() => {
                 if let Some((from, msg)) = decode(&message) {
-                    this.called(&from, msg).await;
+                    this.called(&from, msg, &bodies).await;
                 }
             }
             Some(message) = answers.next() => {

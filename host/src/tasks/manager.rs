@@ -938,6 +938,18 @@ impl Manager {
         shared: Option<i64>,
     ) -> Result<TaskView, TaskError> {
         let schedule = spec.validate()?;
+        // Another node's task is taken even when its plugin has not reached
+        // this node yet (the rollout brings it; runs fail until then), so
+        // the task is not lost here for good.
+        if shared.is_none() {
+            self.runner
+                .executor
+                .check(&spec.plugin)
+                .map_err(|reason| SpecError {
+                    field: "plugin".to_owned(),
+                    reason,
+                })?;
+        }
         if let Some(anchor) = shared
             && let Some(entry) = self
                 .by_name
@@ -950,13 +962,6 @@ impl Manager {
                 return Ok(entry.view());
             }
         }
-        self.runner
-            .executor
-            .check(&spec.plugin)
-            .map_err(|reason| SpecError {
-                field: "plugin".to_owned(),
-                reason,
-            })?;
         let existing = self.by_name.get(spec.name.as_str()).copied();
         match (existing.map(|id| &self.tasks[&id]), how) {
             (Some(entry), _) if entry.origin == Origin::File && origin == Origin::Api => {

@@ -39,6 +39,9 @@ use crate::cluster::{Cluster, ClusterError};
 /// behind the others in firing the same slot.
 pub const CLAIM_TTL: Duration = Duration::from_secs(300);
 
+/// How long the marker of an ended run stays in `<name>_task_runs`.
+const RUN_MARKER_TTL: Duration = Duration::from_secs(60);
+
 /// What the task manager asks of the other nodes.
 pub trait Peers: Send + Sync {
     /// Whether this node fires `task`'s slot at `slot_ms`: true for exactly
@@ -106,6 +109,9 @@ impl ClusterPeers {
                 kv::Config {
                     description: "wasmrelay task runs under way: the node running each".into(),
                     history: 1,
+                    // An ended run's key is purged with a marker that
+                    // expires (nats-server 2.11): none pile up.
+                    limit_markers: Some(RUN_MARKER_TTL),
                     // On disk: a NATS restart must not forget who fires a slot.
                     storage: async_nats::jetstream::stream::StorageType::File,
                     ..Default::default()
@@ -145,7 +151,7 @@ impl Peers for ClusterPeers {
         let runs = self.runs.clone();
         let key = format!("{task}.{slot_ms}");
         tokio::spawn(async move {
-            if let Err(e) = runs.purge(&key).await {
+            if let Err(e) = runs.purge_with_ttl(&key, RUN_MARKER_TTL).await {
                 tracing::debug!(key, error = %e, "an ended run was not cleared");
             }
         });
@@ -280,6 +286,8 @@ pub async fn take_over(
         cluster.view().iter().map(|n| n.node.clone()).collect()
     };
     let mut known = names(&cluster);
+    // Nodes gone whose runs could not be read yet: asked again each tick.
+    let mut unread: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -292,7 +300,13 @@ pub async fn take_over(
             // The registry was not read yet (or not at all): nobody left.
             continue;
         }
-        for gone in known.iter().filter(|n| !live.contains(n)) {
+        let departed = known
+            .iter()
+            .filter(|n| !live.contains(n))
+            .cloned()
+            .chain(std::mem::take(&mut unread));
+        for gone in departed.collect::<Vec<_>>() {
+            let gone = &gone;
             match peers.adopt(gone).await {
                 Ok(adopted) => {
                     for (task, slot) in adopted {
@@ -304,7 +318,10 @@ pub async fn take_over(
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(node = %gone, error = %e, "the runs of a node that left were not read")
+                    tracing::warn!(node = %gone, error = %e, "the runs of a node that left were not read; trying again");
+                    if !live.contains(gone) {
+                        unread.push(gone.clone());
+                    }
                 }
             }
         }

@@ -19,6 +19,21 @@ async fn node(broker: &NatsBroker, node: &str) -> RelayProcess {
     RelayProcess::start_configured(RELAY, free_port(), &joined, &["--node", node]).await
 }
 
+/// One nats-server and nodes a, b and c joined over it; `None` (the test
+/// skips) when nats-server is not installed.
+async fn three_nodes() -> Option<(NatsBroker, [RelayProcess; 3])> {
+    if !require_program("nats-server", NatsBroker::INSTALL) {
+        return None;
+    }
+    let broker = NatsBroker::start().await;
+    let nodes = [
+        node(&broker, "a").await,
+        node(&broker, "b").await,
+        node(&broker, "c").await,
+    ];
+    Some((broker, nodes))
+}
+
 fn names(view: &Value) -> Vec<String> {
     view["nodes"]
         .as_array()
@@ -33,13 +48,9 @@ fn names(view: &Value) -> Vec<String> {
 
 #[tokio::test]
 async fn nodes_join_the_registry_and_a_killed_one_drops_out_within_seconds() {
-    if !require_program("nats-server", NatsBroker::INSTALL) {
+    let Some((_broker, [a, mut b, mut c])) = three_nodes().await else {
         return;
-    }
-    let broker = NatsBroker::start().await;
-    let a = node(&broker, "a").await;
-    let mut b = node(&broker, "b").await;
-    let mut c = node(&broker, "c").await;
+    };
     let view = wait_json(
         "all three nodes in the registry",
         &a.url("/admin/cluster"),
@@ -156,13 +167,9 @@ async fn messages(client: &mut wasmrelay_client::Client, count: usize) -> Vec<(u
 
 #[tokio::test]
 async fn publishes_on_two_nodes_reach_a_third_in_one_order_with_consecutive_seqs() {
-    if !require_program("nats-server", NatsBroker::INSTALL) {
+    let Some((_broker, [a, b, c])) = three_nodes().await else {
         return;
-    }
-    let broker = NatsBroker::start().await;
-    let a = node(&broker, "a").await;
-    let b = node(&broker, "b").await;
-    let c = node(&broker, "c").await;
+    };
     wait_settled(&[&a, &b, &c], &["a", "b", "c"]).await;
 
     let mut on_c = client(&c).await;
@@ -312,13 +319,9 @@ async fn wait_instances(relay: &RelayProcess, space: &str, count: u64) -> Value 
 #[tokio::test]
 async fn a_request_to_one_node_reaches_an_instance_on_another_and_a_killed_node_fails_its_requests_fast()
  {
-    if !require_program("nats-server", NatsBroker::INSTALL) {
+    let Some((_broker, [a, mut b, c])) = three_nodes().await else {
         return;
-    }
-    let broker = NatsBroker::start().await;
-    let a = node(&broker, "a").await;
-    let mut b = node(&broker, "b").await;
-    let c = node(&broker, "c").await;
+    };
     let _served = service(&b, "demo").await;
     // Every node lists it, with the node that serves it.
     for relay in [&a, &b, &c] {
@@ -425,13 +428,9 @@ async fn fired_slots(relay: &RelayProcess, task: &str) -> Vec<i64> {
 
 #[tokio::test]
 async fn a_task_due_every_second_fires_once_per_slot_across_the_nodes_even_when_one_is_killed() {
-    if !require_program("nats-server", NatsBroker::INSTALL) {
+    let Some((_broker, [a, mut b, c])) = three_nodes().await else {
         return;
-    }
-    let broker = NatsBroker::start().await;
-    let a = node(&broker, "a").await;
-    let mut b = node(&broker, "b").await;
-    let c = node(&broker, "c").await;
+    };
 
     // Defined over a's API; every node takes it, with a's anchor.
     let defined = wasmrelay_tests::admin_client()
@@ -508,13 +507,9 @@ async fn wait_plugin_everywhere(relay: &RelayProcess, nodes: &[&str], name: &str
 
 #[tokio::test]
 async fn a_plugin_swapped_through_one_node_runs_on_every_node_and_on_one_that_joins_later() {
-    if !require_program("nats-server", NatsBroker::INSTALL) {
+    let Some((broker, [a, b, c])) = three_nodes().await else {
         return;
-    }
-    let broker = NatsBroker::start().await;
-    let a = node(&broker, "a").await;
-    let b = node(&broker, "b").await;
-    let c = node(&broker, "c").await;
+    };
     let (status, report, _) =
         wasmrelay_tests::put_plugin(&a.url(""), "script", SCRIPT, &script_manifest("1.0.0")).await;
     assert_eq!(status, 200, "{report}");
@@ -570,15 +565,9 @@ async fn wait_for_status(url: &str, status: u16) {
 
 #[tokio::test]
 async fn a_run_whose_node_is_killed_is_taken_over_by_another_node() {
-    if !require_program("nats-server", NatsBroker::INSTALL) {
+    let Some((_broker, mut nodes)) = three_nodes().await else {
         return;
-    }
-    let broker = NatsBroker::start().await;
-    let mut nodes = [
-        node(&broker, "a").await,
-        node(&broker, "b").await,
-        node(&broker, "c").await,
-    ];
+    };
     let (status, report, _) = wasmrelay_tests::put_plugin(
         &nodes[0].url(""),
         "script",
@@ -674,13 +663,9 @@ async fn a_run_whose_node_is_killed_is_taken_over_by_another_node() {
 
 #[tokio::test]
 async fn nats_restarted_under_load_relays_reconnect_and_nothing_acknowledged_is_lost() {
-    if !require_program("nats-server", NatsBroker::INSTALL) {
+    let Some((mut broker, [a, b, c])) = three_nodes().await else {
         return;
-    }
-    let mut broker = NatsBroker::start().await;
-    let a = node(&broker, "a").await;
-    let b = node(&broker, "b").await;
-    let c = node(&broker, "c").await;
+    };
     wait_settled(&[&a, &b, &c], &["a", "b", "c"]).await;
     let _served = service(&b, "demo").await;
     wait_instances(&a, "demo", 1).await;
@@ -766,13 +751,9 @@ async fn nats_restarted_under_load_relays_reconnect_and_nothing_acknowledged_is_
 
 #[tokio::test]
 async fn a_client_that_drops_from_one_node_recovers_what_it_missed_on_another() {
-    if !require_program("nats-server", NatsBroker::INSTALL) {
+    let Some((_broker, [a, b, c])) = three_nodes().await else {
         return;
-    }
-    let broker = NatsBroker::start().await;
-    let a = node(&broker, "a").await;
-    let b = node(&broker, "b").await;
-    let c = node(&broker, "c").await;
+    };
     wait_settled(&[&a, &b, &c], &["a", "b", "c"]).await;
     const CHANNEL: &str = "chat/cluster";
 
