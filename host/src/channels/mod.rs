@@ -73,7 +73,8 @@ impl ChannelState {
 /// In a cluster, who numbers a channel now.
 pub trait Numbering: Send + Sync {
     /// The numbering node's epoch for `channel` (what `deliver_from` gets
-    /// as its origin), when known here.
+    /// as its origin), when known here. Called under the channel map's
+    /// lock: it must never wait for a lock of its own.
     fn origin(&self, channel: &str) -> Option<String>;
 }
 
@@ -191,6 +192,17 @@ impl Channels {
                 .and_then(std::sync::Weak::upgrade)
                 .and_then(|numbering| numbering.origin(name))
         });
+        self.create_under(name, decided, now_ms, origin)
+    }
+
+    /// [`Self::create`] for a channel whose numbering (`origin`) is known.
+    fn create_under(
+        &self,
+        name: &str,
+        decided: Option<HistoryOptions>,
+        now_ms: i64,
+        origin: Option<String>,
+    ) -> Arc<Channel> {
         let history = decided
             .filter(|_| {
                 let room = self.budget.has_room_for(CHANNEL_OVERHEAD + name.len());
@@ -488,7 +500,9 @@ impl Channels {
                 let now = wall_ms();
                 self.map
                     .entry(channel.to_owned())
-                    .or_insert_with(|| self.create(channel, Some(options), now))
+                    .or_insert_with(|| {
+                        self.create_under(channel, Some(options), now, origin.map(str::to_owned))
+                    })
                     .clone()
             }
             (None, None) => return false,

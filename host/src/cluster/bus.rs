@@ -316,9 +316,12 @@ impl crate::channels::Numbering for ClusterBus {
     fn origin(&self, channel: &str) -> Option<String> {
         let owner = self.owner(channel);
         if owner == self.node {
-            return Some(match self.counts.get(channel) {
-                Some(count) => count.1.to_string(),
-                None => self.epoch(),
+            // Never waits: a count being numbered right now (its entry
+            // locked) is by this node's epoch of the moment or an older one;
+            // the first message then tells the channel which.
+            return Some(match self.counts.try_get(channel) {
+                dashmap::try_result::TryResult::Present(count) => count.1.to_string(),
+                _ => self.epoch(),
             });
         }
         self.epochs.load().get(&owner).cloned()

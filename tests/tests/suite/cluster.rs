@@ -799,3 +799,51 @@ async fn a_client_that_drops_from_one_node_recovers_what_it_missed_on_another() 
     let live = messages(&mut on_a, 1).await;
     assert_eq!(live, [(last_seen + 21, "live".to_owned())]);
 }
+
+#[tokio::test]
+async fn a_node_that_numbers_a_channel_again_after_another_did_starts_a_new_epoch() {
+    if !require_program("nats-server", NatsBroker::INSTALL) {
+        return;
+    }
+    let broker = NatsBroker::start().await;
+    let a = node(&broker, "a").await;
+    wait_settled(&[&a], &["a"]).await;
+    // A channel with history that b numbers whenever b is in.
+    let both = ["a".to_owned(), "b".to_owned()];
+    let channel = (0..)
+        .map(|i| format!("chat/regained-{i}"))
+        .find(|c| wasmrelay::cluster::bus::owner_of(c, &both).map(String::as_str) == Some("b"))
+        .unwrap();
+
+    // a numbers 1–3; a subscriber keeps its place.
+    let mut subscriber = client(&a).await;
+    subscriber.subscribe(&channel).await.unwrap();
+    let mut publisher = client(&a).await;
+    for i in 0..3 {
+        publisher.publish(&channel, format!("a{i}")).await.unwrap();
+    }
+    messages(&mut subscriber, 3).await;
+    let position = subscriber.position(&channel).cloned().unwrap();
+    drop(subscriber);
+
+    // b joins and numbers two more; then it leaves and a numbers again.
+    let mut b = node(&broker, "b").await;
+    wait_settled(&[&a, &b], &["a", "b"]).await;
+    for i in 0..2 {
+        publisher.publish(&channel, format!("b{i}")).await.unwrap();
+    }
+    b.process
+        .terminate(Duration::from_secs(20))
+        .expect("b stops on SIGTERM");
+    wait_settled(&[&a], &["a"]).await;
+    publisher.publish(&channel, "a-again").await.unwrap();
+
+    // The subscriber missed b's two: it must not be told it recovered.
+    let mut back = client(&a).await;
+    let found = back
+        .subscribe_from(&channel, Some(position.clone()))
+        .await
+        .unwrap();
+    assert_eq!(found.recovered, Some(false), "{found:?}");
+    assert_ne!(found.epoch.as_deref(), Some(position.epoch.as_str()));
+}
