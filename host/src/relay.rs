@@ -274,6 +274,20 @@ pub async fn run(
             Duration::from_millis(relay.config.cluster.heartbeat_ms),
             stop_cluster.clone(),
         ));
+        let presence = Arc::new(
+            crate::cluster::presence::Presence::open(
+                &cluster,
+                Duration::from_millis(relay.config.cluster.heartbeat_ms),
+            )
+            .await?,
+        );
+        let _ = relay.presence.set(presence.clone());
+        tokio::spawn(follow_users(
+            Arc::downgrade(&relay),
+            presence,
+            Duration::from_millis(relay.config.cluster.heartbeat_ms),
+            stop_heartbeat.clone(),
+        ));
         Some(tokio::spawn(crate::cluster::nodes::heartbeat(
             cluster,
             describe,
@@ -405,6 +419,37 @@ pub async fn run(
     let _ = history_persister.await;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Writes which users are connected here to the cluster's presence bucket
+/// every `every` until `stop`, then removes this node's entries.
+async fn follow_users(
+    relay: std::sync::Weak<Relay>,
+    presence: Arc<crate::cluster::presence::Presence>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+        }
+        let Some(users) = relay.upgrade().map(|relay| relay.users_here()) else {
+            break;
+        };
+        match presence.publish(users).await {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "users connected here not written to the cluster's presence");
+            }
+            Err(_) => {}
+        }
+    }
+    presence.leave().await;
 }
 
 /// A bundled manifest with the operator's `plugins.allow_hosts` added.

@@ -89,6 +89,8 @@ pub struct Relay {
     /// Plugin versions shared with the other nodes, in a cluster (set by
     /// `relay::run` before any listener accepts).
     pub(crate) rollout: OnceLock<Arc<crate::rollout::Rollout>>,
+    /// Which node holds which user, in a cluster (set by `relay::run`).
+    pub(crate) presence: OnceLock<Arc<crate::cluster::presence::Presence>>,
     /// Other nodes' instances and callers, following the registry.
     pub(crate) cluster_spaces: Option<Arc<crate::cluster::spaces::ClusterSpaces>>,
     /// Wall-clock start, for what this node says of itself.
@@ -242,6 +244,7 @@ impl Relay {
             cluster_bus,
             cluster_spaces,
             rollout: OnceLock::new(),
+            presence: OnceLock::new(),
             started_unix_ms: crate::store::wall_ms(),
             task_file_refusals: Refusals::default(),
             config: Arc::new(config),
@@ -329,6 +332,17 @@ impl Relay {
 
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// Connections per identified user on this node now.
+    pub(crate) fn users_here(&self) -> std::collections::HashMap<String, u64> {
+        let mut users = std::collections::HashMap::new();
+        for conn in self.table.all() {
+            if let Some((user, _)) = conn.identity() {
+                *users.entry(user).or_insert(0) += 1;
+            }
+        }
+        users
     }
 
     /// What this node says of itself in the cluster's registry (and in

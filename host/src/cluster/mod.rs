@@ -13,6 +13,7 @@
 
 pub mod bus;
 pub mod nodes;
+pub mod presence;
 pub mod spaces;
 
 use std::sync::Arc;

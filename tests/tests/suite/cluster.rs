@@ -97,6 +97,18 @@ async fn a_single_node_shows_itself_and_a_wrong_broker_is_refused_at_start() {
     assert_eq!(names(&view).len(), 1);
     relay.stop().await.unwrap();
 
+    // Where a user is connected: here, or nowhere.
+    let alone = RelayProcess::start(RELAY, &[]).await;
+    let _svc = client(&alone).await;
+    let svc = get_json(&alone.url("/admin/cluster/users/svc"))
+        .await
+        .unwrap();
+    assert_eq!(svc["connections"], 1, "{svc}");
+    let nobody = get_json(&alone.url("/admin/cluster/users/nobody"))
+        .await
+        .unwrap();
+    assert_eq!(nobody["nodes"], serde_json::json!([]));
+
     // Nothing listens there: the relay says so and exits, naming the URL.
     let closed = free_port();
     let output = std::process::Command::new(RELAY)
@@ -846,4 +858,53 @@ async fn a_node_that_numbers_a_channel_again_after_another_did_starts_a_new_epoc
         .unwrap();
     assert_eq!(found.recovered, Some(false), "{found:?}");
     assert_ne!(found.epoch.as_deref(), Some(position.epoch.as_str()));
+}
+
+#[tokio::test]
+async fn every_node_says_where_a_user_is_connected_and_a_killed_node_drops_out() {
+    let Some((_broker, [a, b, mut c])) = three_nodes().await else {
+        return;
+    };
+    // The demo token is user "svc": twice on a, once on c.
+    let _on_a = [client(&a).await, client(&a).await];
+    let _on_c = client(&c).await;
+    let where_svc = |view: &Value| -> Vec<(String, u64)> {
+        view["nodes"]
+            .as_array()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .map(|n| {
+                        (
+                            n["node"].as_str().unwrap_or_default().to_owned(),
+                            n["connections"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let view = wait_json(
+        "svc on a and c, as b sees it",
+        &b.url("/admin/cluster/users/svc"),
+        Duration::from_secs(10),
+        |v| where_svc(v) == [("a".to_owned(), 2), ("c".to_owned(), 1)],
+    )
+    .await;
+    assert_eq!(view["connections"], 3);
+    let nobody = get_json(&b.url("/admin/cluster/users/nobody"))
+        .await
+        .unwrap();
+    assert_eq!(nobody["connections"], 0);
+
+    // c is killed: its share goes with it from every view.
+    c.process.kill();
+    wait_json(
+        "svc on a only",
+        &b.url("/admin/cluster/users/svc"),
+        Duration::from_secs(10),
+        |v| where_svc(v) == [("a".to_owned(), 2)],
+    )
+    .await;
+    drop(a);
 }

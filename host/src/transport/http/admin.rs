@@ -76,6 +76,17 @@ pub async fn route(relay: &Relay, method: &Method, segments: &[&str]) -> hyper::
                 &format!("the cluster registry did not answer: {e}"),
             ),
         },
+        // The router splits off three segments: a user's name may hold '/'.
+        (&Method::GET, ["admin", "cluster", rest]) if rest.starts_with("users/") => {
+            match user_presence(relay, &rest["users/".len()..]).await {
+                Ok(view) => json(StatusCode::OK, &view),
+                Err(e) => json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Overloaded,
+                    &format!("the cluster's presence did not answer: {e}"),
+                ),
+            }
+        }
         (&Method::GET, ["metrics"]) => text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -115,6 +126,46 @@ pub struct ClusterView {
     /// registry).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub owners_from: Vec<String>,
+}
+
+/// `GET /admin/cluster/users/{user}`: where a user is connected.
+#[derive(Debug, Serialize)]
+pub struct UserPresence {
+    pub user: String,
+    /// Connections on every node together.
+    pub connections: u64,
+    pub nodes: Vec<crate::cluster::presence::UserOnNode>,
+}
+
+pub async fn user_presence(relay: &Relay, user: &str) -> Result<UserPresence, String> {
+    let nodes = match (relay.cluster.as_ref(), relay.presence.get()) {
+        (Some(cluster), Some(presence)) => {
+            let live: Vec<String> = cluster
+                .nodes
+                .list()
+                .await
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|n| n.node)
+                .collect();
+            presence.lookup(user, &live).await?
+        }
+        _ => relay
+            .users_here()
+            .get(user)
+            .map(|connections| {
+                vec![crate::cluster::presence::UserOnNode {
+                    node: relay.node.as_str().to_owned(),
+                    connections: *connections,
+                }]
+            })
+            .unwrap_or_default(),
+    };
+    Ok(UserPresence {
+        user: user.to_owned(),
+        connections: nodes.iter().map(|n| n.connections).sum(),
+        nodes,
+    })
 }
 
 pub async fn cluster(relay: &Relay) -> Result<ClusterView, crate::cluster::ClusterError> {
