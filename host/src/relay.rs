@@ -429,14 +429,9 @@ async fn follow_users(
     every: Duration,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beat = crate::cluster::Beat::new(every, stop);
     let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => break,
-        }
+    while beat.next().await {
         let Some(users) = relay.upgrade().map(|relay| relay.users_here()) else {
             break;
         };

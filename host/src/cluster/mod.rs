@@ -224,6 +224,30 @@ impl Cluster {
     }
 }
 
+/// A tick every `every` until `stop`: what the cluster's periodic tasks
+/// (heartbeat, registry, presence, takeovers) wait on. A late tick is not
+/// made up for in a burst.
+pub struct Beat {
+    tick: tokio::time::Interval,
+    stop: CancellationToken,
+}
+
+impl Beat {
+    pub fn new(every: Duration, stop: CancellationToken) -> Self {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { tick, stop }
+    }
+
+    /// Waits for the next tick; false once stopped.
+    pub async fn next(&mut self) -> bool {
+        tokio::select! {
+            _ = self.tick.tick() => true,
+            _ = self.stop.cancelled() => false,
+        }
+    }
+}
+
 /// Keeps what follows the registry current: every `every` until `stop`,
 /// the channels' owners and the other nodes' spaces.
 pub async fn follow(
@@ -233,13 +257,8 @@ pub async fn follow(
     every: Duration,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
+    let mut beat = Beat::new(every, stop);
+    while beat.next().await {
         cluster.refresh(bus.as_deref(), spaces.as_deref()).await;
     }
 }

@@ -165,14 +165,9 @@ pub async fn heartbeat(
     every: Duration,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beat = super::Beat::new(every, stop);
     let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => break,
-        }
+    while beat.next().await {
         let Some(info) = describe() else { break };
         match cluster.nodes.renew(&info).await {
             Ok(()) if failing => {

@@ -288,13 +288,8 @@ pub async fn take_over(
     let mut known = names(&cluster);
     // Nodes gone whose runs could not be read yet: asked again each tick.
     let mut unread: Vec<String> = Vec::new();
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
+    let mut beat = crate::cluster::Beat::new(every, stop);
+    while beat.next().await {
         let live = names(&cluster);
         if live.is_empty() {
             // The registry was not read yet (or not at all): nobody left.
